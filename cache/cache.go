@@ -1,0 +1,562 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"log/slog"
+	"math"
+	"math/bits"
+	"math/rand/v2"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sync/singleflight"
+)
+
+// Cache is a node-local cache of one namespace of a source of truth, kept
+// consistent with it by a [Bus]. It is safe for concurrent use.
+type Cache[K comparable, V any] struct {
+	// provenUntil is read by every Get: the time (in now's base) until
+	// which cached values may be served, from the bus's last proof plus
+	// MaxStaleness. math.MinInt64 once closed.
+	provenUntil atomic.Int64
+	clock       Clock     // nil: the coarse default clock
+	epoch       time.Time // origin of now's time base
+	seed        maphash.Seed
+	shards      []shard[K, V]
+
+	cfg     *config[K, V]
+	keys    KeyCodec[K]
+	guard   *guard
+	flights singleflight.Group
+	sub     Subscription // nil without a Bus
+	log     *slog.Logger
+	stats   counters
+
+	closed    atomic.Bool
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// counters are the Stats not kept per shard.
+type counters struct {
+	bypassed, loads, loadErrors, coalesced, skipped atomic.Uint64
+	sent, received, publishErrors, flushes          atomic.Uint64
+}
+
+// New returns a Cache of at most capacity entries of namespace, filled by
+// load. namespace names the keys on the bus: every node caching the same
+// data must use the same namespace, and different data different ones.
+//
+// New returns an error for which errors.Is(err, ErrInvalidOptions) is true
+// when an argument is unusable, or the error of subscribing to opts.Bus.
+func New[K comparable, V any](namespace string, capacity int, load LoaderFunc[K, V], opts *Options[K, V]) (*Cache[K, V], error) {
+	cfg, err := newConfig(namespace, capacity, load, opts)
+	if err != nil {
+		return nil, err
+	}
+	keys := cfg.Keys
+	if keys == nil {
+		if keys, err = defaultCodec[K](); err != nil {
+			return nil, err
+		}
+	}
+	c := &Cache[K, V]{
+		clock:  cfg.Clock,
+		epoch:  epoch,
+		seed:   maphash.MakeSeed(),
+		shards: make([]shard[K, V], cfg.Shards),
+		cfg:    cfg,
+		keys:   keys,
+		guard:  newGuard(min(max(capacity/4, 1024), 1<<16)),
+		log:    cfg.Logger.With("namespace", namespace),
+	}
+	if c.clock != nil {
+		c.epoch = c.clock.Now()
+	}
+	for i := range c.shards {
+		// Spread capacity so that the shards' sizes sum to capacity.
+		size := capacity / len(c.shards)
+		if i < capacity%len(c.shards) {
+			size++
+		}
+		c.shards[i].size = size
+		c.shards[i].lru = newLRU[K, V](size)
+	}
+	c.provenUntil.Store(math.MaxInt64)
+	if cfg.Bus != nil {
+		// Race 12: serve nothing cached until the subscription is proven.
+		c.provenUntil.Store(math.MinInt64 + 1)
+		if c.sub, err = cfg.Bus.Subscribe(namespace, handler[K, V]{c}); err != nil {
+			return nil, fmt.Errorf("cache: subscribe %q: %w", namespace, err)
+		}
+	}
+	if c.clock == nil {
+		acquireCoarse()
+	}
+	return c, nil
+}
+
+// now returns the current time in nanoseconds since c.epoch.
+func (c *Cache[K, V]) now() int64 {
+	if c.clock == nil {
+		return coarseNow()
+	}
+	return int64(c.clock.Now().Sub(c.epoch))
+}
+
+func (c *Cache[K, V]) hash(key K) uint64 { return maphash.Comparable(c.seed, key) }
+
+func (c *Cache[K, V]) shard(h uint64) *shard[K, V] {
+	// The high bits pick the shard; the guard uses the low bits.
+	i, _ := bits.Mul64(h, uint64(len(c.shards)))
+	return &c.shards[i]
+}
+
+// proven reports whether cached values may be served at now (G2).
+func (c *Cache[K, V]) proven(now int64) bool {
+	if now < c.provenUntil.Load() {
+		return true
+	}
+	if c.sub == nil || c.closed.Load() {
+		return false
+	}
+	lp := c.sub.LastProof()
+	if lp.IsZero() {
+		return false
+	}
+	until := int64(math.MaxInt64) // saturate: a bus may prove into the far future
+	if d := lp.Sub(c.epoch); d < time.Duration(math.MaxInt64)-c.cfg.MaxStaleness {
+		until = int64(d + c.cfg.MaxStaleness)
+	}
+	if c.clock == nil {
+		// The coarse clock lags by up to a tick; stop serving a tick early.
+		until -= int64(tick)
+	}
+	for {
+		old := c.provenUntil.Load()
+		if old == math.MinInt64 || until <= old {
+			break
+		}
+		if c.provenUntil.CompareAndSwap(old, until) {
+			break
+		}
+	}
+	return now < until && !c.closed.Load()
+}
+
+// Get returns the value of key.
+//
+// On a hit it returns the cached value, or ErrNotFound for a cached absence.
+// On a miss it loads key through the loader, once however many callers miss
+// it at the same time (G5), and caches the result unless an invalidation or
+// flush overlapped the load (race 1). A Get that starts after an
+// invalidation of key never shares a load that began before it (race 2).
+//
+// When the bus link has not been proven for [Options.MaxStaleness], Get
+// does not serve cached values: it reads through to the loader and stores
+// nothing (G2).
+//
+// ctx bounds how long this caller waits; it does not cancel the shared
+// load, which runs until it finishes or [Options.LoadTimeout] passes. Get
+// returns the loader's error, a [*PanicError] if the loader panicked,
+// ctx.Err(), ErrInvalidKey, or ErrClosed.
+func (c *Cache[K, V]) Get(ctx context.Context, key K) (V, error) {
+	now := c.now()
+	if now < c.provenUntil.Load() {
+		h := c.hash(key)
+		if e, ok := c.shard(h).lookup(key, now); ok {
+			if e.missing {
+				var zero V
+				return zero, ErrNotFound
+			}
+			return e.value, nil
+		}
+		return c.load(ctx, key, h, now, false)
+	}
+	return c.getUnproven(ctx, key, now)
+}
+
+// getUnproven is Get when the cached proof has run out: the bus may have a
+// newer one, or the link is down.
+func (c *Cache[K, V]) getUnproven(ctx context.Context, key K, now int64) (V, error) {
+	if c.closed.Load() {
+		var zero V
+		return zero, ErrClosed
+	}
+	h := c.hash(key)
+	if !c.proven(now) {
+		c.stats.bypassed.Add(1)
+		return c.load(ctx, key, h, now, true)
+	}
+	if e, ok := c.shard(h).lookup(key, now); ok {
+		if e.missing {
+			var zero V
+			return zero, ErrNotFound
+		}
+		return e.value, nil
+	}
+	return c.load(ctx, key, h, now, false)
+}
+
+// flight is one caller's view of a shared load.
+type flight struct {
+	ch  <-chan singleflight.Result
+	led *bool // set by the load function, which runs only for the leader
+}
+
+// wait returns the flight's result, or ctx.Err() if ctx ends first.
+func (c *Cache[K, V]) wait(ctx context.Context, f flight, keys int) (any, error) {
+	select {
+	case r := <-f.ch:
+		if !*f.led {
+			c.stats.coalesced.Add(uint64(keys))
+		}
+		return r.Val, r.Err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// encode returns the bus form of key, or ErrInvalidKey.
+func (c *Cache[K, V]) encode(key K) (string, error) {
+	s := c.keys.Encode(key)
+	if s == "" || len(s) > MaxKeyLen {
+		return "", fmt.Errorf("%w: encoded length %d not in [1, %d]", ErrInvalidKey, len(s), MaxKeyLen)
+	}
+	return s, nil
+}
+
+// bucket is the time bucket of a bypass flight: a caller joins a bypass
+// load only if it started in the same half of MaxStaleness, so a read
+// through an unproven link never returns a value loaded much before it began.
+func (c *Cache[K, V]) bucket(now int64, bypass bool) int64 {
+	if !bypass {
+		return 0
+	}
+	return now / max(int64(c.cfg.MaxStaleness/2), 1)
+}
+
+// startLoad joins or starts the load of key.
+func (c *Cache[K, V]) startLoad(ctx context.Context, key K, h uint64, now int64, bypass bool) (flight, error) {
+	skey, err := c.encode(key)
+	if err != nil {
+		return flight{}, err
+	}
+	// The token is taken before the load starts reading the source; see guard.
+	tok := c.guard.token(h)
+	kind := byte(flightLoad)
+	if bypass {
+		kind = flightBypass
+	}
+	led := new(bool)
+	ch := c.flights.DoChan(flightKey(kind, tok, c.bucket(now, bypass), skey), func() (any, error) {
+		*led = true
+		return c.runLoad(ctx, key, h, tok, !bypass)
+	})
+	return flight{ch: ch, led: led}, nil
+}
+
+func (c *Cache[K, V]) load(ctx context.Context, key K, h uint64, now int64, bypass bool) (V, error) {
+	var zero V
+	f, err := c.startLoad(ctx, key, h, now, bypass)
+	if err != nil {
+		return zero, err
+	}
+	val, err := c.wait(ctx, f, 1)
+	if err != nil {
+		return zero, err
+	}
+	v, _ := val.(V) // val is nil for a nil interface V
+	return v, nil
+}
+
+// runLoad is the body of a shared load of one key.
+func (c *Cache[K, V]) runLoad(ctx context.Context, key K, h uint64, tok token, store bool) (any, error) {
+	// The load belongs to every caller waiting for it, not to the one whose
+	// ctx it inherits values from.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.LoadTimeout)
+	defer cancel()
+	var v V
+	err := c.protect(func() (err error) {
+		v, err = c.cfg.load(ctx, key)
+		return err
+	})
+	c.stats.loads.Add(1)
+	switch {
+	case err == nil:
+		if store {
+			c.fill(h, key, entry[V]{value: v, version: c.version(v)}, tok)
+		}
+		return v, nil
+	case errors.Is(err, ErrNotFound):
+		if store && !c.cfg.DisableNegative {
+			c.fill(h, key, entry[V]{missing: true}, tok)
+		}
+		return nil, err
+	default:
+		c.stats.loadErrors.Add(1)
+		return nil, err
+	}
+}
+
+// protect runs the user's loader, turning a panic into a *PanicError:
+// singleflight would otherwise re-panic it on a fresh goroutine and crash the
+// process (race 8).
+func (c *Cache[K, V]) protect(fn func() error) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = &PanicError{Value: r, Stack: debug.Stack()}
+			c.log.Error("cache: loader panicked", "panic", r)
+		}
+	}()
+	return fn()
+}
+
+func (c *Cache[K, V]) version(v V) int64 {
+	if c.cfg.Version == nil {
+		return 0
+	}
+	return c.cfg.Version(v)
+}
+
+// lifetime returns the jittered lifetime of a new entry.
+func (c *Cache[K, V]) lifetime(missing bool) int64 {
+	ttl := int64(c.cfg.TTL)
+	if missing {
+		ttl = int64(c.cfg.NegativeTTL)
+	}
+	if j := int64(float64(ttl) * c.cfg.Jitter); j > 0 {
+		ttl -= rand.Int64N(j + 1)
+	}
+	return ttl
+}
+
+// fill stores a loaded entry if the guard token is still current (race 1).
+func (c *Cache[K, V]) fill(h uint64, key K, e entry[V], tok token) {
+	now := c.now()
+	if !c.proven(now) {
+		c.stats.skipped.Add(1)
+		return
+	}
+	s := c.shard(h)
+	s.mu.Lock()
+	if !c.guard.current(h, tok) {
+		s.mu.Unlock()
+		c.stats.skipped.Add(1)
+		return
+	}
+	if old, ok := s.lru.Peek(key); ok && now < old.expires && old.version > e.version {
+		s.mu.Unlock() // race 7: never replace a newer version
+		return
+	}
+	e.expires = now + c.lifetime(e.missing)
+	if s.lru.Add(key, e) {
+		s.evictions++
+	}
+	s.mu.Unlock()
+}
+
+// install records a committed write of key on this node: the value (or,
+// with e.missing, the absence) at e.version.
+func (c *Cache[K, V]) install(h uint64, key K, e entry[V]) {
+	// Bump first so that loads that began before the write do not store.
+	c.guard.bump(h, e.version)
+	now := c.now()
+	s := c.shard(h)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e.version != 0 && c.guard.high(h) > e.version {
+		// Race 13: a newer version of this key (or of a key sharing its
+		// guard slot) was already written or invalidated. Installing this
+		// one could resurrect an overwritten value; drop it instead.
+		s.lru.Remove(key)
+		return
+	}
+	if old, ok := s.lru.Peek(key); ok && now < old.expires && e.version != 0 && old.version > e.version {
+		return // race 7: the cached value is newer
+	}
+	e.expires = now + c.lifetime(e.missing)
+	if s.lru.Add(key, e) {
+		s.evictions++
+	}
+}
+
+// drop removes key from this node unless it holds version or newer.
+func (c *Cache[K, V]) drop(h uint64, key K, version int64) {
+	c.guard.bump(h, version)
+	s := c.shard(h)
+	s.mu.Lock()
+	if old, ok := s.lru.Peek(key); ok && !keeps(old.version, version) {
+		s.lru.Remove(key)
+	}
+	s.mu.Unlock()
+}
+
+// flush drops every entry of this node.
+func (c *Cache[K, V]) flush() {
+	// Bump first so that loads in flight do not store; see guard.
+	c.guard.flush()
+	for i := range c.shards {
+		s := &c.shards[i]
+		s.mu.Lock()
+		// A fresh LRU is O(1) under the lock, where Purge is O(entries).
+		s.lru = newLRU[K, V](s.size)
+		s.mu.Unlock()
+	}
+	c.stats.flushes.Add(1)
+}
+
+// publish sends invs to the other nodes.
+func (c *Cache[K, V]) publish(ctx context.Context, invs []Invalidation) error {
+	if c.sub == nil {
+		return nil
+	}
+	if err := c.sub.Publish(ctx, invs); err != nil {
+		c.stats.publishErrors.Add(1)
+		return fmt.Errorf("cache: publish to %q: %w", c.cfg.namespace, err)
+	}
+	c.stats.sent.Add(uint64(max(len(invs), 1)))
+	return nil
+}
+
+// Set records on every node that a write committed value as key's value at
+// version (0 if unknown). On this node it installs value, unless the cache
+// holds, or has seen an invalidation of, a newer version (races 7 and 13);
+// every later Get on this node sees value or newer (G1). Then it publishes
+// an invalidation, so that other nodes drop older copies and load the new
+// value on their next Get.
+//
+// Call Set only after the write has committed. Without versions, concurrent
+// writers of one key must be serialised (package lockguard), or the last Set
+// may install a value that is not the last committed one.
+//
+// ctx bounds the publication. Set returns the publish error, if any; the
+// local install has happened regardless. It returns ErrInvalidKey or
+// ErrClosed without doing anything.
+func (c *Cache[K, V]) Set(ctx context.Context, key K, value V, version int64) error {
+	return c.write(ctx, key, entry[V]{value: value, version: version})
+}
+
+// Delete records on every node that a write deleted key at version (0 if
+// unknown). It is Set for an absence: this node caches that key does not
+// exist (unless negative caching is disabled), and other nodes drop it.
+func (c *Cache[K, V]) Delete(ctx context.Context, key K, version int64) error {
+	if c.cfg.DisableNegative {
+		return c.invalidate(ctx, []K{key}, version)
+	}
+	return c.write(ctx, key, entry[V]{missing: true, version: version})
+}
+
+func (c *Cache[K, V]) write(ctx context.Context, key K, e entry[V]) error {
+	if c.closed.Load() {
+		return ErrClosed
+	}
+	skey, err := c.encode(key)
+	if err != nil {
+		return err
+	}
+	c.install(c.hash(key), key, e)
+	return c.publish(ctx, []Invalidation{{Key: skey, Version: e.version}})
+}
+
+// Invalidate drops keys on every node: here before it returns, so that the
+// next Get on this node loads them (G1), and elsewhere through the bus. Call
+// it after a write that changed keys in the source of truth.
+//
+// ctx bounds the publication. Invalidate returns the publish error, if any;
+// the local drop has happened regardless. It returns ErrInvalidKey (for any
+// key) or ErrClosed without doing anything.
+func (c *Cache[K, V]) Invalidate(ctx context.Context, keys ...K) error {
+	return c.invalidate(ctx, keys, 0)
+}
+
+func (c *Cache[K, V]) invalidate(ctx context.Context, keys []K, version int64) error {
+	if c.closed.Load() {
+		return ErrClosed
+	}
+	if len(keys) == 0 {
+		return nil
+	}
+	invs := make([]Invalidation, len(keys))
+	for i, k := range keys {
+		skey, err := c.encode(k)
+		if err != nil {
+			return err
+		}
+		invs[i] = Invalidation{Key: skey, Version: version}
+	}
+	for _, k := range keys {
+		c.drop(c.hash(k), k, version)
+	}
+	return c.publish(ctx, invs)
+}
+
+// InvalidateAll drops every entry of the namespace on every node: here
+// before it returns, and elsewhere through the bus. ctx bounds the
+// publication.
+func (c *Cache[K, V]) InvalidateAll(ctx context.Context) error {
+	if c.closed.Load() {
+		return ErrClosed
+	}
+	c.flush()
+	return c.publish(ctx, nil)
+}
+
+// Close unsubscribes from the bus and releases the entries. Every later call
+// returns ErrClosed; loads in flight finish for their callers. Close returns
+// the error of closing the subscription, and is safe to call more than once.
+func (c *Cache[K, V]) Close() error {
+	c.closeOnce.Do(func() {
+		c.closed.Store(true)
+		c.provenUntil.Store(math.MinInt64)
+		if c.sub != nil {
+			c.closeErr = c.sub.Close()
+		}
+		c.guard.flush()
+		for i := range c.shards {
+			s := &c.shards[i]
+			s.mu.Lock()
+			s.lru = newLRU[K, V](1)
+			s.mu.Unlock()
+		}
+		if c.clock == nil {
+			releaseCoarse()
+		}
+	})
+	return c.closeErr
+}
+
+// handler receives the bus's deliveries for c. It is a separate type so
+// that Cache's own method set stays the user's API.
+type handler[K comparable, V any] struct{ c *Cache[K, V] }
+
+func (h handler[K, V]) Invalidate(invs []Invalidation) {
+	c := h.c
+	// Race 14: whatever goes wrong while applying an invalidation ends in a
+	// flush, never in a skipped key.
+	defer func() {
+		if r := recover(); r != nil {
+			c.log.Error("cache: panic applying invalidation; flushing", "panic", r)
+			c.flush()
+		}
+	}()
+	for _, inv := range invs {
+		key, err := c.keys.Decode(inv.Key)
+		if err != nil {
+			c.log.Warn("cache: undecodable key in invalidation; flushing", "err", err)
+			c.flush()
+			return
+		}
+		c.drop(c.hash(key), key, inv.Version)
+	}
+	c.stats.received.Add(uint64(len(invs)))
+}
+
+func (h handler[K, V]) Flush() {
+	h.c.flush()
+}

@@ -1,0 +1,63 @@
+// Package cache is the node-local half of coherent: an in-process LRU cache
+// of one namespace of a source of truth (a Postgres table, say), which stays
+// consistent with that source while other nodes write to it.
+//
+// A [Cache] is filled by a loader, on misses, and kept consistent by
+// invalidations that travel on a [Bus] (package invalidate has an in-process
+// bus and Redis transports). It is safe for concurrent use.
+//
+//	users, err := cache.New("users", 10_000, loadUser, &cache.Options[int64, User]{
+//		Bus: bus, // shared by every cache of the process
+//	})
+//	u, err := users.Get(ctx, 42)
+//	...
+//	// after a write has committed:
+//	err = users.Set(ctx, 42, u, u.Version)
+//
+// # Guarantees
+//
+// With Δ the bus's propagation delay:
+//
+//   - G1, read your writes: after Set, Delete or Invalidate returns on a
+//     node, every later Get on that node sees the write or a newer one.
+//   - G2, bounded staleness: a Get on any node that starts later than Δ
+//     after a write returned sees it or a newer one. A node that cannot
+//     prove its bus link live and in order stops serving cached values once
+//     [Options.MaxStaleness] has passed since its last proof, and reads
+//     through to the loader until the link is proven again. A new cache
+//     serves nothing cached before its first proof.
+//   - G3, no permanent staleness: a cache never stores a value that an
+//     overlapping invalidation made stale, so once writes stop and the bus
+//     has delivered, every node returns what the source holds. TTL is a
+//     memory bound and a safety net, never the consistency mechanism.
+//   - G5, one load per miss: concurrent misses of a key on a node share one
+//     load. The load belongs to no single caller: one caller's cancelled
+//     context does not fail it for the others, and a loader panic becomes a
+//     [*PanicError] for every waiter.
+//
+// # How loads and invalidations are ordered
+//
+// Before a load reads the source it takes a token from a fixed-size table
+// of generations, indexed by key hash and kept outside the LRU so that
+// eviction cannot erase it. Every invalidation and local write bumps its
+// key's generation before dropping or replacing the entry, and every flush
+// bumps a global epoch. A load stores its result only if its token is still
+// current: the interleaving "load reads the old row; a write commits and its
+// invalidation arrives; the load stores the old row" cannot leave the old
+// row cached. The singleflight key carries the token too, so a Get that
+// starts after an invalidation never joins a load that began before it.
+//
+// Values may carry versions ([Options.Version], and the version passed to
+// Set and Delete). A cached value is never replaced by an older version, an
+// invalidation of an older version leaves a newer cached value in place,
+// and a write-through of a version older than one already seen for the key
+// is dropped rather than installed.
+//
+// # Cost
+//
+// A hit takes one shard lock and no allocation; time comes from a process
+// clock of 1 ms resolution, so expiry and the staleness bound are exact to
+// about a millisecond (plus the scheduling delay of its goroutine). The
+// generation table holds 16 bytes per slot, between 1,024 and 65,536 slots
+// depending on capacity; [Stats] reports its size.
+package cache

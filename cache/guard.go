@@ -1,0 +1,109 @@
+package cache
+
+import (
+	"encoding/binary"
+	"strings"
+	"sync/atomic"
+)
+
+// guard is the fill-race guard (DESIGN races 1, 2, 11 and 13).
+//
+// A load takes a token (the flush epoch and its key's slot generation)
+// before it reads the source, and stores its result only if the token is
+// still current when it holds the shard lock. Every invalidation and every
+// local write bumps the slot's generation before it takes the shard lock to
+// drop or replace the entry; every flush bumps the epoch before it purges.
+// So for the interleaving
+//
+//	load:  token=g0 ... reads old row ........................ store?
+//	write:              commit; invalidation: gen=g1, drop key
+//
+// the store sees g1 != g0 and skips: the old row is never cached.
+//
+// The table lives outside the LRU and never forgets: evicting an entry
+// cannot erase the fact that its key was invalidated (race 11). Keys share
+// slots by hash; a collision only makes a load skip its store, or splits a
+// flight in two.
+type guard struct {
+	epoch atomic.Uint64
+	slots []slot
+	mask  uint64
+}
+
+type slot struct {
+	// gen counts invalidations and local writes of the keys hashing here.
+	gen atomic.Uint64
+	// high is the highest version seen in an invalidation or a local write
+	// of a key hashing here. A write-through of a lower version must not be
+	// installed: a newer write may already have been invalidated (race 13).
+	high atomic.Int64
+}
+
+// token is what a load remembers of the guard before it reads the source.
+type token struct{ epoch, gen uint64 }
+
+func newGuard(size int) *guard {
+	n := 1
+	for n < size {
+		n <<= 1
+	}
+	return &guard{slots: make([]slot, n), mask: uint64(n - 1)}
+}
+
+func (g *guard) slot(h uint64) *slot { return &g.slots[h&g.mask] }
+
+func (g *guard) token(h uint64) token {
+	return token{epoch: g.epoch.Load(), gen: g.slot(h).gen.Load()}
+}
+
+// current reports whether nothing that could make a load's result stale has
+// happened since tok was taken. Call it with the key's shard lock held.
+func (g *guard) current(h uint64, tok token) bool {
+	return g.epoch.Load() == tok.epoch && g.slot(h).gen.Load() == tok.gen
+}
+
+// bump records a change of the key hashed to h, at version (0: unknown).
+// Call it before taking the shard lock to drop or replace the entry.
+func (g *guard) bump(h uint64, version int64) {
+	s := g.slot(h)
+	s.gen.Add(1)
+	for {
+		old := s.high.Load()
+		if version <= old || s.high.CompareAndSwap(old, version) {
+			return
+		}
+	}
+}
+
+// high returns the highest version recorded for the slot of h.
+func (g *guard) high(h uint64) int64 { return g.slot(h).high.Load() }
+
+// flush records that every key may have changed.
+func (g *guard) flush() { g.epoch.Add(1) }
+
+// bytes reports the memory held by the table.
+func (g *guard) bytes() int { return len(g.slots) * 16 }
+
+// Flight kinds, the first byte of a flight key.
+const (
+	flightLoad   = 'l' // one key, result stored
+	flightBypass = 'b' // one key, link unproven: result not stored
+	flightBatch  = 'm' // several keys through Options.LoadMany
+)
+
+// flightKey builds the singleflight key of a load. It carries the guard
+// token, so a Get that starts after an invalidation computes a different key
+// and cannot join a load that began before it (race 2). A bypass flight also
+// carries a time bucket so that it is joined only while its result is young.
+func flightKey(kind byte, tok token, bucket int64, skey string) string {
+	var b strings.Builder
+	b.Grow(25 + len(skey))
+	b.WriteByte(kind)
+	var n [24]byte
+	binary.LittleEndian.PutUint64(n[0:], tok.epoch)
+	binary.LittleEndian.PutUint64(n[8:], tok.gen)
+	binary.LittleEndian.PutUint64(n[16:], uint64(bucket))
+	b.Write(n[:])
+	b.WriteString(skey)
+	return b.String()
+}

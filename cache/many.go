@@ -1,0 +1,165 @@
+package cache
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"strings"
+)
+
+// GetMany returns the values of keys that exist; keys that do not are
+// absent from the map. It serves what it can from the cache and loads the
+// rest: in one call of [Options.LoadMany] if set, otherwise through the
+// loader, one concurrent load per key. Loads are shared with concurrent
+// callers as in [Cache.Get]: per key through the loader, and per identical
+// set of missing keys through LoadMany.
+//
+// ctx bounds how long this caller waits. If any load fails, GetMany returns
+// a nil map and an error that wraps the first failure and names its key.
+func (c *Cache[K, V]) GetMany(ctx context.Context, keys []K) (map[K]V, error) {
+	if c.closed.Load() {
+		return nil, ErrClosed
+	}
+	now := c.now()
+	proven := c.proven(now)
+	res := make(map[K]V, len(keys))
+	var missing []K
+	var seen map[K]struct{}
+	for _, k := range keys {
+		if proven {
+			if e, ok := c.shard(c.hash(k)).lookup(k, now); ok {
+				if !e.missing {
+					res[k] = e.value
+				}
+				continue
+			}
+		} else {
+			c.stats.bypassed.Add(1)
+		}
+		if seen == nil {
+			seen = make(map[K]struct{})
+		}
+		if _, dup := seen[k]; !dup {
+			seen[k] = struct{}{}
+			missing = append(missing, k)
+		}
+	}
+	if len(missing) == 0 {
+		return res, nil
+	}
+	var err error
+	if c.cfg.LoadMany != nil {
+		err = c.loadBatch(ctx, missing, now, !proven, res)
+	} else {
+		err = c.loadEach(ctx, missing, now, !proven, res)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return res, nil
+}
+
+// loadEach loads keys through the loader, concurrently, into res.
+func (c *Cache[K, V]) loadEach(ctx context.Context, keys []K, now int64, bypass bool, res map[K]V) error {
+	flights := make([]flight, len(keys))
+	for i, k := range keys {
+		f, err := c.startLoad(ctx, k, c.hash(k), now, bypass)
+		if err != nil {
+			return err
+		}
+		flights[i] = f
+	}
+	for i, k := range keys {
+		val, err := c.wait(ctx, flights[i], 1)
+		switch {
+		case err == nil:
+			v, _ := val.(V)
+			res[k] = v
+		case errors.Is(err, ErrNotFound):
+		case errors.Is(err, ctx.Err()):
+			return err
+		default:
+			return fmt.Errorf("cache: load %q: %w", c.keys.Encode(k), err)
+		}
+	}
+	return nil
+}
+
+// loadBatch loads keys through Options.LoadMany into res.
+func (c *Cache[K, V]) loadBatch(ctx context.Context, keys []K, now int64, bypass bool, res map[K]V) error {
+	hashes := make([]uint64, len(keys))
+	toks := make([]token, len(keys))
+	// The flight key lists every key with its guard token, so a GetMany
+	// that starts after an invalidation of any of them starts a new load.
+	var fk strings.Builder
+	kind := byte(flightBatch)
+	if bypass {
+		kind = flightBypass
+	}
+	fk.WriteByte(kind)
+	var n [16]byte
+	binary.LittleEndian.PutUint64(n[0:], c.guard.epoch.Load())
+	binary.LittleEndian.PutUint64(n[8:], uint64(c.bucket(now, bypass)))
+	fk.Write(n[:])
+	for i, k := range keys {
+		skey, err := c.encode(k)
+		if err != nil {
+			return err
+		}
+		hashes[i] = c.hash(k)
+		toks[i] = c.guard.token(hashes[i])
+		binary.LittleEndian.PutUint64(n[0:], toks[i].gen)
+		binary.LittleEndian.PutUint64(n[8:], uint64(len(skey)))
+		fk.Write(n[:])
+		fk.WriteString(skey)
+	}
+	led := new(bool)
+	ch := c.flights.DoChan(fk.String(), func() (any, error) {
+		*led = true
+		return c.runBatch(ctx, keys, hashes, toks, !bypass)
+	})
+	val, err := c.wait(ctx, flight{ch: ch, led: led}, len(keys))
+	if err != nil {
+		if errors.Is(err, ctx.Err()) {
+			return err
+		}
+		return fmt.Errorf("cache: load %d keys: %w", len(keys), err)
+	}
+	for k, v := range val.(map[K]V) {
+		res[k] = v
+	}
+	return nil
+}
+
+// runBatch is the body of a shared LoadMany. It returns the found values of
+// keys only, whatever else LoadMany returned.
+func (c *Cache[K, V]) runBatch(ctx context.Context, keys []K, hashes []uint64, toks []token, store bool) (any, error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.LoadTimeout)
+	defer cancel()
+	var got map[K]V
+	err := c.protect(func() (err error) {
+		got, err = c.cfg.LoadMany(ctx, keys)
+		return err
+	})
+	c.stats.loads.Add(1)
+	if err != nil {
+		c.stats.loadErrors.Add(1)
+		return nil, err
+	}
+	found := make(map[K]V, len(got))
+	for i, k := range keys {
+		v, ok := got[k]
+		if ok {
+			found[k] = v
+		}
+		switch {
+		case !store:
+		case ok:
+			c.fill(hashes[i], k, entry[V]{value: v, version: c.version(v)}, toks[i])
+		case !c.cfg.DisableNegative:
+			c.fill(hashes[i], k, entry[V]{missing: true}, toks[i])
+		}
+	}
+	return found, nil
+}

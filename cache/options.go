@@ -1,0 +1,159 @@
+package cache
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"runtime"
+	"time"
+)
+
+// LoaderFunc loads the value of key from the source of truth. It returns an
+// error for which errors.Is(err, ErrNotFound) is true when the key does not
+// exist. ctx carries the values of the Get that started the load but not its
+// cancellation; it is cancelled after [Options.LoadTimeout].
+type LoaderFunc[K comparable, V any] func(ctx context.Context, key K) (V, error)
+
+// Options configure a [Cache]. A nil *Options, and every zero field, means
+// the default. New copies the Options; changing them afterwards has no
+// effect.
+type Options[K comparable, V any] struct {
+	// Bus carries invalidations to and from the other nodes. Without a Bus
+	// the Cache is node-local: it never bypasses itself and Invalidate,
+	// Set and Delete only affect this node. Default nil.
+	Bus Bus
+
+	// MaxStaleness bounds how long the Cache serves cached values after its
+	// last proof that the bus link is live and in order. Past it, Get reads
+	// through to the loader until the link is proven again. Default 1s.
+	MaxStaleness time.Duration
+
+	// TTL is the lifetime of an entry. It bounds memory and is a safety net;
+	// consistency comes from invalidations, not from TTL. Default 10m.
+	TTL time.Duration
+
+	// NegativeTTL is the lifetime of the record that a key does not exist
+	// (the loader returned ErrNotFound). Default 1m.
+	NegativeTTL time.Duration
+
+	// DisableNegative turns negative caching off: every Get of a missing key
+	// calls the loader. Default false.
+	DisableNegative bool
+
+	// Jitter is the largest fraction of TTL (and NegativeTTL) removed at
+	// random from each entry's lifetime, so that entries filled together do
+	// not expire together. It must be in [0, 1). Default 0.1.
+	Jitter float64
+
+	// Shards is the number of independently locked LRU segments. Capacity
+	// is split among them. Default: 8 per GOMAXPROCS, rounded up to a power
+	// of two, but at most one per 64 entries of capacity.
+	Shards int
+
+	// Keys encodes keys for the bus. Default: the identity for string keys
+	// and base-10 text for integer keys; other key types must set it.
+	Keys KeyCodec[K]
+
+	// LoadMany, if set, loads several keys at once for [Cache.GetMany].
+	// Keys absent from the returned map do not exist. Default nil: GetMany
+	// loads each missing key through the loader, concurrently.
+	LoadMany func(ctx context.Context, keys []K) (map[K]V, error)
+
+	// Version returns the version of a value, for values that carry one
+	// (a row version, an update counter). With it, a load never replaces a
+	// cached value of a higher version. Default nil: loaded values have
+	// version 0 (unknown).
+	Version func(V) int64
+
+	// LoadTimeout bounds one shared load. A load runs on behalf of every
+	// caller waiting for it, so no caller's context cancels it. Default 10s.
+	LoadTimeout time.Duration
+
+	// Logger receives flushes, loader panics and bus errors. Default nil:
+	// discard.
+	Logger *slog.Logger
+
+	// Clock replaces the default clock, for tests. The Bus's LastProof must
+	// read the same clock. Default nil: a monotonic clock with 1 ms
+	// resolution.
+	Clock Clock
+}
+
+// config is the validated, defaulted form of the arguments of New.
+type config[K comparable, V any] struct {
+	Options[K, V]
+	namespace string
+	capacity  int
+	load      LoaderFunc[K, V]
+}
+
+func newConfig[K comparable, V any](namespace string, capacity int, load LoaderFunc[K, V], opts *Options[K, V]) (*config[K, V], error) {
+	c := &config[K, V]{namespace: namespace, capacity: capacity, load: load}
+	if opts != nil {
+		c.Options = *opts
+	}
+	if err := c.validate(); err != nil {
+		return nil, err
+	}
+	c.setDefaults()
+	return c, nil
+}
+
+func (c *config[K, V]) validate() error {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%w: "+format, append([]any{ErrInvalidOptions}, args...)...)
+	}
+	switch {
+	case c.namespace == "":
+		return bad("namespace is empty")
+	case len(c.namespace) > MaxKeyLen:
+		return bad("namespace is longer than %d bytes", MaxKeyLen)
+	case c.capacity <= 0:
+		return bad("capacity must be positive, got %d", c.capacity)
+	case c.load == nil:
+		return bad("loader is nil")
+	case c.MaxStaleness < 0:
+		return bad("MaxStaleness must not be negative, got %v", c.MaxStaleness)
+	case c.TTL < 0:
+		return bad("TTL must not be negative, got %v", c.TTL)
+	case c.NegativeTTL < 0:
+		return bad("NegativeTTL must not be negative, got %v", c.NegativeTTL)
+	case c.LoadTimeout < 0:
+		return bad("LoadTimeout must not be negative, got %v", c.LoadTimeout)
+	case !(c.Jitter >= 0 && c.Jitter < 1):
+		return bad("Jitter must be in [0, 1), got %v", c.Jitter)
+	case c.Shards < 0:
+		return bad("Shards must not be negative, got %d", c.Shards)
+	case c.Shards > c.capacity:
+		return bad("Shards (%d) exceeds capacity (%d)", c.Shards, c.capacity)
+	}
+	return nil
+}
+
+func (c *config[K, V]) setDefaults() {
+	if c.MaxStaleness == 0 {
+		c.MaxStaleness = time.Second
+	}
+	if c.TTL == 0 {
+		c.TTL = 10 * time.Minute
+	}
+	if c.NegativeTTL == 0 {
+		c.NegativeTTL = time.Minute
+	}
+	if c.Jitter == 0 {
+		c.Jitter = 0.1
+	}
+	if c.LoadTimeout == 0 {
+		c.LoadTimeout = 10 * time.Second
+	}
+	if c.Shards == 0 {
+		n := 1
+		for n < 8*runtime.GOMAXPROCS(0) {
+			n <<= 1
+		}
+		c.Shards = max(1, min(n, c.capacity/64))
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+}

@@ -1,0 +1,70 @@
+package cache
+
+// Stats is a snapshot of a Cache's counters. Counters only grow; take two
+// snapshots and subtract to get rates.
+type Stats struct {
+	// Hits counts lookups served from the cache, cached absences included.
+	Hits uint64
+	// Misses counts lookups that found no live entry and went to a load.
+	Misses uint64
+	// Bypassed counts lookups that read through to the loader because the
+	// bus link was not proven within MaxStaleness (G2).
+	Bypassed uint64
+	// Loads counts calls of the loader (a LoadMany call counts once).
+	Loads uint64
+	// LoadErrors counts loads that failed with an error other than
+	// ErrNotFound, panics included.
+	LoadErrors uint64
+	// Coalesced counts lookups that shared a load another caller started,
+	// instead of starting their own (G5).
+	Coalesced uint64
+	// SkippedStores counts load results not cached because an
+	// invalidation, flush or write overlapped the load (race 1), or the
+	// link was unproven when it finished.
+	SkippedStores uint64
+	// InvalidationsSent counts keys published to other nodes (a flush
+	// counts as one).
+	InvalidationsSent uint64
+	// InvalidationsReceived counts keys received from other nodes.
+	InvalidationsReceived uint64
+	// PublishErrors counts failed publications.
+	PublishErrors uint64
+	// Flushes counts times every entry was dropped: InvalidateAll, and
+	// flushes asked for by the bus (gaps, malformed messages).
+	Flushes uint64
+	// Evictions counts entries removed to respect the capacity.
+	Evictions uint64
+	// Entries is the number of entries held now, expired ones included
+	// until they are looked up or evicted.
+	Entries int
+	// GuardBytes is the memory held by the fill-race guard, which is fixed
+	// at creation.
+	GuardBytes int
+}
+
+// Stats returns a snapshot of the counters. It is safe to call at any time,
+// including after Close.
+func (c *Cache[K, V]) Stats() Stats {
+	st := Stats{
+		Bypassed:              c.stats.bypassed.Load(),
+		Loads:                 c.stats.loads.Load(),
+		LoadErrors:            c.stats.loadErrors.Load(),
+		Coalesced:             c.stats.coalesced.Load(),
+		SkippedStores:         c.stats.skipped.Load(),
+		InvalidationsSent:     c.stats.sent.Load(),
+		InvalidationsReceived: c.stats.received.Load(),
+		PublishErrors:         c.stats.publishErrors.Load(),
+		Flushes:               c.stats.flushes.Load(),
+		GuardBytes:            c.guard.bytes(),
+	}
+	for i := range c.shards {
+		s := &c.shards[i]
+		s.mu.Lock()
+		st.Hits += s.hits
+		st.Misses += s.misses
+		st.Evictions += s.evictions
+		st.Entries += s.lru.Len()
+		s.mu.Unlock()
+	}
+	return st
+}
