@@ -362,23 +362,54 @@ func (c *Cache[K, V]) fill(h uint64, key K, e entry[V], tok token) {
 }
 
 // install records a committed write of key on this node: the value (or,
-// with e.missing, the absence) at e.version.
-func (c *Cache[K, V]) install(h uint64, key K, e entry[V]) {
-	// Bump first so that loads that began before the write do not store.
-	c.guard.bump(h, e.version)
+// with e.missing, the absence) at e.version (0: unknown). tok, if not nil,
+// was taken before the write began.
+//
+// The write is installed only if this node can tell it is the newest it
+// knows of; otherwise key is dropped, so that the next Get loads it. Either
+// way every later Get on this node sees the write or a newer one (G1). What
+// a late install must not do is resurrect a value that a newer write,
+// already invalidated here, overwrote (race 13):
+//
+//	writer A: commit v5 ........................... install v5?
+//	writer B:           commit v6; invalidation v6 arrives, key dropped
+func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token) {
 	now := c.now()
 	s := c.shard(h)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if e.version != 0 && c.guard.high(h) > e.version {
-		// Race 13: a newer version of this key (or of a key sharing its
-		// guard slot) was already written or invalidated. Installing this
-		// one could resurrect an overwritten value; drop it instead.
+	// Nothing that changed key's slot happened since the write began: no
+	// newer write can have been announced here.
+	untouched := tok != nil && c.guard.current(h, *tok)
+	high := c.guard.high(h)
+	// Bumping under the shard lock is enough to stop loads that read the
+	// row before this write: they check the guard under the same lock.
+	c.guard.bump(h, e.version)
+	old, ok := s.lru.Peek(key)
+	ok = ok && now < old.expires
+	var install bool
+	switch {
+	case ok && old.version != 0 && e.version != 0 && old.version > e.version:
+		return // race 7: the cached value is newer; keep it
+	case untouched:
+		install = true
+	case e.version == 0:
+		// Without a version and with a change since the write began,
+		// there is no telling which is newer.
+	case ok && old.version != 0:
+		// A live entry with a version was stored after every
+		// invalidation of key that reached this node (each drops it,
+		// unless it names an older version), so it is the reference.
+		install = true
+	default:
+		// No entry: only the slot's high mark is left. It is exact for
+		// this key unless a flush, or a change without a version, blurred
+		// it.
+		install = !c.guard.everFlushed() && high <= e.version
+	}
+	if !install {
 		s.lru.Remove(key)
 		return
-	}
-	if old, ok := s.lru.Peek(key); ok && now < old.expires && e.version != 0 && old.version > e.version {
-		return // race 7: the cached value is newer
 	}
 	e.expires = now + c.lifetime(e.missing)
 	if s.lru.Add(key, e) {
@@ -424,27 +455,77 @@ func (c *Cache[K, V]) publish(ctx context.Context, invs []Invalidation) error {
 	return nil
 }
 
+// Update runs write, which must commit a change of key to the source of
+// truth, and then makes every node see it. write returns the committed value
+// and its version (0 if unknown), or an error for which
+// errors.Is(err, ErrNotFound) is true if it deleted key, together with the
+// version of the deletion.
+//
+// This node installs the result unless something that may be newer
+// reached it while write ran (race 13); it drops key otherwise. Either way
+// every later Get on this node sees the write or a newer one (G1). Then
+// Update publishes an invalidation, so that other nodes drop older copies
+// (G2). Unlike Set, Update is safe without versions: it knows when the
+// write began.
+//
+// If write returns another error, Update drops key on this node (the write
+// may have committed without saying so), publishes nothing and returns the
+// error. Otherwise it returns the publish error, if any; the local effect
+// has happened regardless. ctx is passed to write and bounds the
+// publication.
+func (c *Cache[K, V]) Update(ctx context.Context, key K, write func(ctx context.Context) (V, int64, error)) error {
+	if c.closed.Load() {
+		return ErrClosed
+	}
+	skey, err := c.encode(key)
+	if err != nil {
+		return err
+	}
+	h := c.hash(key)
+	tok := c.guard.token(h)
+	v, version, err := write(ctx)
+	var e entry[V]
+	switch {
+	case err == nil:
+		e = entry[V]{value: v, version: version}
+	case errors.Is(err, ErrNotFound) && !c.cfg.DisableNegative:
+		e = entry[V]{missing: true, version: version}
+	case errors.Is(err, ErrNotFound):
+		c.drop(h, key, version)
+		return c.publish(ctx, []Invalidation{{Key: skey, Version: version}})
+	default:
+		c.drop(h, key, 0)
+		return err
+	}
+	c.install(h, key, e, &tok)
+	return c.publish(ctx, []Invalidation{{Key: skey, Version: version}})
+}
+
 // Set records on every node that a write committed value as key's value at
-// version (0 if unknown). On this node it installs value, unless the cache
-// holds, or has seen an invalidation of, a newer version (races 7 and 13);
-// every later Get on this node sees value or newer (G1). Then it publishes
-// an invalidation, so that other nodes drop older copies and load the new
-// value on their next Get.
+// version. This node installs value if it can tell that value is the newest
+// version of key it knows of, and drops key otherwise; either way every
+// later Get on this node sees this write or a newer one (G1). A cached value
+// of a higher version is kept (race 7). Then Set publishes an invalidation,
+// so that other nodes drop older copies and load the new value on their
+// next Get (G2).
 //
-// Call Set only after the write has committed. Without versions, concurrent
-// writers of one key must be serialised (package lockguard), or the last Set
-// may install a value that is not the last committed one.
+// Set cannot know what happened while the write was in flight; it orders
+// itself by versions alone. When an invalidation without a version, or a
+// flush, has blurred that order, it drops key rather than guess, and with
+// version 0 it always drops. [Cache.Update] knows when the write began and
+// installs in those cases too.
 //
-// ctx bounds the publication. Set returns the publish error, if any; the
-// local install has happened regardless. It returns ErrInvalidKey or
-// ErrClosed without doing anything.
+// Call Set only after the write has committed. ctx bounds the publication.
+// Set returns the publish error, if any; the local effect has happened
+// regardless. It returns ErrInvalidKey or ErrClosed without doing anything.
 func (c *Cache[K, V]) Set(ctx context.Context, key K, value V, version int64) error {
 	return c.write(ctx, key, entry[V]{value: value, version: version})
 }
 
-// Delete records on every node that a write deleted key at version (0 if
-// unknown). It is Set for an absence: this node caches that key does not
-// exist (unless negative caching is disabled), and other nodes drop it.
+// Delete records on every node that a write deleted key at version. It is
+// Set for an absence: this node caches that key does not exist (unless
+// negative caching is disabled, or it cannot tell the deletion is the newest
+// write), and other nodes drop key.
 func (c *Cache[K, V]) Delete(ctx context.Context, key K, version int64) error {
 	if c.cfg.DisableNegative {
 		return c.invalidate(ctx, []K{key}, version)
@@ -460,7 +541,7 @@ func (c *Cache[K, V]) write(ctx context.Context, key K, e entry[V]) error {
 	if err != nil {
 		return err
 	}
-	c.install(c.hash(key), key, e)
+	c.install(c.hash(key), key, e, nil)
 	return c.publish(ctx, []Invalidation{{Key: skey, Version: e.version}})
 }
 

@@ -2,6 +2,7 @@ package cache
 
 import (
 	"encoding/binary"
+	"math"
 	"strings"
 	"sync/atomic"
 )
@@ -34,10 +35,16 @@ type slot struct {
 	// gen counts invalidations and local writes of the keys hashing here.
 	gen atomic.Uint64
 	// high is the highest version seen in an invalidation or a local write
-	// of a key hashing here. A write-through of a lower version must not be
-	// installed: a newer write may already have been invalidated (race 13).
+	// of a key hashing here, or unknownVersion once a change without a
+	// version was seen. A write-through of a lower version must not be
+	// installed without other evidence: a newer write may already have
+	// been invalidated (race 13).
 	high atomic.Int64
 }
+
+// unknownVersion is the high mark of a slot after a change whose version
+// is unknown: it may be newer than any version.
+const unknownVersion = math.MaxInt64
 
 // token is what a load remembers of the guard before it reads the source.
 type token struct{ epoch, gen uint64 }
@@ -63,10 +70,15 @@ func (g *guard) current(h uint64, tok token) bool {
 }
 
 // bump records a change of the key hashed to h, at version (0: unknown).
-// Call it before taking the shard lock to drop or replace the entry.
+// Call it before a load that could have read the old row can check the
+// token: before, or while holding, the shard lock under which the entry is
+// dropped or replaced.
 func (g *guard) bump(h uint64, version int64) {
 	s := g.slot(h)
 	s.gen.Add(1)
+	if version == 0 {
+		version = unknownVersion
+	}
 	for {
 		old := s.high.Load()
 		if version <= old || s.high.CompareAndSwap(old, version) {
@@ -80,6 +92,10 @@ func (g *guard) high(h uint64) int64 { return g.slot(h).high.Load() }
 
 // flush records that every key may have changed.
 func (g *guard) flush() { g.epoch.Add(1) }
+
+// everFlushed reports whether a flush happened: since then, the high marks
+// say nothing about the versions of keys that changed.
+func (g *guard) everFlushed() bool { return g.epoch.Load() != 0 }
 
 // bytes reports the memory held by the table.
 func (g *guard) bytes() int { return len(g.slots) * 16 }

@@ -1,0 +1,367 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"testing"
+	"testing/synctest"
+	"time"
+)
+
+// TestNoServingBeforeFirstProof guards DESIGN race 12: until the bus has
+// proven its link, a new cache reads through and stores nothing.
+func TestNoServingBeforeFirstProof(t *testing.T) {
+	clock := newFakeClock()
+	bus := &fakeBus{}
+	src := newSource()
+	src.write("k", "v1")
+	c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: bus, Clock: clock})
+
+	for range 3 {
+		mustGet(t, c, "k")
+	}
+	if st := c.Stats(); src.loads.Load() != 3 || st.Bypassed != 3 || st.Entries != 0 || st.Hits != 0 {
+		t.Fatalf("before the first proof: %d loads, Stats = %+v; want 3 bypassed loads and nothing stored", src.loads.Load(), st)
+	}
+
+	bus.prove(clock.Now())
+	mustGet(t, c, "k")
+	mustGet(t, c, "k")
+	if n := src.loads.Load(); n != 4 {
+		t.Errorf("loads after the first proof = %d; want 4 (one more load, then a hit)", n)
+	}
+}
+
+// TestBypassAfterMaxStaleness checks G2: with no proof for MaxStaleness the
+// cache stops serving cached values, and serves them again after a proof.
+func TestBypassAfterMaxStaleness(t *testing.T) {
+	clock := newFakeClock()
+	bus := &fakeBus{}
+	src := newSource()
+	src.write("k", "v1")
+	const maxStale = time.Second
+	c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: bus, Clock: clock, MaxStaleness: maxStale})
+	bus.prove(clock.Now())
+	mustGet(t, c, "k") // cached
+
+	// The link goes silent: a write elsewhere is never announced.
+	src.write("k", "v2")
+	clock.Advance(maxStale - time.Nanosecond)
+	if r := mustGet(t, c, "k"); r.Value != "v1" {
+		t.Fatalf("Get within MaxStaleness = %v; want the cached v1", r)
+	}
+	clock.Advance(time.Nanosecond)
+	if r := mustGet(t, c, "k"); r.Value != "v2" {
+		t.Fatalf("Get at MaxStaleness since the last proof = %v; want v2 read through", r)
+	}
+	if st := c.Stats(); st.Bypassed != 1 {
+		t.Errorf("Bypassed = %d; want 1", st.Bypassed)
+	}
+
+	// The bus recovers; it flushes because it may have missed messages.
+	bus.handler().Flush()
+	bus.prove(clock.Now())
+	loads := src.loads.Load()
+	mustGet(t, c, "k")
+	if r := mustGet(t, c, "k"); r.Value != "v2" || src.loads.Load() != loads+1 {
+		t.Errorf("after recovery Get = %v with %d more loads; want v2 from 1 load then a hit", r, src.loads.Load()-loads)
+	}
+}
+
+// TestLoadFinishingUnprovenIsNotStored: a load that started while the link
+// was proven but finishes after the proof ran out must not store.
+func TestLoadFinishingUnprovenIsNotStored(t *testing.T) {
+	clock := newFakeClock()
+	bus := &fakeBus{}
+	src := newGatedSource(1)
+	src.write("k", "v1")
+	c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: bus, Clock: clock})
+	bus.prove(clock.Now())
+	done := make(chan struct{})
+	go func() { mustGet(t, c, "k"); close(done) }()
+	<-src.started
+	clock.Advance(time.Hour)
+	close(src.gate)
+	<-done
+	if st := c.Stats(); st.Entries != 0 || st.SkippedStores != 1 {
+		t.Errorf("Stats = %+v; want nothing stored, 1 skipped store", st)
+	}
+}
+
+// TestBypassedReadsShareYoungLoadsOnly: while the link is unproven, reads
+// still share loads (so an outage does not multiply the load on the source)
+// but only loads that started within the same half of MaxStaleness.
+func TestBypassedReadsShareYoungLoadsOnly(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		clock := newFakeClock()
+		src := newGatedSource(2)
+		src.write("k", "v1")
+		c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: &fakeBus{}, Clock: clock, MaxStaleness: time.Second})
+		for range 5 {
+			go mustGet(t, c, "k")
+		}
+		synctest.Wait()
+		if n := src.loads.Load(); n != 1 {
+			t.Fatalf("loads for 5 concurrent bypassed Gets = %d; want 1", n)
+		}
+		clock.Advance(time.Second / 2)
+		go mustGet(t, c, "k")
+		synctest.Wait()
+		if n := src.loads.Load(); n != 2 {
+			t.Fatalf("loads after half of MaxStaleness = %d; want 2 (a new load)", n)
+		}
+		close(src.gate)
+		synctest.Wait()
+	})
+}
+
+func TestHandlerInvalidate(t *testing.T) {
+	src := newSource()
+	src.write("k", "v1")
+	bus := &fakeBus{proof: forever}
+	c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: bus, Version: rowVersion})
+	h := bus.handler()
+
+	mustGet(t, c, "k") // v1 cached at version 1
+	h.Invalidate([]Invalidation{{Key: "k", Version: 1}})
+	if mustGet(t, c, "k"); src.loads.Load() != 1 {
+		t.Fatalf("an invalidation of the cached version dropped the entry; want it kept")
+	}
+	src.write("k", "v2")
+	h.Invalidate([]Invalidation{{Key: "k", Version: 2}})
+	if r := mustGet(t, c, "k"); r.Value != "v2" {
+		t.Fatalf("Get after an invalidation of a newer version = %v; want v2", r)
+	}
+	src.write("k", "v3")
+	h.Invalidate([]Invalidation{{Key: "k"}}) // unknown version: always drops
+	if r := mustGet(t, c, "k"); r.Value != "v3" {
+		t.Fatalf("Get after an unversioned invalidation = %v; want v3", r)
+	}
+	if st := c.Stats(); st.InvalidationsReceived != 3 {
+		t.Errorf("InvalidationsReceived = %d; want 3", st.InvalidationsReceived)
+	}
+}
+
+// TestHandlerFailuresFlush guards DESIGN race 14: a key that cannot be
+// decoded, or a codec that panics, ends in a flush, never in a skipped
+// invalidation.
+func TestHandlerFailuresFlush(t *testing.T) {
+	t.Run("undecodable", func(t *testing.T) {
+		bus := &fakeBus{proof: forever}
+		c := newTestCache(t, 10, func(ctx context.Context, k int) (int, error) { return k, nil }, &Options[int, int]{Bus: bus})
+		mustGet(t, c, 1)
+		bus.handler().Invalidate([]Invalidation{{Key: "not-a-number"}})
+		if st := c.Stats(); st.Flushes != 1 || st.Entries != 0 {
+			t.Errorf("Stats = %+v; want 1 flush and no entries", st)
+		}
+	})
+	t.Run("panicking codec", func(t *testing.T) {
+		bus := &fakeBus{proof: forever}
+		c := newTestCache(t, 10, func(ctx context.Context, k pair) (int, error) { return k.a, nil },
+			&Options[pair, int]{Bus: bus, Keys: panickyCodec{}})
+		mustGet(t, c, pair{1, 2})
+		bus.handler().Invalidate([]Invalidation{{Key: "1/2"}})
+		if st := c.Stats(); st.Flushes != 1 || st.Entries != 0 {
+			t.Errorf("Stats = %+v; want 1 flush and no entries", st)
+		}
+	})
+}
+
+type panickyCodec struct{ pairCodec }
+
+func (panickyCodec) Decode(string) (pair, error) { panic("codec bug") }
+
+func TestWritesPublish(t *testing.T) {
+	bus := &fakeBus{proof: forever}
+	c := newTestCache(t, 10, newSource().load, &Options[string, row]{Bus: bus})
+	ctx := context.Background()
+	c.Set(ctx, "a", row{"A", 3}, 3)
+	c.Delete(ctx, "b", 4)
+	c.Invalidate(ctx, "c", "d")
+	c.InvalidateAll(ctx)
+	want := [][]Invalidation{
+		{{Key: "a", Version: 3}},
+		{{Key: "b", Version: 4}},
+		{{Key: "c"}, {Key: "d"}},
+		nil,
+	}
+	if len(bus.published) != len(want) {
+		t.Fatalf("published %v; want %v", bus.published, want)
+	}
+	for i := range want {
+		if len(bus.published[i]) != len(want[i]) {
+			t.Fatalf("publication %d = %v; want %v", i, bus.published[i], want[i])
+		}
+		for j := range want[i] {
+			if bus.published[i][j] != want[i][j] {
+				t.Errorf("publication %d = %v; want %v", i, bus.published[i], want[i])
+			}
+		}
+	}
+	if st := c.Stats(); st.InvalidationsSent != 5 || st.Flushes != 1 {
+		t.Errorf("Stats = %+v; want 5 sent, 1 flush", st)
+	}
+}
+
+// TestPublishErrorKeepsTheLocalEffect: when the bus fails, the writer gets
+// the error, and this node still honours G1.
+func TestPublishErrorKeepsTheLocalEffect(t *testing.T) {
+	bus := &fakeBus{proof: forever, publishErr: errBoom}
+	src := newSource()
+	src.write("k", "v1")
+	c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: bus})
+	ctx := context.Background()
+	mustGet(t, c, "k")
+	r := src.write("k", "v2")
+	if err := c.Set(ctx, "k", r, r.Version); !errors.Is(err, errBoom) {
+		t.Fatalf("Set = %v; want the publish error", err)
+	}
+	if got := mustGet(t, c, "k"); got != r {
+		t.Errorf("Get after a Set whose publish failed = %v; want %v", got, r)
+	}
+	if err := c.Invalidate(ctx, "k"); !errors.Is(err, errBoom) {
+		t.Fatalf("Invalidate = %v; want the publish error", err)
+	}
+	if st := c.Stats(); st.Entries != 0 || st.PublishErrors != 2 {
+		t.Errorf("Stats = %+v; want the key dropped locally and 2 publish errors", st)
+	}
+}
+
+// TestVersionRules guards DESIGN races 7 and 13.
+func TestVersionRules(t *testing.T) {
+	ctx := context.Background()
+	type step struct {
+		op      string // "set", "delete", "inv" (remote invalidation), "load"
+		version int64
+	}
+	tests := []struct {
+		name  string
+		steps []step
+		want  int64 // version Get returns afterwards; -1: not found
+		loads int64 // loads Get costs afterwards
+	}{
+		{"newer set replaces", []step{{"set", 1}, {"set", 2}}, 2, 0},
+		{"older set keeps the newer value (race 7)", []step{{"set", 2}, {"set", 1}}, 2, 0},
+		{"older invalidation keeps the newer value (race 7)", []step{{"set", 2}, {"inv", 1}}, 2, 0},
+		{"duplicate invalidation is idempotent", []step{{"set", 2}, {"inv", 2}, {"inv", 2}}, 2, 0},
+		{"newer invalidation drops", []step{{"set", 2}, {"inv", 3}}, 3, 1},
+		{"set after a newer invalidation is not installed (race 13)", []step{{"inv", 3}, {"set", 2}}, 3, 1},
+		{"set older than the cached value keeps it", []step{{"load", 0}, {"inv", 3}, {"set", 2}}, 3, 0},
+		{"set after a newer set that was evicted is not installed", []step{{"set", 3}, {"evict", 0}, {"set", 2}}, 3, 1},
+		{"delete caches the absence", []step{{"set", 1}, {"delete", 2}}, -1, 0},
+		{"older delete keeps the newer value", []step{{"set", 3}, {"delete", 2}}, 3, 0},
+		{"set replaces an older delete", []step{{"delete", 2}, {"set", 3}}, 3, 0},
+		{"load does not replace a newer set", []step{{"set", 5}, {"load", 0}}, 5, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			// The source holds the newest version among the steps, as
+			// the database would after all those writes.
+			src := newSource()
+			newest := int64(0)
+			for _, s := range tt.steps {
+				newest = max(newest, s.version)
+			}
+			if tt.want >= 0 {
+				src.rows["k"] = row{Value: "v" + strconv.FormatInt(newest, 10), Version: newest}
+			}
+			bus := &fakeBus{proof: forever}
+			c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: bus, Version: rowVersion, Shards: 1})
+			for _, s := range tt.steps {
+				switch s.op {
+				case "set":
+					c.Set(ctx, "k", row{Value: "v" + strconv.FormatInt(s.version, 10), Version: s.version}, s.version)
+				case "delete":
+					c.Delete(ctx, "k", s.version)
+				case "inv":
+					bus.handler().Invalidate([]Invalidation{{Key: "k", Version: s.version}})
+				case "load":
+					c.Get(ctx, "k")
+				case "evict":
+					c.shards[0].mu.Lock()
+					c.shards[0].lru.Purge()
+					c.shards[0].mu.Unlock()
+				}
+			}
+			before := src.loads.Load()
+			got, err := c.Get(ctx, "k")
+			switch {
+			case tt.want < 0 && !errors.Is(err, ErrNotFound):
+				t.Errorf("Get = %v, %v; want ErrNotFound", got, err)
+			case tt.want >= 0 && (err != nil || got.Version != tt.want):
+				t.Errorf("Get = %v, %v; want version %d", got, err, tt.want)
+			}
+			if n := src.loads.Load() - before; n != tt.loads {
+				t.Errorf("Get cost %d loads; want %d", n, tt.loads)
+			}
+		})
+	}
+}
+
+// TestUpdate guards DESIGN race 13 for writers without versions: Update
+// installs what its write committed unless a change of the key reached the
+// node while the write ran.
+func TestUpdate(t *testing.T) {
+	ctx := context.Background()
+	setup := func(t *testing.T) (*Cache[string, row], *source, *fakeBus) {
+		src := newSource()
+		bus := &fakeBus{proof: forever}
+		return newTestCache(t, 10, src.load, &Options[string, row]{Bus: bus}), src, bus
+	}
+	t.Run("installs without a version", func(t *testing.T) {
+		c, src, bus := setup(t)
+		err := c.Update(ctx, "k", func(ctx context.Context) (row, int64, error) {
+			return src.write("k", "v1"), 0, nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r := mustGet(t, c, "k"); r.Value != "v1" || src.loads.Load() != 0 {
+			t.Errorf("Get after Update = %v with %d loads; want v1 installed", r, src.loads.Load())
+		}
+		if len(bus.published) != 1 || bus.published[0][0].Key != "k" {
+			t.Errorf("published %v; want one invalidation of k", bus.published)
+		}
+	})
+	t.Run("drops after an overlapping invalidation", func(t *testing.T) {
+		c, src, bus := setup(t)
+		err := c.Update(ctx, "k", func(ctx context.Context) (row, int64, error) {
+			r := src.write("k", "mine")
+			src.write("k", "theirs")                              // another writer commits after us...
+			bus.handler().Invalidate([]Invalidation{{Key: "k"}}) // ...and its invalidation overtakes our install
+			return r, 0, nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r := mustGet(t, c, "k"); r.Value != "theirs" {
+			t.Errorf("Get after an overtaken Update = %v; want theirs (mine must not be installed)", r)
+		}
+	})
+	t.Run("deletion", func(t *testing.T) {
+		c, src, _ := setup(t)
+		err := c.Update(ctx, "k", func(ctx context.Context) (row, int64, error) {
+			src.remove("k")
+			return row{}, 7, ErrNotFound
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Get(ctx, "k"); !errors.Is(err, ErrNotFound) || src.loads.Load() != 0 {
+			t.Errorf("Get after a deleting Update = %v with %d loads; want a cached ErrNotFound", err, src.loads.Load())
+		}
+	})
+	t.Run("failed write", func(t *testing.T) {
+		c, src, bus := setup(t)
+		src.write("k", "v1")
+		mustGet(t, c, "k")
+		err := c.Update(ctx, "k", func(ctx context.Context) (row, int64, error) { return row{}, 0, errBoom })
+		if !errors.Is(err, errBoom) {
+			t.Fatalf("Update = %v; want errBoom", err)
+		}
+		if st := c.Stats(); st.Entries != 0 || len(bus.published) != 0 {
+			t.Errorf("after a failed write: %d entries, published %v; want the key dropped here and nothing published", st.Entries, bus.published)
+		}
+	})
+}
