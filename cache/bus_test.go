@@ -328,7 +328,7 @@ func TestUpdate(t *testing.T) {
 		c, src, bus := setup(t)
 		err := c.Update(ctx, "k", func(ctx context.Context) (row, int64, error) {
 			r := src.write("k", "mine")
-			src.write("k", "theirs")                              // another writer commits after us...
+			src.write("k", "theirs")                             // another writer commits after us...
 			bus.handler().Invalidate([]Invalidation{{Key: "k"}}) // ...and its invalidation overtakes our install
 			return r, 0, nil
 		})
