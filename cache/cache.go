@@ -279,6 +279,18 @@ func (c *Cache[K, V]) load(ctx context.Context, key K, h uint64, now int64, bypa
 func (c *Cache[K, V]) runLoad(ctx context.Context, key K, h uint64, tok token, store bool) (any, error) {
 	// The load belongs to every caller waiting for it, not to the one whose
 	// ctx it inherits values from.
+	if store {
+		// A caller that missed just before another flight stored the key
+		// starts a flight of its own; serve what that flight stored rather
+		// than load again. A live entry is current: every invalidation
+		// since it was stored would have dropped it.
+		if e, ok := c.shard(h).peek(key, c.now()); ok {
+			if e.missing {
+				return nil, ErrNotFound
+			}
+			return e.value, nil
+		}
+	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.LoadTimeout)
 	defer cancel()
 	var v V

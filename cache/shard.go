@@ -53,6 +53,14 @@ func (s *shard[K, V]) lookup(key K, now int64) (entry[V], bool) {
 	return entry[V]{}, false
 }
 
+// peek returns the live entry of key without counting or touching recency.
+func (s *shard[K, V]) peek(key K, now int64) (entry[V], bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.lru.Peek(key)
+	return e, ok && now < e.expires
+}
+
 // keeps reports whether a cached entry old must be kept rather than be
 // replaced by, or dropped for, a change at version. Only a known version
 // at least as new as the change's known version is kept.
