@@ -365,3 +365,25 @@ func TestUpdate(t *testing.T) {
 		}
 	})
 }
+
+func TestProven(t *testing.T) {
+	clock := newFakeClock()
+	bus := &fakeBus{}
+	c := newTestCache(t, 10, newSource().load, &Options[string, row]{Bus: bus, Clock: clock, MaxStaleness: time.Second})
+	if c.Proven() {
+		t.Error("Proven before the first proof = true")
+	}
+	bus.prove(clock.Now())
+	if !c.Proven() {
+		t.Error("Proven right after a proof = false")
+	}
+	clock.Advance(time.Second)
+	if c.Proven() {
+		t.Error("Proven MaxStaleness after the last proof = true")
+	}
+	bus.prove(clock.Now())
+	c.Close()
+	if c.Proven() {
+		t.Error("Proven after Close = true")
+	}
+}

@@ -149,6 +149,12 @@ func (c *Cache[K, V]) proven(now int64) bool {
 	return now < until && !c.closed.Load()
 }
 
+// Proven reports whether the Cache serves cached values now: it is open,
+// and its bus link was proven within [Options.MaxStaleness] (always, without
+// a Bus). While it is false, Get reads through to the loader. Health checks
+// can report it.
+func (c *Cache[K, V]) Proven() bool { return c.proven(c.now()) }
+
 // Get returns the value of key.
 //
 // On a hit it returns the cached value, or ErrNotFound for a cached absence.
@@ -221,6 +227,14 @@ func (c *Cache[K, V]) wait(ctx context.Context, f flight, keys int) (any, error)
 		return nil, ctx.Err()
 	}
 }
+
+// Namespace returns the namespace the Cache was created with.
+func (c *Cache[K, V]) Namespace() string { return c.cfg.namespace }
+
+// EncodeKey returns the form of key carried on the bus, in outbox rows and
+// in lock names: [Options.Keys]'s encoding. It returns ErrInvalidKey for a
+// key whose encoding is empty or longer than [MaxKeyLen].
+func (c *Cache[K, V]) EncodeKey(key K) (string, error) { return c.encode(key) }
 
 // encode returns the bus form of key, or ErrInvalidKey.
 func (c *Cache[K, V]) encode(key K) (string, error) {

@@ -1,0 +1,70 @@
+// Package store is the write path to Postgres (jackc/pgx/v5): lock-guarded,
+// fenced write-through with a transactional outbox, optimistic writes,
+// change capture for writes that bypass the library, the relay that
+// publishes what writers did not, and loader helpers that wire a cache to a
+// table. It upholds G1, G3, G4 and G6 of the design together with packages
+// cache, invalidate and lockguard. A Store is safe for concurrent use.
+//
+//	if err := store.Migrate(ctx, pool, ""); err != nil { ... } // explicit, idempotent
+//	s, err := store.New(pool, &store.Options{Locks: locks, Publisher: bus})
+//	go s.RunRelay(ctx)                                         // on every node
+//	err = s.Capture(ctx, "items", "id", "items", store.WithVersionColumn("version"))
+//
+//	items, err := cache.New("items", 100_000,
+//		store.Loader[string](pool, `SELECT id, value, version FROM items WHERE id = $1`, pgx.RowToStructByName[Item]),
+//		&cache.Options[string, Item]{Bus: bus, Version: func(it Item) int64 { return it.Version }})
+//
+//	ch, err := store.Update(ctx, s, items, "a", func(ctx context.Context, tx pgx.Tx) (store.Change[Item], error) {
+//		rows, _ := tx.Query(ctx, `UPDATE items SET value = $2, version = version + 1 WHERE id = $1 RETURNING *`, "a", "x")
+//		it, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Item])
+//		return store.Change[Item]{Value: it, Version: it.Version}, err
+//	})
+//
+// # The write path
+//
+// [Update] takes the lockguard lock of the key, begins a transaction,
+// checks and advances the lock's fencing token in the table fences (a
+// token not greater than the stored one rolls back with a [*FenceError]:
+// its holder stalled past its lease and someone else has written since),
+// runs the caller's function, upserts an outbox row for the key, and
+// commits. Then the writer's cache installs the committed row, the
+// invalidation is published on the bus and the outbox row is deleted. The
+// lock serialises writers of a key across nodes; the fence makes that
+// serialisation safe when a lease runs out, because Postgres, not Redis,
+// has the last word.
+//
+// [UpdateOptimistic] skips the lock: the function detects a concurrent
+// change with a version check ([ExpectRows]) and the write fails with
+// [ErrConflict], which [RetryConflicts] retries. Serialization failures and
+// deadlocks are reported as ErrConflict too.
+//
+// # The outbox and the relay
+//
+// A writer that crashes between commit and publish, or whose publication
+// fails, leaves its outbox row behind. [Store.RunRelay], run on every node,
+// publishes rows older than [Options.Grace] and deletes them in the same
+// transaction (FOR UPDATE SKIP LOCKED lets relays share the work). The
+// outbox holds at most one row per key, so while the bus is down it grows
+// only with the number of distinct keys written, and the relay catches up
+// when the bus returns. Publishing twice is harmless: invalidations are
+// idempotent.
+//
+// # Change capture
+//
+// [Store.Capture] installs triggers on a table so that every INSERT,
+// UPDATE, DELETE and TRUNCATE from any client records an outbox row that
+// the relay publishes at once (woken by NOTIFY): psql sessions, other
+// services and migrations invalidate the caches too (G4). Staleness after
+// such a write is bounded by the relay's latency, not by the bus's Δ.
+// Writes through this package are skipped by the trigger, since they record
+// their own versioned rows.
+//
+// # Limits
+//
+// The library's tables live in one schema (default "coherent"), created by
+// [Migrate], which nodes may run concurrently. Keys are stored as bytea in
+// the outbox and hashed for the indexes, so any key the cache accepts fits;
+// Postgres text columns cannot hold NUL bytes, which user tables reject.
+// The fences table holds one row per key ever written under a lock.
+// Capture needs PostgreSQL 14 or later (CREATE OR REPLACE TRIGGER).
+package store

@@ -1,0 +1,93 @@
+package store_test
+
+import (
+	"context"
+	"fmt"
+	"log"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/invalidate"
+	"github.com/coherentcache/coherent/lockguard"
+	"github.com/coherentcache/coherent/store"
+)
+
+// Item is a row of the table items (id text primary key, value text not
+// null, version bigint not null).
+type Item struct {
+	ID      string `db:"id"`
+	Value   string `db:"value"`
+	Version int64  `db:"version"`
+}
+
+// A node wires a cache of the items table to the write path: loads read
+// the table, writes go through the lock guard and the outbox, and writes
+// from other clients are captured.
+func Example() {
+	ctx := context.Background()
+	pool, err := pgxpool.New(ctx, "postgres://postgres@127.0.0.1:5432/postgres")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer pool.Close()
+	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:6379"})
+	defer rdb.Close()
+
+	if err := store.Migrate(ctx, pool, ""); err != nil {
+		log.Fatal(err)
+	}
+	locks, err := lockguard.New(rdb, nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	bus := invalidate.NewInProcess() // across processes: a Redis transport of package invalidate
+	s, err := store.New(pool, &store.Options{Locks: locks, Publisher: publisher{bus}})
+	if err != nil {
+		log.Fatal(err)
+	}
+	go s.RunRelay(ctx)
+	if err := s.Capture(ctx, "items", "id", "items", store.WithVersionColumn("version")); err != nil {
+		log.Fatal(err)
+	}
+
+	items, err := cache.New("items", 100_000,
+		store.Loader[string](pool, `SELECT id, value, version FROM items WHERE id = $1`, pgx.RowToStructByName[Item]),
+		&cache.Options[string, Item]{Bus: bus, Version: func(it Item) int64 { return it.Version }})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer items.Close()
+
+	ch, err := store.Update(ctx, s, items, "a", func(ctx context.Context, tx pgx.Tx) (store.Change[Item], error) {
+		rows, _ := tx.Query(ctx, `
+			INSERT INTO items AS t (id, value, version) VALUES ($1, $2, 1)
+			ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value, version = t.version + 1
+			RETURNING id, value, version`, "a", "hello")
+		it, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Item])
+		return store.Change[Item]{Value: it, Version: it.Version}, err
+	})
+	fmt.Println(ch.Value, err)
+
+	it, err := items.Get(ctx, "a") // served from memory: the write installed it
+	fmt.Println(it, err)
+}
+
+// publisher publishes on the in-process bus for the relay.
+type publisher struct{ bus *invalidate.InProcess }
+
+func (p publisher) Publish(ctx context.Context, ns string, keys []cache.Invalidation) error {
+	sub, err := p.bus.Subscribe(ns, nop{})
+	if err != nil {
+		return err
+	}
+	defer sub.Close()
+	return sub.Publish(ctx, keys)
+}
+
+type nop struct{}
+
+func (nop) Invalidate([]cache.Invalidation) {}
+func (nop) Flush()                          {}

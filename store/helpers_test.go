@@ -1,0 +1,322 @@
+package store
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/invalidate"
+	"github.com/coherentcache/coherent/lockguard"
+)
+
+// Tests talk to the real Postgres and Redis named by DATABASE_URL and
+// REDIS_URL. When one is unreachable they skip, unless CI is set: then they
+// fail.
+
+func databaseURL() string {
+	if u := os.Getenv("DATABASE_URL"); u != "" {
+		return u
+	}
+	return "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+}
+
+func redisURL() string {
+	if u := os.Getenv("REDIS_URL"); u != "" {
+		return u
+	}
+	return "redis://127.0.0.1:6379/0"
+}
+
+func unavailable(t testing.TB, what string, err error) {
+	t.Helper()
+	if os.Getenv("CI") != "" {
+		t.Fatalf("%s unavailable under CI: %v", what, err)
+	}
+	t.Skipf("%s unavailable: %v", what, err)
+}
+
+// newPool returns a pool whose connections carry application name app, so
+// that a test can find and terminate them.
+func newPool(t testing.TB, app string) *pgxpool.Pool {
+	t.Helper()
+	cfg, err := pgxpool.ParseConfig(databaseURL())
+	if err != nil {
+		t.Fatalf("DATABASE_URL: %v", err)
+	}
+	cfg.ConnConfig.RuntimeParams["application_name"] = app
+	cfg.MaxConns = 8
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err == nil {
+		err = pool.Ping(ctx)
+	}
+	if err != nil {
+		unavailable(t, "Postgres", err)
+	}
+	t.Cleanup(pool.Close)
+	return pool
+}
+
+func newRedis(t testing.TB) *redis.Client {
+	t.Helper()
+	opt, err := redis.ParseURL(redisURL())
+	if err != nil {
+		t.Fatalf("REDIS_URL: %v", err)
+	}
+	c := redis.NewClient(opt)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := c.Ping(ctx).Err(); err != nil {
+		c.Close()
+		unavailable(t, "Redis", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func randomName(prefix string) string {
+	b := make([]byte, 6)
+	rand.Read(b)
+	return prefix + hex.EncodeToString(b)
+}
+
+// item is a row of the test table.
+type item struct {
+	ID      string `db:"id"`
+	Value   string `db:"value"`
+	Version int64  `db:"version"`
+}
+
+// env is one test's private world: a schema holding the library's tables
+// and the items table, a lock prefix, and an in-process bus.
+type env struct {
+	t      testing.TB
+	schema string
+	table  string // schema-qualified, quoted
+	app    string // application_name of the library's connections
+	pool   *pgxpool.Pool
+	rdb    *redis.Client
+	prefix string
+	bus    *invalidate.InProcess
+	pub    *testPublisher
+}
+
+func newEnv(t testing.TB) *env {
+	t.Helper()
+	e := &env{t: t, schema: randomName("coh_test_"), prefix: randomName("coh_test_") + ":"}
+	e.app = e.schema
+	e.pool = newPool(t, e.schema+"_env")
+	e.rdb = newRedis(t)
+	e.table = pgx.Identifier{e.schema, "items"}.Sanitize()
+	e.bus = invalidate.NewInProcess()
+	e.pub = &testPublisher{bus: e.bus}
+	ctx := context.Background()
+	if err := Migrate(ctx, e.pool, e.schema); err != nil {
+		t.Fatalf("Migrate: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if _, err := e.pool.Exec(ctx, `DROP SCHEMA `+pgx.Identifier{e.schema}.Sanitize()+` CASCADE`); err != nil {
+			t.Errorf("drop schema: %v", err)
+		}
+		keys, _ := e.rdb.Keys(ctx, e.prefix+"*").Result()
+		if len(keys) > 0 {
+			e.rdb.Del(ctx, keys...)
+		}
+	})
+	if _, err := e.pool.Exec(ctx, `CREATE TABLE `+e.table+` (id text PRIMARY KEY, value text NOT NULL, version bigint NOT NULL)`); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// store returns a Store over its own pool and Redis client, as a node
+// would have.
+func (e *env) store(opts *Options) *Store {
+	e.t.Helper()
+	var o Options
+	if opts != nil {
+		o = *opts
+	}
+	o.Schema = e.schema
+	if o.Locks == nil {
+		locks, err := lockguard.New(e.rdb, &lockguard.Options{Prefix: e.prefix, TTL: 5 * time.Second})
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		e.t.Cleanup(func() { locks.Close() })
+		o.Locks = locks
+	}
+	if o.Publisher == nil {
+		o.Publisher = e.pub
+	}
+	s, err := New(newPool(e.t, e.app), &o)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return s
+}
+
+func (e *env) loader(pool *pgxpool.Pool) cache.LoaderFunc[string, item] {
+	return Loader[string](pool, `SELECT id, value, version FROM `+e.table+` WHERE id = $1`, pgx.RowToStructByName[item])
+}
+
+// node returns a cache of the items table on the env's bus.
+func (e *env) node(s *Store) *cache.Cache[string, item] {
+	e.t.Helper()
+	c, err := cache.New("items", 1000, e.loader(s.pool), &cache.Options[string, item]{
+		Bus:     e.bus,
+		Version: func(it item) int64 { return it.Version },
+	})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// read returns the row of id as Postgres holds it.
+func (e *env) read(id string) (item, bool) {
+	e.t.Helper()
+	rows, _ := e.pool.Query(context.Background(), `SELECT id, value, version FROM `+e.table+` WHERE id = $1`, id)
+	it, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[item])
+	if errors.Is(err, pgx.ErrNoRows) {
+		return item{}, false
+	}
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return it, true
+}
+
+// put is a TxFunc that sets id's value and bumps its version.
+func (e *env) put(id, value string) TxFunc[item] {
+	return func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+		rows, _ := tx.Query(ctx, `
+			INSERT INTO `+e.table+` AS t (id, value, version) VALUES ($1, $2, 1)
+			ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value, version = t.version + 1
+			RETURNING id, value, version`, id, value)
+		it, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[item])
+		return Change[item]{Value: it, Version: it.Version}, err
+	}
+}
+
+// add is a TxFunc that reads id's value as an integer, adds delta and
+// writes it back: a read-modify-write that loses updates unless serialised.
+func (e *env) add(id string, delta int) TxFunc[item] {
+	return func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+		var cur item
+		rows, _ := tx.Query(ctx, `SELECT id, value, version FROM `+e.table+` WHERE id = $1`, id)
+		cur, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[item])
+		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return Change[item]{}, err
+		}
+		var n int
+		if cur.Value != "" {
+			fmt.Sscan(cur.Value, &n)
+		}
+		return e.put(id, fmt.Sprint(n+delta))(ctx, tx)
+	}
+}
+
+// waitFor polls cond until it holds or 10 s pass.
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// testPublisher publishes on the in-process bus as a node without caches
+// would: through a subscription of its own per namespace, so that every
+// cache receives the publication.
+type testPublisher struct {
+	bus  *invalidate.InProcess
+	mu   sync.Mutex
+	subs map[string]cache.Subscription
+	fail error // if set, Publish fails with it
+}
+
+func (p *testPublisher) Publish(ctx context.Context, ns string, keys []cache.Invalidation) error {
+	p.mu.Lock()
+	if p.fail != nil {
+		err := p.fail
+		p.mu.Unlock()
+		return err
+	}
+	if p.subs == nil {
+		p.subs = make(map[string]cache.Subscription)
+	}
+	sub, ok := p.subs[ns]
+	if !ok {
+		var err error
+		if sub, err = p.bus.Subscribe(ns, nopHandler{}); err != nil {
+			p.mu.Unlock()
+			return err
+		}
+		p.subs[ns] = sub
+	}
+	p.mu.Unlock()
+	return sub.Publish(ctx, keys)
+}
+
+func (p *testPublisher) setFail(err error) {
+	p.mu.Lock()
+	p.fail = err
+	p.mu.Unlock()
+}
+
+type nopHandler struct{}
+
+func (nopHandler) Invalidate([]cache.Invalidation) {}
+func (nopHandler) Flush()                          {}
+
+// failingBus wraps a Bus whose publications fail while fail is set.
+type failingBus struct {
+	cache.Bus
+	mu   sync.Mutex
+	fail error
+}
+
+func (b *failingBus) Subscribe(ns string, h cache.Handler) (cache.Subscription, error) {
+	sub, err := b.Bus.Subscribe(ns, h)
+	return failingSub{Subscription: sub, b: b}, err
+}
+
+func (b *failingBus) setFail(err error) {
+	b.mu.Lock()
+	b.fail = err
+	b.mu.Unlock()
+}
+
+type failingSub struct {
+	cache.Subscription
+	b *failingBus
+}
+
+func (s failingSub) Publish(ctx context.Context, keys []cache.Invalidation) error {
+	s.b.mu.Lock()
+	err := s.b.fail
+	s.b.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	return s.Subscription.Publish(ctx, keys)
+}

@@ -1,0 +1,207 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/lockguard"
+)
+
+var (
+	// ErrFenced reports that a write was rejected because its lock's
+	// fencing token was not greater than the newest one Postgres has seen
+	// for that lock: the lock expired while its holder was stalled, and
+	// another holder has written since (DESIGN race 6). The write rolled
+	// back. The error is a [*FenceError].
+	ErrFenced = errors.New("store: fencing token rejected")
+
+	// ErrConflict reports a lost optimistic race: the row changed since it
+	// was read (see [ExpectRows]), or Postgres aborted the transaction with
+	// a serialization failure or a deadlock. The write rolled back and may
+	// be retried; see [RetryConflicts].
+	ErrConflict = errors.New("store: conflict")
+
+	// ErrNoLocks is returned by lock-guarded writes of a Store built
+	// without [Options.Locks].
+	ErrNoLocks = errors.New("store: no lock guard configured")
+
+	// ErrInvalidOptions is returned by [New] and [Migrate] for arguments
+	// they cannot use.
+	ErrInvalidOptions = errors.New("store: invalid options")
+)
+
+// FenceError is the error of a write whose fencing token was rejected.
+type FenceError struct {
+	Lock   string // the lock's name
+	Token  int64  // the writer's token
+	Stored int64  // the newest token Postgres has seen for the lock
+}
+
+func (e *FenceError) Error() string {
+	return fmt.Sprintf("store: fencing token %d of lock %q rejected: Postgres has seen %d", e.Token, e.Lock, e.Stored)
+}
+
+// Is reports whether target is ErrFenced.
+func (e *FenceError) Is(target error) bool { return target == ErrFenced }
+
+// Publisher announces invalidations to every node, this one included.
+// The Redis transports and the in-process bus of package invalidate
+// implement it. The relay needs one; so does [Store.Write].
+type Publisher interface {
+	Publish(ctx context.Context, namespace string, keys []cache.Invalidation) error
+}
+
+// Options configure a [Store]. A nil *Options, and every zero field, means
+// the default.
+type Options struct {
+	// Schema is the schema of the library's tables, created by [Migrate].
+	// Default [DefaultSchema].
+	Schema string
+
+	// Locks guards lock-guarded writes ([Update], [Store.Write]). Default
+	// nil: only optimistic writes are available.
+	Locks *lockguard.Guard
+
+	// Publisher carries the invalidations of [Store.Write] and of the
+	// relay. Default nil: Store.Write leaves them to the relay of another
+	// node, and [Store.RunRelay] returns an error.
+	Publisher Publisher
+
+	// Grace is how long the relay leaves a writer's outbox row alone, so
+	// that it does not republish what the writer is about to publish
+	// itself. A writer that crashed between commit and publish is covered
+	// after Grace. Default 2s.
+	Grace time.Duration
+
+	// RelayBatch is the most outbox rows the relay publishes in one
+	// transaction. Default 500.
+	RelayBatch int
+
+	// RelayPoll is how often the relay looks for due rows when no
+	// notification wakes it. Default 1s.
+	RelayPoll time.Duration
+
+	// Logger receives relay and publish errors. Default nil: discard.
+	Logger *slog.Logger
+}
+
+// Store is the write path to Postgres: lock-guarded, fenced write-through
+// with a transactional outbox, optimistic writes, change capture and the
+// relay. It is safe for concurrent use.
+type Store struct {
+	pool   *pgxpool.Pool
+	schema string // validated name
+	ident  string // schema as a quoted identifier
+	locks  *lockguard.Guard
+	pub    Publisher
+	grace  time.Duration
+	batch  int
+	poll   time.Duration
+	log    *slog.Logger
+
+	// afterCommit, when set by a test, runs right after a commit; an error
+	// simulates a crash there: nothing is installed, published or
+	// confirmed.
+	afterCommit func() error
+
+	publishFailures atomic.Uint64
+	relayed         atomic.Uint64
+	relayErrors     atomic.Uint64
+}
+
+// New returns a Store writing to the database of pool. It does not touch
+// the database; run [Migrate] first.
+func New(pool *pgxpool.Pool, opts *Options) (*Store, error) {
+	if pool == nil {
+		return nil, fmt.Errorf("%w: nil pool", ErrInvalidOptions)
+	}
+	var o Options
+	if opts != nil {
+		o = *opts
+	}
+	schema, err := checkSchema(o.Schema)
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case o.Grace < 0:
+		return nil, fmt.Errorf("%w: negative Grace %v", ErrInvalidOptions, o.Grace)
+	case o.RelayBatch < 0:
+		return nil, fmt.Errorf("%w: negative RelayBatch %d", ErrInvalidOptions, o.RelayBatch)
+	case o.RelayPoll < 0:
+		return nil, fmt.Errorf("%w: negative RelayPoll %v", ErrInvalidOptions, o.RelayPoll)
+	}
+	s := &Store{
+		pool:   pool,
+		schema: schema,
+		ident:  pgx.Identifier{schema}.Sanitize(),
+		locks:  o.Locks,
+		pub:    o.Publisher,
+		grace:  o.Grace,
+		batch:  o.RelayBatch,
+		poll:   o.RelayPoll,
+		log:    o.Logger,
+	}
+	if s.grace == 0 {
+		s.grace = 2 * time.Second
+	}
+	if s.batch == 0 {
+		s.batch = 500
+	}
+	if s.poll == 0 {
+		s.poll = time.Second
+	}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	return s, nil
+}
+
+// Stats are the Store's counters.
+type Stats struct {
+	// PublishFailures counts writes that committed but whose invalidation
+	// the bus did not take; the relay published them later.
+	PublishFailures uint64
+	// Relayed counts outbox rows the relay published.
+	Relayed uint64
+	// RelayErrors counts failed relay rounds.
+	RelayErrors uint64
+}
+
+// Stats returns a snapshot of the counters.
+func (s *Store) Stats() Stats {
+	return Stats{
+		PublishFailures: s.publishFailures.Load(),
+		Relayed:         s.relayed.Load(),
+		RelayErrors:     s.relayErrors.Load(),
+	}
+}
+
+// lockName is the lockguard lock of one key of a namespace. The length
+// prefix keeps ("a:b", "c") and ("a", "b:c") apart.
+func lockName(namespace, key string) string {
+	return strconv.Itoa(len(namespace)) + ":" + namespace + ":" + key
+}
+
+// translate maps Postgres errors callers may want to handle to this
+// package's errors, keeping the original in the chain.
+func translate(err error) error {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch pgErr.Code {
+		case "40001", "40P01": // serialization_failure, deadlock_detected
+			return fmt.Errorf("%w: %w", ErrConflict, err)
+		}
+	}
+	return err
+}

@@ -1,0 +1,631 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/lockguard"
+)
+
+func TestMigrateIsIdempotentAndSafeConcurrently(t *testing.T) {
+	pool := newPool(t, "coh_test_migrate")
+	schema := randomName("coh_test_")
+	t.Cleanup(func() {
+		pool.Exec(context.Background(), `DROP SCHEMA IF EXISTS `+pgx.Identifier{schema}.Sanitize()+` CASCADE`)
+	})
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			if err := Migrate(ctx, pool, schema); err != nil {
+				t.Errorf("concurrent Migrate: %v", err)
+			}
+		})
+	}
+	wg.Wait()
+	if err := Migrate(ctx, pool, schema); err != nil {
+		t.Fatalf("second Migrate: %v", err)
+	}
+	var n int
+	pool.QueryRow(ctx, `SELECT count(*) FROM `+pgx.Identifier{schema}.Sanitize()+`.migrations`).Scan(&n)
+	if want := len(mustMigrations(t, schema)); n != want {
+		t.Errorf("recorded migrations = %d; want %d", n, want)
+	}
+}
+
+func mustMigrations(t *testing.T, schema string) []migration {
+	ms, err := migrations(schema)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ms
+}
+
+func TestBadOptions(t *testing.T) {
+	pool := newPool(t, "coh_test_opts")
+	for _, schema := range []string{"Coherent", "a-b", `x"; DROP TABLE y; --`, strings.Repeat("a", 49)} {
+		if err := Migrate(context.Background(), pool, schema); !errors.Is(err, ErrInvalidOptions) {
+			t.Errorf("Migrate(schema %q) = %v; want ErrInvalidOptions", schema, err)
+		}
+		if _, err := New(pool, &Options{Schema: schema}); !errors.Is(err, ErrInvalidOptions) {
+			t.Errorf("New(schema %q) = %v; want ErrInvalidOptions", schema, err)
+		}
+	}
+	if _, err := New(nil, nil); !errors.Is(err, ErrInvalidOptions) {
+		t.Errorf("New(nil pool) = %v; want ErrInvalidOptions", err)
+	}
+	if _, err := New(pool, &Options{Grace: -1}); !errors.Is(err, ErrInvalidOptions) {
+		t.Errorf("New(negative Grace) = %v; want ErrInvalidOptions", err)
+	}
+}
+
+// TestWriteThroughReachesEveryNode: the writer's node installs the new row
+// (G1) and the other nodes drop theirs (G2).
+func TestWriteThroughReachesEveryNode(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	s1, s2 := e.store(nil), e.store(nil)
+	a, b := e.node(s1), e.node(s2)
+	if _, err := Update(ctx, s1, a, "k", e.put("k", "one")); err != nil {
+		t.Fatal(err)
+	}
+	if it, err := b.Get(ctx, "k"); err != nil || it.Value != "one" {
+		t.Fatalf("b.Get = %v, %v; want one", it, err)
+	}
+	ch, err := Update(ctx, s1, a, "k", e.put("k", "two"))
+	if err != nil || ch.Value.Value != "two" || ch.Version != 2 {
+		t.Fatalf("Update = %+v, %v; want value two at version 2", ch, err)
+	}
+	loads := a.Stats().Loads
+	if it, _ := a.Get(ctx, "k"); it.Value != "two" || a.Stats().Loads != loads {
+		t.Errorf("a.Get = %v; want two installed by the write (no load)", it)
+	}
+	if it, _ := b.Get(ctx, "k"); it.Value != "two" {
+		t.Errorf("b.Get = %v; want two", it)
+	}
+	if n, _ := s1.Pending(ctx); n != 0 {
+		t.Errorf("outbox rows after confirmed writes = %d; want 0", n)
+	}
+}
+
+func TestDeleteThroughUpdate(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	s := e.store(nil)
+	a, b := e.node(s), e.node(s)
+	Update(ctx, s, a, "k", e.put("k", "v"))
+	b.Get(ctx, "k")
+	_, err := Update(ctx, s, a, "k", func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+		var v int64
+		err := tx.QueryRow(ctx, `DELETE FROM `+e.table+` WHERE id = $1 RETURNING version + 1`, "k").Scan(&v)
+		return Change[item]{Version: v, Deleted: true}, err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, c := range map[string]*cache.Cache[string, item]{"a": a, "b": b} {
+		if _, err := c.Get(ctx, "k"); !errors.Is(err, cache.ErrNotFound) {
+			t.Errorf("%s.Get after delete = %v; want ErrNotFound", name, err)
+		}
+	}
+}
+
+// TestNoLostUpdatesUnderTheLock: nodes read-modify-write one counter
+// through the lock guard; every increment survives (G6).
+func TestNoLostUpdatesUnderTheLock(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	const nodes, workers, adds = 3, 4, 25
+	var wg sync.WaitGroup
+	caches := make([]*cache.Cache[string, item], nodes)
+	for n := range nodes {
+		s := e.store(nil)
+		c := e.node(s)
+		caches[n] = c
+		for range workers {
+			wg.Go(func() {
+				for range adds {
+					if _, err := Update(ctx, s, c, "counter", e.add("counter", 1)); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			})
+		}
+	}
+	wg.Wait()
+	want := fmt.Sprint(nodes * workers * adds)
+	if it, _ := e.read("counter"); it.Value != want {
+		t.Fatalf("counter = %s; want %s", it.Value, want)
+	}
+	for n, c := range caches {
+		if it, err := c.Get(ctx, "counter"); err != nil || it.Value != want {
+			t.Errorf("node %d Get = %v, %v; want %s", n, it, err, want)
+		}
+	}
+}
+
+// TestNoLostUpdatesOptimistic: the same without the lock, with a version
+// check and retries.
+func TestNoLostUpdatesOptimistic(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	s := e.store(nil)
+	if _, err := UpdateOptimistic(ctx, s, e.node(s), "counter", e.put("counter", "0")); err != nil {
+		t.Fatal(err)
+	}
+	casAdd := func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+		var cur item
+		if err := tx.QueryRow(ctx, `SELECT id, value, version FROM `+e.table+` WHERE id = 'counter'`).Scan(&cur.ID, &cur.Value, &cur.Version); err != nil {
+			return Change[item]{}, err
+		}
+		var n int
+		fmt.Sscan(cur.Value, &n)
+		next := item{ID: cur.ID, Value: fmt.Sprint(n + 1), Version: cur.Version + 1}
+		tag, err := tx.Exec(ctx, `UPDATE `+e.table+` SET value = $1, version = $2 WHERE id = 'counter' AND version = $3`,
+			next.Value, next.Version, cur.Version)
+		if err == nil {
+			err = ExpectRows(tag, 1)
+		}
+		return Change[item]{Value: next, Version: next.Version}, err
+	}
+	const nodes, workers, adds = 3, 3, 15
+	var conflicts atomic.Int64
+	var wg sync.WaitGroup
+	for range nodes {
+		s := e.store(nil)
+		c := e.node(s)
+		for range workers {
+			wg.Go(func() {
+				for range adds {
+					err := RetryConflicts(ctx, 1000, func(ctx context.Context) error {
+						_, err := UpdateOptimistic(ctx, s, c, "counter", casAdd)
+						if errors.Is(err, ErrConflict) {
+							conflicts.Add(1)
+						}
+						return err
+					})
+					if err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			})
+		}
+	}
+	wg.Wait()
+	if it, _ := e.read("counter"); it.Value != fmt.Sprint(nodes*workers*adds) {
+		t.Fatalf("counter = %s; want %d", it.Value, nodes*workers*adds)
+	}
+	t.Logf("%d conflicts retried", conflicts.Load())
+}
+
+// TestFencingRejectsAStalledHolder guards DESIGN race 6: holder A stalls
+// past its lock's TTL, B acquires the lock and writes; A's commit is
+// rejected with a *FenceError and the row keeps B's value. Without the
+// fence (checked by making fence return nil) A's write overwrites B's.
+func TestFencingRejectsAStalledHolder(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	shortLocks, err := lockguard.New(e.rdb, &lockguard.Options{Prefix: e.prefix, TTL: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { shortLocks.Close() })
+	sA := e.store(&Options{Locks: shortLocks})
+	sB := e.store(nil)
+	a, b := e.node(sA), e.node(sB)
+	name := lockName("items", "k")
+
+	lockA, err := shortLocks.Acquire(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A stalls (a GC pause, say) until its lease has run out...
+	waitFor(t, "A's lease to run out", func() bool { return expired(lockA) })
+	// ...meanwhile B takes the lock and writes.
+	if _, err := Update(ctx, sB, b, "k", e.put("k", "B")); err != nil {
+		t.Fatal(err)
+	}
+	// A wakes up and commits under its stale lock.
+	_, committed, err := writeThrough(ctx, sA, a, "k", "k", lockA, e.put("k", "A"))
+	var fe *FenceError
+	if committed || !errors.As(err, &fe) || !errors.Is(err, ErrFenced) {
+		t.Fatalf("stale holder's write: committed %v, err %v; want a *FenceError", committed, err)
+	}
+	if fe.Token >= fe.Stored {
+		t.Errorf("FenceError %+v: want the stale token below the stored one", fe)
+	}
+	if it, _ := e.read("k"); it.Value != "B" {
+		t.Errorf("row = %v; want B's value", it)
+	}
+	if it, _ := a.Get(ctx, "k"); it.Value != "B" {
+		t.Errorf("A's cache after its rejected write = %v; want B's value", it)
+	}
+}
+
+// expired reports whether l's lease has run out, as the lock itself sees it.
+func expired(l *lockguard.Lock) bool {
+	select {
+	case <-l.Lost():
+		return true
+	default:
+		return false
+	}
+}
+
+// TestFenceHealsACounterThatWentBackwards: if Redis loses the fence counter
+// (a restart without persistence), every token is below what Postgres
+// stored; the store advances the counter so that writes resume.
+func TestFenceHealsACounterThatWentBackwards(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	s := e.store(nil)
+	c := e.node(s)
+	for range 3 {
+		if _, err := Update(ctx, s, c, "k", e.put("k", "v")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	keys, _ := e.rdb.Keys(ctx, e.prefix+"*").Result()
+	e.rdb.Del(ctx, keys...) // the counter is gone
+	_, err := Update(ctx, s, c, "k", e.put("k", "lost"))
+	if !errors.Is(err, ErrFenced) {
+		t.Fatalf("first write after the counter reset = %v; want ErrFenced", err)
+	}
+	if _, err := Update(ctx, s, c, "k", e.put("k", "healed")); err != nil {
+		t.Fatalf("second write after the counter reset = %v; want success", err)
+	}
+	if it, _ := e.read("k"); it.Value != "healed" {
+		t.Errorf("row = %v; want healed", it)
+	}
+}
+
+// TestLockLostMidTransaction: a holder whose lease runs out while fn still
+// runs has its context cancelled; nothing commits.
+func TestLockLostMidTransaction(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	shortLocks, _ := lockguard.New(e.rdb, &lockguard.Options{Prefix: e.prefix, TTL: 100 * time.Millisecond})
+	t.Cleanup(func() { shortLocks.Close() })
+	s := e.store(&Options{Locks: shortLocks})
+	c := e.node(s)
+	_, err := Update(ctx, s, c, "k", func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+		ch, err := e.put("k", "late")(ctx, tx)
+		if err != nil {
+			return ch, err
+		}
+		<-ctx.Done() // stall past the lease
+		return ch, nil
+	})
+	if err == nil {
+		t.Fatal("Update whose lock was lost mid-transaction succeeded")
+	}
+	if _, ok := e.read("k"); ok {
+		t.Error("the write of a holder that lost its lock committed")
+	}
+}
+
+// TestCrashBetweenCommitAndPublish guards DESIGN race 3: the writer commits
+// and dies before publishing; the relay publishes from the outbox and every
+// node converges. Without the outbox row (checked by removing the
+// outbox_put call) the other node keeps the old value until TTL.
+func TestCrashBetweenCommitAndPublish(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	writer := e.store(&Options{Grace: time.Millisecond})
+	other := e.store(&Options{Grace: time.Millisecond})
+	a, b := e.node(writer), e.node(other)
+	Update(ctx, writer, a, "k", e.put("k", "old"))
+	if it, _ := b.Get(ctx, "k"); it.Value != "old" {
+		t.Fatalf("b.Get = %v; want old", it)
+	}
+
+	writer.afterCommit = func() error { return errors.New("crashed after commit") }
+	Update(ctx, writer, a, "k", e.put("k", "new"))
+	writer.afterCommit = nil
+	if it, _ := b.Get(ctx, "k"); it.Value != "old" {
+		t.Fatalf("b.Get before the relay = %v; want old (nothing was published)", it)
+	}
+	waitFor(t, "the relay to publish", func() bool {
+		n, err := other.RelayOnce(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n > 0
+	})
+	for name, c := range map[string]*cache.Cache[string, item]{"a": a, "b": b} {
+		if it, _ := c.Get(ctx, "k"); it.Value != "new" {
+			t.Errorf("%s.Get after the relay = %v; want new", name, it)
+		}
+	}
+}
+
+// TestPublishFailureAfterCommit (DESIGN fault 9): the bus refuses the
+// invalidation after the commit. The write still succeeds, counted; the
+// relay publishes once the bus is back.
+func TestPublishFailureAfterCommit(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	bus := &failingBus{Bus: e.bus}
+	s := e.store(&Options{Grace: time.Millisecond})
+	newNode := func() *cache.Cache[string, item] {
+		c, err := cache.New("items", 100, e.loader(s.pool), &cache.Options[string, item]{Bus: bus})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	a, b := newNode(), newNode()
+	Update(ctx, s, a, "k", e.put("k", "old"))
+	b.Get(ctx, "k")
+
+	bus.setFail(errors.New("bus down"))
+	e.pub.setFail(errors.New("bus down"))
+	if _, err := Update(ctx, s, a, "k", e.put("k", "new")); err != nil {
+		t.Fatalf("Update with the bus down = %v; want success (the outbox covers it)", err)
+	}
+	if st := s.Stats(); st.PublishFailures != 1 {
+		t.Errorf("PublishFailures = %d; want 1", st.PublishFailures)
+	}
+	if it, _ := a.Get(ctx, "k"); it.Value != "new" {
+		t.Errorf("writer's Get = %v; want new (G1 holds without the bus)", it)
+	}
+	time.Sleep(5 * time.Millisecond) // past Grace
+	if _, err := s.RelayOnce(ctx); err == nil {
+		t.Error("RelayOnce with the bus down succeeded")
+	}
+	if n, _ := s.Pending(ctx); n != 1 {
+		t.Errorf("outbox rows while the bus is down = %d; want 1", n)
+	}
+
+	bus.setFail(nil)
+	e.pub.setFail(nil)
+	if n, err := s.RelayOnce(ctx); n != 1 || err != nil {
+		t.Fatalf("RelayOnce after recovery = %d, %v; want 1 row", n, err)
+	}
+	if it, _ := b.Get(ctx, "k"); it.Value != "new" {
+		t.Errorf("b.Get after the relay = %v; want new", it)
+	}
+}
+
+// TestOutboxStaysBoundedWhileTheBusIsDown: many writes of few keys leave
+// one outbox row per key.
+func TestOutboxStaysBoundedWhileTheBusIsDown(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	s := e.store(nil)
+	e.pub.setFail(errors.New("bus down"))
+	for i := range 50 {
+		key := fmt.Sprint("k", i%5)
+		if err := s.Write(ctx, "items", key, func(ctx context.Context, tx pgx.Tx) error {
+			_, err := e.put(key, fmt.Sprint(i))(ctx, tx)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n, _ := s.Pending(ctx); n != 5 {
+		t.Errorf("outbox rows after 50 writes of 5 keys = %d; want 5", n)
+	}
+}
+
+// TestRelayPublishesCapturedWrites checks G4: writes that bypass the
+// library reach the caches through the capture trigger and the relay.
+func TestRelayPublishesCapturedWrites(t *testing.T) {
+	e := newEnv(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	s := e.store(&Options{RelayPoll: time.Hour}) // only the notification may wake the relay
+	if err := s.Capture(ctx, e.table, "id", "items", WithVersionColumn("version")); err != nil {
+		t.Fatal(err)
+	}
+	relayDone := make(chan error)
+	go func() { relayDone <- s.RunRelay(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-relayDone; !errors.Is(err, context.Canceled) {
+			t.Errorf("RunRelay = %v; want context.Canceled", err)
+		}
+	}()
+	c := e.node(s)
+	outside := newPool(t, "coh_test_outside") // psql, another service...
+	exec := func(sql string, args ...any) {
+		t.Helper()
+		if _, err := outside.Exec(ctx, sql, args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sees := func(id, want string) func() bool {
+		return func() bool {
+			it, err := c.Get(ctx, id)
+			if want == "" {
+				return errors.Is(err, cache.ErrNotFound)
+			}
+			return err == nil && it.Value == want
+		}
+	}
+
+	if _, err := c.Get(ctx, "a"); !errors.Is(err, cache.ErrNotFound) {
+		t.Fatalf("Get(a) = %v; want a cached ErrNotFound", err)
+	}
+	exec(`INSERT INTO ` + e.table + ` VALUES ('a', 'inserted', 1)`)
+	waitFor(t, "the insert", sees("a", "inserted"))
+	exec(`UPDATE ` + e.table + ` SET value = 'updated', version = 2 WHERE id = 'a'`)
+	waitFor(t, "the update", sees("a", "updated"))
+	exec(`UPDATE ` + e.table + ` SET id = 'b' WHERE id = 'a'`)
+	waitFor(t, "the key change", func() bool { return sees("a", "")() && sees("b", "updated")() })
+	exec(`DELETE FROM ` + e.table + ` WHERE id = 'b'`)
+	waitFor(t, "the delete", sees("b", ""))
+	exec(`INSERT INTO ` + e.table + ` VALUES ('c', 'x', 1), ('d', 'y', 1)`)
+	c.Get(ctx, "c")
+	c.Get(ctx, "d")
+	exec(`TRUNCATE ` + e.table)
+	waitFor(t, "the truncate", func() bool { return sees("c", "")() && sees("d", "")() })
+	if n, _ := s.Pending(ctx); n != 0 {
+		t.Errorf("outbox rows left = %d; want 0", n)
+	}
+
+	// Writes through the store record their own, versioned, outbox rows;
+	// the trigger must not add unversioned ones.
+	if _, err := Update(ctx, s, c, "e", e.put("e", "mine")); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := s.Pending(ctx); n != 0 {
+		t.Errorf("outbox rows after a store write = %d; want 0", n)
+	}
+}
+
+func TestCaptureRejectsUnknownColumns(t *testing.T) {
+	e := newEnv(t)
+	s := e.store(nil)
+	ctx := context.Background()
+	if err := s.Capture(ctx, e.table, "nope", "items"); err == nil {
+		t.Error("Capture of a missing key column succeeded")
+	}
+	if err := s.Capture(ctx, e.table, "id", "items", WithVersionColumn("nope")); err == nil {
+		t.Error("Capture of a missing version column succeeded")
+	}
+	if err := s.Capture(ctx, e.schema+".missing", "id", "items"); err == nil {
+		t.Error("Capture of a missing table succeeded")
+	}
+}
+
+// TestHostileKeys: keys are bind parameters everywhere; whatever they hold
+// is stored verbatim or rejected, never executed.
+func TestHostileKeys(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	s := e.store(nil)
+	c := e.node(s)
+	for _, key := range []string{`'; DROP TABLE items; --`, `"quoted" \ back`, "semi;colon", "ünïcödé", "{brace}"} {
+		if _, err := Update(ctx, s, c, key, e.put(key, key)); err != nil {
+			t.Errorf("Update(%q): %v", key, err)
+			continue
+		}
+		if it, ok := e.read(key); !ok || it.Value != key {
+			t.Errorf("row of %q = %v; want it stored verbatim", key, it)
+		}
+		if it, err := c.Get(ctx, key); err != nil || it.Value != key {
+			t.Errorf("Get(%q) = %v, %v", key, it, err)
+		}
+	}
+	// Postgres text cannot hold NUL: the write fails cleanly.
+	if _, err := Update(ctx, s, c, "nul\x00key", e.put("nul\x00key", "x")); err == nil {
+		t.Error("Update of a key with NUL succeeded")
+	}
+	// A megabyte key never reaches Postgres or Redis.
+	huge := strings.Repeat("k", 1<<20)
+	if _, err := Update(ctx, s, c, huge, e.put(huge, "x")); !errors.Is(err, cache.ErrInvalidKey) {
+		t.Errorf("Update of a 1 MiB key = %v; want cache.ErrInvalidKey", err)
+	}
+	var tables int
+	e.pool.QueryRow(ctx, `SELECT count(*) FROM pg_tables WHERE schemaname = $1`, e.schema).Scan(&tables)
+	if tables != 4 { // fences, outbox, migrations, items
+		t.Errorf("tables in the schema = %d; want 4", tables)
+	}
+}
+
+// TestDeadlockIsAConflict: Postgres aborting a transaction as a deadlock
+// victim surfaces as ErrConflict, which RetryConflicts retries.
+func TestDeadlockIsAConflict(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	s := e.store(nil)
+	c := e.node(s)
+	e.pool.Exec(ctx, `INSERT INTO `+e.table+` VALUES ('x', '0', 1), ('y', '0', 1)`)
+	var both sync.WaitGroup
+	both.Add(2)
+	lockBoth := func(first, second string) TxFunc[item] {
+		return func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+			if _, err := tx.Exec(ctx, `UPDATE `+e.table+` SET value = value WHERE id = $1`, first); err != nil {
+				return Change[item]{}, err
+			}
+			both.Done()
+			both.Wait() // each holds its first row now
+			_, err := tx.Exec(ctx, `UPDATE `+e.table+` SET value = value WHERE id = $1`, second)
+			return Change[item]{}, err
+		}
+	}
+	errs := make(chan error, 2)
+	go func() { _, err := UpdateOptimistic(ctx, s, c, "x", lockBoth("x", "y")); errs <- err }()
+	go func() { _, err := UpdateOptimistic(ctx, s, c, "y", lockBoth("y", "x")); errs <- err }()
+	conflicts := 0
+	for range 2 {
+		if err := <-errs; errors.Is(err, ErrConflict) {
+			conflicts++
+		} else if err != nil {
+			t.Errorf("unexpected error: %v", err)
+		}
+	}
+	if conflicts != 1 {
+		t.Errorf("deadlock victims reported as ErrConflict = %d; want 1", conflicts)
+	}
+}
+
+// TestPostgresConnectionsKilled (DESIGN fault 9): the library's backends
+// are terminated mid-run; errors surface, the pool recovers and the caches
+// converge.
+func TestPostgresConnectionsKilled(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	s := e.store(&Options{Grace: time.Millisecond})
+	a, b := e.node(s), e.node(s)
+	var wg sync.WaitGroup
+	var failed, done atomic.Int64
+	stop := make(chan struct{})
+	for w := range 4 {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				key := fmt.Sprint("k", (w+i)%3)
+				if _, err := Update(ctx, s, a, key, e.put(key, fmt.Sprint(w, "-", i))); err != nil {
+					failed.Add(1)
+				} else {
+					done.Add(1)
+				}
+				b.Get(ctx, key)
+			}
+		})
+	}
+	waitFor(t, "some writes", func() bool { return done.Load() > 20 })
+	killer := newPool(t, "coh_test_killer")
+	for range 3 {
+		if _, err := killer.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1`, e.app); err != nil {
+			t.Fatal(err)
+		}
+		before := done.Load()
+		waitFor(t, "writes to resume", func() bool { return done.Load() > before+10 })
+	}
+	close(stop)
+	wg.Wait()
+	t.Logf("%d writes, %d failed while connections were killed", done.Load(), failed.Load())
+	// Writes that failed mid-commit may have committed; the relay covers
+	// them. Drain it, then every node must agree with Postgres (G3).
+	waitFor(t, "the outbox to drain", func() bool {
+		s.RelayOnce(ctx)
+		n, err := s.Pending(ctx)
+		return err == nil && n == 0
+	})
+	for _, key := range []string{"k0", "k1", "k2"} {
+		want, _ := e.read(key)
+		for name, c := range map[string]*cache.Cache[string, item]{"a": a, "b": b} {
+			if it, err := c.Get(ctx, key); err != nil || it != want {
+				t.Errorf("%s.Get(%s) = %v, %v; want %v", name, key, it, err, want)
+			}
+		}
+	}
+}

@@ -1,0 +1,327 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/lockguard"
+)
+
+// Change is what a write function reports about the row it wrote.
+type Change[V any] struct {
+	// Value is the row as committed, typically from UPDATE ... RETURNING.
+	Value V
+	// Version is the row's version after the write, or 0 if unknown.
+	Version int64
+	// Deleted reports that the write deleted the row.
+	Deleted bool
+}
+
+// TxFunc writes one row inside tx and reports what it wrote. It must not
+// commit or roll back tx.
+type TxFunc[V any] func(ctx context.Context, tx pgx.Tx) (Change[V], error)
+
+// Update writes key of c's namespace through the lock guard and makes every
+// node see the change. The sequence:
+//
+//  1. acquire the lockguard lock of (namespace, key);
+//  2. begin; check and advance the lock's fencing token in Postgres (a
+//     token not greater than the stored one rolls back with a [*FenceError]);
+//  3. run fn; record the change in the outbox; commit;
+//  4. install the committed row in c on this node (G1);
+//  5. publish the invalidation through c's bus (G2); delete the outbox row;
+//  6. release the lock.
+//
+// Writers of one key are serialised across nodes, and one whose lock
+// expired while it stalled cannot commit (G6). If the bus does not take the
+// invalidation after the commit, Update still succeeds: the outbox row
+// stays and the relay publishes it after [Options.Grace] (race 3). Losing
+// the lock after the commit does not fail Update either: the fence already
+// decided.
+//
+// ctx bounds the wait for the lock, the transaction and the publication; it
+// is cancelled for fn if the lock is lost. Update returns fn's error, a
+// [*FenceError], an error for which errors.Is(err, ErrConflict) is true for
+// a serialization failure or deadlock, [ErrNoLocks], or the error of
+// acquiring the lock or of Postgres. None of them leaves a committed write
+// unannounced: only a commit creates an outbox row, and the relay publishes
+// every row nobody confirmed.
+func Update[K comparable, V any](ctx context.Context, s *Store, c *cache.Cache[K, V], key K, fn TxFunc[V]) (Change[V], error) {
+	if s.locks == nil {
+		return Change[V]{}, ErrNoLocks
+	}
+	skey, err := c.EncodeKey(key)
+	if err != nil {
+		return Change[V]{}, err
+	}
+	name := lockName(c.Namespace(), skey)
+	var ch Change[V]
+	var committed bool
+	err = s.locks.WithLock(ctx, name, func(ctx context.Context, l *lockguard.Lock) error {
+		var err error
+		ch, committed, err = writeThrough(ctx, s, c, key, skey, l, fn)
+		return err
+	})
+	if committed {
+		// Whatever happened to the lock afterwards, the fence let the
+		// commit through: it is a write like any other.
+		return ch, nil
+	}
+	s.healFence(ctx, err)
+	return Change[V]{}, err
+}
+
+// UpdateOptimistic is [Update] without the lock: fn must detect a
+// concurrent change itself, typically with UPDATE ... WHERE version =
+// $expected and [ExpectRows], and the write rolls back with an error for
+// which errors.Is(err, ErrConflict) is true when it lost the race. Use
+// [RetryConflicts] to retry a read-modify-write.
+func UpdateOptimistic[K comparable, V any](ctx context.Context, s *Store, c *cache.Cache[K, V], key K, fn TxFunc[V]) (Change[V], error) {
+	skey, err := c.EncodeKey(key)
+	if err != nil {
+		return Change[V]{}, err
+	}
+	ch, committed, err := writeThrough(ctx, s, c, key, skey, nil, fn)
+	if committed {
+		return ch, nil
+	}
+	return Change[V]{}, err
+}
+
+// writeThrough runs steps 2 to 5 of Update; l is nil for optimistic writes.
+// It reports whether the transaction committed.
+func writeThrough[K comparable, V any](ctx context.Context, s *Store, c *cache.Cache[K, V], key K, skey string, l *lockguard.Lock, fn TxFunc[V]) (Change[V], bool, error) {
+	ns := c.Namespace()
+	var ch Change[V]
+	var seq int64
+	committed := false
+	// cache.Update takes its guard token before the transaction starts, so
+	// that the install of step 4 is skipped if an invalidation of key from
+	// elsewhere overtakes it (race 13).
+	err := c.Update(ctx, key, func(ctx context.Context) (V, int64, error) {
+		var err error
+		seq, err = s.commit(ctx, ns, skey, l, func(ctx context.Context, tx pgx.Tx) (int64, error) {
+			var err error
+			ch, err = fn(ctx, tx)
+			return ch.Version, err
+		})
+		if err != nil {
+			return ch.Value, 0, err
+		}
+		committed = true
+		if ch.Deleted {
+			return ch.Value, ch.Version, cache.ErrNotFound
+		}
+		return ch.Value, ch.Version, nil
+	})
+	if !committed {
+		return Change[V]{}, false, err
+	}
+	if err != nil {
+		s.publishFailures.Add(1)
+		s.log.Warn("store: committed, but the invalidation was not published; the relay will publish it",
+			"namespace", ns, "err", err)
+		return ch, true, nil
+	}
+	s.confirm(ctx, ns, skey, seq)
+	return ch, true, nil
+}
+
+// Write runs fn in a lock-guarded, fenced transaction for key of namespace,
+// records the change in the outbox, and after the commit publishes an
+// invalidation through [Options.Publisher], which drops key on every node,
+// this one included. It is the write path for code that holds no cache of
+// the namespace; with one, [Update] also installs the new row locally.
+//
+// ctx bounds the wait for the lock, the transaction and the publication, and
+// is cancelled for fn if the lock is lost. If the publication fails, or
+// there is no Publisher, Write still succeeds and the relay publishes.
+func (s *Store) Write(ctx context.Context, namespace, key string, fn func(ctx context.Context, tx pgx.Tx) error) error {
+	if s.locks == nil {
+		return ErrNoLocks
+	}
+	if err := checkName(namespace, key); err != nil {
+		return err
+	}
+	var seq int64
+	var committed bool
+	err := s.locks.WithLock(ctx, lockName(namespace, key), func(ctx context.Context, l *lockguard.Lock) error {
+		var err error
+		seq, err = s.commit(ctx, namespace, key, l, func(ctx context.Context, tx pgx.Tx) (int64, error) {
+			return 0, fn(ctx, tx)
+		})
+		if err != nil {
+			return err
+		}
+		committed = true
+		if s.pub == nil {
+			return nil
+		}
+		if err := s.pub.Publish(ctx, namespace, []cache.Invalidation{{Key: key}}); err != nil {
+			s.publishFailures.Add(1)
+			s.log.Warn("store: committed, but the invalidation was not published; the relay will publish it",
+				"namespace", namespace, "err", err)
+			return nil
+		}
+		s.confirm(ctx, namespace, key, seq)
+		return nil
+	})
+	if committed {
+		return nil
+	}
+	s.healFence(ctx, err)
+	return err
+}
+
+func checkName(namespace, key string) error {
+	if namespace == "" || len(namespace) > cache.MaxKeyLen || key == "" || len(key) > cache.MaxKeyLen {
+		return fmt.Errorf("%w: namespace and key must be 1 to %d bytes", cache.ErrInvalidKey, cache.MaxKeyLen)
+	}
+	return nil
+}
+
+// commit runs body in a transaction that, when l is not nil, first checks
+// and advances l's fencing token, and that records the change in the outbox
+// before committing. It returns the outbox row's seq.
+func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, body func(ctx context.Context, tx pgx.Tx) (int64, error)) (seq int64, err error) {
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("store: begin: %w", translate(err))
+	}
+	defer func() {
+		if err != nil {
+			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			tx.Rollback(rctx)
+			cancel()
+		}
+	}()
+	// The store records its own outbox row; the capture trigger of a
+	// captured table must not add one without a version.
+	if l == nil {
+		if _, err := tx.Exec(ctx, `SELECT set_config('coherent.capture', 'off', true)`); err != nil {
+			return 0, fmt.Errorf("store: %w", translate(err))
+		}
+	} else if err := s.fence(ctx, tx, l); err != nil {
+		return 0, err
+	}
+	version, err := body(ctx, tx)
+	if err != nil {
+		return 0, translate(err)
+	}
+	err = tx.QueryRow(ctx, `SELECT `+s.ident+`.outbox_put($1, $2, $3, make_interval(secs => $4))`,
+		[]byte(ns), []byte(key), version, s.grace.Seconds()).Scan(&seq)
+	if err != nil {
+		return 0, fmt.Errorf("store: outbox: %w", translate(err))
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return 0, fmt.Errorf("store: commit: %w", translate(err))
+	}
+	if s.afterCommit != nil {
+		if err := s.afterCommit(); err != nil {
+			return 0, err
+		}
+	}
+	return seq, nil
+}
+
+// fence checks and advances l's fencing token inside tx, and turns capture
+// off for tx, in one round trip. The upsert locks the lock's fence row until
+// the transaction ends, so fenced writers of one lock commit in token order:
+//
+//	A (token 7): fence ok ........ stalls; its lease runs out ....... commit
+//	B (token 8):                              fence: waits for A's row lock
+//
+// either A commits first and B then advances 7 to 8, or B got the row first
+// and A's 7 is rejected.
+func (s *Store) fence(ctx context.Context, tx pgx.Tx, l *lockguard.Lock) error {
+	var capture string
+	var advanced bool
+	var stored int64
+	err := tx.QueryRow(ctx, `
+		WITH f AS (
+			INSERT INTO `+s.ident+`.fences AS f (name_hash, token) VALUES (sha256($1), $2)
+			ON CONFLICT (name_hash) DO UPDATE SET token = EXCLUDED.token WHERE f.token < EXCLUDED.token
+			RETURNING 1)
+		SELECT set_config('coherent.capture', 'off', true),
+		       EXISTS (SELECT 1 FROM f),
+		       coalesce((SELECT token FROM `+s.ident+`.fences WHERE name_hash = sha256($1)), 0)`,
+		[]byte(l.Name()), l.Token()).Scan(&capture, &advanced, &stored)
+	if err != nil {
+		return fmt.Errorf("store: fence: %w", translate(err))
+	}
+	if !advanced {
+		return &FenceError{Lock: l.Name(), Token: l.Token(), Stored: stored}
+	}
+	return nil
+}
+
+// healFence recovers from a lock counter that went backwards (Redis lost
+// it): every token would be rejected until the counter passes the token
+// Postgres stored. Advancing is harmless after an ordinary rejection too.
+func (s *Store) healFence(ctx context.Context, err error) {
+	var fe *FenceError
+	if !errors.As(err, &fe) || s.locks == nil {
+		return
+	}
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if err := s.locks.AdvanceFence(actx, fe.Lock, fe.Stored); err != nil {
+		s.log.Warn("store: advance fence", "lock", fe.Lock, "err", err)
+	}
+}
+
+// confirm deletes the outbox row of a published change, unless a later
+// change of the key replaced it (then its own writer, or the relay, takes
+// care of it). A failure only means the relay publishes the change again.
+func (s *Store) confirm(ctx context.Context, ns, key string, seq int64) {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	_, err := s.pool.Exec(cctx, `DELETE FROM `+s.ident+`.outbox WHERE key_hash = `+s.ident+`.outbox_key($1, $2) AND seq = $3`,
+		[]byte(ns), []byte(key), seq)
+	if err != nil {
+		s.log.Warn("store: confirm outbox row", "namespace", ns, "err", err)
+	}
+}
+
+// ExpectRows returns an error for which errors.Is(err, ErrConflict) is true
+// when tag reports other than n affected rows: the optimistic condition
+// (WHERE version = $expected) matched nothing.
+func ExpectRows(tag pgconn.CommandTag, n int64) error {
+	if tag.RowsAffected() != n {
+		return fmt.Errorf("%w: %s affected %d rows, want %d", ErrConflict, tag.String(), tag.RowsAffected(), n)
+	}
+	return nil
+}
+
+// RetryConflicts calls fn until it returns an error for which
+// errors.Is(err, ErrConflict) is false, or attempts calls have been made,
+// waiting a short, growing, jittered time between calls. It returns fn's
+// last error, or ctx.Err() if ctx ends while waiting.
+func RetryConflicts(ctx context.Context, attempts int, fn func(ctx context.Context) error) error {
+	var err error
+	wait := time.Millisecond
+	for i := 0; i < max(attempts, 1); i++ {
+		if err = fn(ctx); !errors.Is(err, ErrConflict) {
+			return err
+		}
+		if i == attempts-1 {
+			break
+		}
+		t := time.NewTimer(wait/2 + rand.N(wait))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+		wait = min(2*wait, 100*time.Millisecond)
+	}
+	return err
+}
