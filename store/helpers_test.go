@@ -2,11 +2,8 @@ package store
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"os"
 	"sync"
 	"testing"
 	"time"
@@ -16,80 +13,16 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/internal/testenv"
 	"github.com/coherentcache/coherent/invalidate"
 	"github.com/coherentcache/coherent/lockguard"
 )
-
-// Tests talk to the real Postgres and Redis named by DATABASE_URL and
-// REDIS_URL. When one is unreachable they skip, unless CI is set: then they
-// fail.
-
-func databaseURL() string {
-	if u := os.Getenv("DATABASE_URL"); u != "" {
-		return u
-	}
-	return "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
-}
-
-func redisURL() string {
-	if u := os.Getenv("REDIS_URL"); u != "" {
-		return u
-	}
-	return "redis://127.0.0.1:6379/0"
-}
-
-func unavailable(t testing.TB, what string, err error) {
-	t.Helper()
-	if os.Getenv("CI") != "" {
-		t.Fatalf("%s unavailable under CI: %v", what, err)
-	}
-	t.Skipf("%s unavailable: %v", what, err)
-}
 
 // newPool returns a pool whose connections carry application name app, so
 // that a test can find and terminate them.
 func newPool(t testing.TB, app string) *pgxpool.Pool {
 	t.Helper()
-	cfg, err := pgxpool.ParseConfig(databaseURL())
-	if err != nil {
-		t.Fatalf("DATABASE_URL: %v", err)
-	}
-	cfg.ConnConfig.RuntimeParams["application_name"] = app
-	cfg.MaxConns = 8
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	pool, err := pgxpool.NewWithConfig(ctx, cfg)
-	if err == nil {
-		err = pool.Ping(ctx)
-	}
-	if err != nil {
-		unavailable(t, "Postgres", err)
-	}
-	t.Cleanup(pool.Close)
-	return pool
-}
-
-func newRedis(t testing.TB) *redis.Client {
-	t.Helper()
-	opt, err := redis.ParseURL(redisURL())
-	if err != nil {
-		t.Fatalf("REDIS_URL: %v", err)
-	}
-	c := redis.NewClient(opt)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := c.Ping(ctx).Err(); err != nil {
-		c.Close()
-		unavailable(t, "Redis", err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
-func randomName(prefix string) string {
-	b := make([]byte, 6)
-	rand.Read(b)
-	return prefix + hex.EncodeToString(b)
+	return testenv.Pool(t, testenv.PoolConfig(t, app, ""))
 }
 
 // item is a row of the test table.
@@ -115,10 +48,11 @@ type env struct {
 
 func newEnv(t testing.TB) *env {
 	t.Helper()
-	e := &env{t: t, schema: randomName("coh_test_"), prefix: randomName("coh_test_") + ":"}
+	e := &env{t: t, schema: testenv.Name("coh_test_"), prefix: testenv.Name("coh_test_") + ":"}
 	e.app = e.schema
 	e.pool = newPool(t, e.schema+"_env")
-	e.rdb = newRedis(t)
+	e.rdb = testenv.Redis(t)
+	testenv.DeleteKeys(t, e.rdb, e.prefix)
 	e.table = pgx.Identifier{e.schema, "items"}.Sanitize()
 	e.bus = invalidate.NewInProcess()
 	e.pub = &testPublisher{bus: e.bus}
@@ -131,10 +65,6 @@ func newEnv(t testing.TB) *env {
 		defer cancel()
 		if _, err := e.pool.Exec(ctx, `DROP SCHEMA `+pgx.Identifier{e.schema}.Sanitize()+` CASCADE`); err != nil {
 			t.Errorf("drop schema: %v", err)
-		}
-		keys, _ := e.rdb.Keys(ctx, e.prefix+"*").Result()
-		if len(keys) > 0 {
-			e.rdb.Del(ctx, keys...)
 		}
 	})
 	if _, err := e.pool.Exec(ctx, `CREATE TABLE `+e.table+` (id text PRIMARY KEY, value text NOT NULL, version bigint NOT NULL)`); err != nil {
