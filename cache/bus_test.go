@@ -3,7 +3,10 @@ package cache
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
+	"strings"
+	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -385,5 +388,66 @@ func TestProven(t *testing.T) {
 	c.Close()
 	if c.Proven() {
 		t.Error("Proven after Close = true")
+	}
+}
+
+// recordingTracer records what a Cache reports.
+type recordingTracer struct {
+	mu            sync.Mutex
+	loads, ends   []string
+	invalidations []TraceInvalidationData
+}
+
+type traceKey struct{}
+
+func (r *recordingTracer) TraceLoadStart(ctx context.Context, d TraceLoadStartData) context.Context {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.loads = append(r.loads, strings.Join(d.Keys, ","))
+	return context.WithValue(ctx, traceKey{}, "span")
+}
+
+func (r *recordingTracer) TraceLoadEnd(ctx context.Context, d TraceLoadEndData) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.ends = append(r.ends, fmt.Sprint(ctx.Value(traceKey{}), " ", d.Err))
+}
+
+func (r *recordingTracer) TraceInvalidation(d TraceInvalidationData) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.invalidations = append(r.invalidations, d)
+}
+
+func TestTracer(t *testing.T) {
+	tr := &recordingTracer{}
+	bus := &fakeBus{proof: forever}
+	src := newSource()
+	src.write("a", "A")
+	c := newTestCache(t, 10, func(ctx context.Context, k string) (row, error) {
+		if ctx.Value(traceKey{}) != "span" {
+			t.Errorf("loader context lacks the tracer's value")
+		}
+		return src.load(ctx, k)
+	}, &Options[string, row]{Bus: bus, Tracer: tr})
+	ctx := context.Background()
+	c.Get(ctx, "a")
+	c.Get(ctx, "ghost")
+	c.Invalidate(ctx, "a")
+	bus.handler().Invalidate([]Invalidation{{Key: "b", Version: 3}})
+	bus.handler().Flush()
+	if got := strings.Join(tr.loads, " "); got != "a ghost" {
+		t.Errorf("traced loads = %q; want %q", got, "a ghost")
+	}
+	if len(tr.ends) != 2 || tr.ends[0] != "span <nil>" || !strings.Contains(tr.ends[1], "not found") {
+		t.Errorf("traced load ends = %q", tr.ends)
+	}
+	want := []TraceInvalidationData{
+		{Namespace: "test", Keys: []Invalidation{{Key: "a"}}},
+		{Namespace: "test", Keys: []Invalidation{{Key: "b", Version: 3}}, Remote: true},
+		{Namespace: "test", Remote: true},
+	}
+	if fmt.Sprint(tr.invalidations) != fmt.Sprint(want) {
+		t.Errorf("traced invalidations = %+v; want %+v", tr.invalidations, want)
 	}
 }

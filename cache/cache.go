@@ -270,7 +270,7 @@ func (c *Cache[K, V]) startLoad(ctx context.Context, key K, h uint64, now int64,
 	led := new(bool)
 	ch := c.flights.DoChan(flightKey(kind, tok, c.bucket(now, bypass), skey), func() (any, error) {
 		*led = true
-		return c.runLoad(ctx, key, h, tok, !bypass)
+		return c.runLoad(ctx, key, skey, h, tok, !bypass)
 	})
 	return flight{ch: ch, led: led}, nil
 }
@@ -290,7 +290,7 @@ func (c *Cache[K, V]) load(ctx context.Context, key K, h uint64, now int64, bypa
 }
 
 // runLoad is the body of a shared load of one key.
-func (c *Cache[K, V]) runLoad(ctx context.Context, key K, h uint64, tok token, store bool) (any, error) {
+func (c *Cache[K, V]) runLoad(ctx context.Context, key K, skey string, h uint64, tok token, store bool) (any, error) {
 	// The load belongs to every caller waiting for it, not to the one whose
 	// ctx it inherits values from.
 	if store {
@@ -307,11 +307,13 @@ func (c *Cache[K, V]) runLoad(ctx context.Context, key K, h uint64, tok token, s
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.LoadTimeout)
 	defer cancel()
+	ctx = c.traceLoadStart(ctx, []string{skey}, !store)
 	var v V
 	err := c.protect(func() (err error) {
 		v, err = c.cfg.load(ctx, key)
 		return err
 	})
+	c.traceLoadEnd(ctx, err)
 	c.stats.loads.Add(1)
 	switch {
 	case err == nil:
@@ -470,6 +472,7 @@ func (c *Cache[K, V]) flush() {
 
 // publish sends invs to the other nodes.
 func (c *Cache[K, V]) publish(ctx context.Context, invs []Invalidation) error {
+	c.traceInvalidation(invs, false)
 	if c.sub == nil {
 		return nil
 	}
@@ -662,8 +665,10 @@ func (h handler[K, V]) Invalidate(invs []Invalidation) {
 		c.drop(c.hash(key), key, inv.Version)
 	}
 	c.stats.received.Add(uint64(len(invs)))
+	c.traceInvalidation(invs, true)
 }
 
 func (h handler[K, V]) Flush() {
 	h.c.flush()
+	h.c.traceInvalidation(nil, true)
 }

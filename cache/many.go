@@ -90,6 +90,7 @@ func (c *Cache[K, V]) loadEach(ctx context.Context, keys []K, now int64, bypass 
 func (c *Cache[K, V]) loadBatch(ctx context.Context, keys []K, now int64, bypass bool, res map[K]V) error {
 	hashes := make([]uint64, len(keys))
 	toks := make([]token, len(keys))
+	skeys := make([]string, len(keys))
 	// The flight key lists every key with its guard token, so a GetMany
 	// that starts after an invalidation of any of them starts a new load.
 	var fk strings.Builder
@@ -107,6 +108,7 @@ func (c *Cache[K, V]) loadBatch(ctx context.Context, keys []K, now int64, bypass
 		if err != nil {
 			return err
 		}
+		skeys[i] = skey
 		hashes[i] = c.hash(k)
 		toks[i] = c.guard.token(hashes[i])
 		binary.LittleEndian.PutUint64(n[0:], toks[i].gen)
@@ -117,7 +119,7 @@ func (c *Cache[K, V]) loadBatch(ctx context.Context, keys []K, now int64, bypass
 	led := new(bool)
 	ch := c.flights.DoChan(fk.String(), func() (any, error) {
 		*led = true
-		return c.runBatch(ctx, keys, hashes, toks, !bypass)
+		return c.runBatch(ctx, keys, skeys, hashes, toks, !bypass)
 	})
 	val, err := c.wait(ctx, flight{ch: ch, led: led}, len(keys))
 	if err != nil {
@@ -134,14 +136,16 @@ func (c *Cache[K, V]) loadBatch(ctx context.Context, keys []K, now int64, bypass
 
 // runBatch is the body of a shared LoadMany. It returns the found values of
 // keys only, whatever else LoadMany returned.
-func (c *Cache[K, V]) runBatch(ctx context.Context, keys []K, hashes []uint64, toks []token, store bool) (any, error) {
+func (c *Cache[K, V]) runBatch(ctx context.Context, keys []K, skeys []string, hashes []uint64, toks []token, store bool) (any, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.LoadTimeout)
 	defer cancel()
+	ctx = c.traceLoadStart(ctx, skeys, !store)
 	var got map[K]V
 	err := c.protect(func() (err error) {
 		got, err = c.cfg.LoadMany(ctx, keys)
 		return err
 	})
+	c.traceLoadEnd(ctx, err)
 	c.stats.loads.Add(1)
 	if err != nil {
 		c.stats.loadErrors.Add(1)

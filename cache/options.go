@@ -73,6 +73,10 @@ type Options[K comparable, V any] struct {
 	// discard.
 	Logger *slog.Logger
 
+	// Tracer observes loads, and invalidations if it also implements
+	// [InvalidationTracer]. Default nil.
+	Tracer LoadTracer
+
 	// Clock replaces the default clock, for tests. The Bus's LastProof must
 	// read the same clock. Default nil: a monotonic clock with 1 ms
 	// resolution.

@@ -91,6 +91,10 @@ type Options struct {
 	// notification wakes it. Default 1s.
 	RelayPoll time.Duration
 
+	// Tracer observes writes, and the moment after each commit if it also
+	// implements [CommitTracer]. Default nil.
+	Tracer WriteTracer
+
 	// Logger receives relay and publish errors. Default nil: discard.
 	Logger *slog.Logger
 }
@@ -108,6 +112,7 @@ type Store struct {
 	batch  int
 	poll   time.Duration
 	log    *slog.Logger
+	tracer WriteTracer
 
 	// afterCommit, when set by a test, runs right after a commit; an error
 	// simulates a crash there: nothing is installed, published or
@@ -151,6 +156,7 @@ func New(pool *pgxpool.Pool, opts *Options) (*Store, error) {
 		batch:  o.RelayBatch,
 		poll:   o.RelayPoll,
 		log:    o.Logger,
+		tracer: o.Tracer,
 	}
 	if s.grace == 0 {
 		s.grace = 2 * time.Second

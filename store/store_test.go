@@ -238,7 +238,7 @@ func TestFencingRejectsAStalledHolder(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A wakes up and commits under its stale lock.
-	_, committed, err := writeThrough(ctx, sA, a, "k", "k", lockA, e.put("k", "A"))
+	_, committed, _, err := writeThrough(ctx, sA, a, "k", "k", lockA, e.put("k", "A"))
 	var fe *FenceError
 	if committed || !errors.As(err, &fe) || !errors.Is(err, ErrFenced) {
 		t.Fatalf("stale holder's write: committed %v, err %v; want a *FenceError", committed, err)
@@ -628,5 +628,51 @@ func TestPostgresConnectionsKilled(t *testing.T) {
 				t.Errorf("%s.Get(%s) = %v, %v; want %v", name, key, it, err, want)
 			}
 		}
+	}
+}
+
+type recordingTracer struct {
+	mu     sync.Mutex
+	events []string
+}
+
+func (r *recordingTracer) add(s string) {
+	r.mu.Lock()
+	r.events = append(r.events, s)
+	r.mu.Unlock()
+}
+
+func (r *recordingTracer) TraceWriteStart(ctx context.Context, d TraceWriteStartData) context.Context {
+	r.add(fmt.Sprintf("start %s/%s locked=%v", d.Namespace, d.Key, d.Locked))
+	return ctx
+}
+
+func (r *recordingTracer) TraceWriteEnd(ctx context.Context, d TraceWriteEndData) {
+	r.add(fmt.Sprintf("end committed=%v published=%v err=%v", d.Committed, d.Published, d.Err != nil))
+}
+
+func (r *recordingTracer) TraceCommit(ctx context.Context, d TraceCommitData) {
+	r.add(fmt.Sprintf("commit %s/%s@%d", d.Namespace, d.Key, d.Version))
+}
+
+func TestTracer(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	tr := &recordingTracer{}
+	s := e.store(&Options{Tracer: tr})
+	c := e.node(s)
+	Update(ctx, s, c, "k", e.put("k", "v"))
+	UpdateOptimistic(ctx, s, c, "k", func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+		return Change[item]{}, errors.New("refused")
+	})
+	want := []string{
+		"start items/k locked=true",
+		"commit items/k@1",
+		"end committed=true published=true err=false",
+		"start items/k locked=false",
+		"end committed=false published=false err=true",
+	}
+	if strings.Join(tr.events, "\n") != strings.Join(want, "\n") {
+		t.Errorf("traced:\n%s\nwant:\n%s", strings.Join(tr.events, "\n"), strings.Join(want, "\n"))
 	}
 }

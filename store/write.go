@@ -62,19 +62,22 @@ func Update[K comparable, V any](ctx context.Context, s *Store, c *cache.Cache[K
 		return Change[V]{}, err
 	}
 	name := lockName(c.Namespace(), skey)
+	ctx = s.traceWriteStart(ctx, c.Namespace(), skey, true)
 	var ch Change[V]
-	var committed bool
+	var committed, published bool
 	err = s.locks.WithLock(ctx, name, func(ctx context.Context, l *lockguard.Lock) error {
 		var err error
-		ch, committed, err = writeThrough(ctx, s, c, key, skey, l, fn)
+		ch, committed, published, err = writeThrough(ctx, s, c, key, skey, l, fn)
 		return err
 	})
 	if committed {
 		// Whatever happened to the lock afterwards, the fence let the
 		// commit through: it is a write like any other.
+		s.traceWriteEnd(ctx, true, published, nil)
 		return ch, nil
 	}
 	s.healFence(ctx, err)
+	s.traceWriteEnd(ctx, false, false, err)
 	return Change[V]{}, err
 }
 
@@ -88,24 +91,26 @@ func UpdateOptimistic[K comparable, V any](ctx context.Context, s *Store, c *cac
 	if err != nil {
 		return Change[V]{}, err
 	}
-	ch, committed, err := writeThrough(ctx, s, c, key, skey, nil, fn)
+	ctx = s.traceWriteStart(ctx, c.Namespace(), skey, false)
+	ch, committed, published, err := writeThrough(ctx, s, c, key, skey, nil, fn)
 	if committed {
+		s.traceWriteEnd(ctx, true, published, nil)
 		return ch, nil
 	}
+	s.traceWriteEnd(ctx, false, false, err)
 	return Change[V]{}, err
 }
 
 // writeThrough runs steps 2 to 5 of Update; l is nil for optimistic writes.
-// It reports whether the transaction committed.
-func writeThrough[K comparable, V any](ctx context.Context, s *Store, c *cache.Cache[K, V], key K, skey string, l *lockguard.Lock, fn TxFunc[V]) (Change[V], bool, error) {
+// It reports whether the transaction committed and whether the writer
+// published its invalidation.
+func writeThrough[K comparable, V any](ctx context.Context, s *Store, c *cache.Cache[K, V], key K, skey string, l *lockguard.Lock, fn TxFunc[V]) (ch Change[V], committed, published bool, err error) {
 	ns := c.Namespace()
-	var ch Change[V]
 	var seq int64
-	committed := false
 	// cache.Update takes its guard token before the transaction starts, so
 	// that the install of step 4 is skipped if an invalidation of key from
 	// elsewhere overtakes it (race 13).
-	err := c.Update(ctx, key, func(ctx context.Context) (V, int64, error) {
+	err = c.Update(ctx, key, func(ctx context.Context) (V, int64, error) {
 		var err error
 		seq, err = s.commit(ctx, ns, skey, l, func(ctx context.Context, tx pgx.Tx) (int64, error) {
 			var err error
@@ -122,16 +127,16 @@ func writeThrough[K comparable, V any](ctx context.Context, s *Store, c *cache.C
 		return ch.Value, ch.Version, nil
 	})
 	if !committed {
-		return Change[V]{}, false, err
+		return Change[V]{}, false, false, err
 	}
 	if err != nil {
 		s.publishFailures.Add(1)
 		s.log.Warn("store: committed, but the invalidation was not published; the relay will publish it",
 			"namespace", ns, "err", err)
-		return ch, true, nil
+		return ch, true, false, nil
 	}
 	s.confirm(ctx, ns, skey, seq)
-	return ch, true, nil
+	return ch, true, true, nil
 }
 
 // Write runs fn in a lock-guarded, fenced transaction for key of namespace,
@@ -150,8 +155,9 @@ func (s *Store) Write(ctx context.Context, namespace, key string, fn func(ctx co
 	if err := checkName(namespace, key); err != nil {
 		return err
 	}
+	ctx = s.traceWriteStart(ctx, namespace, key, true)
 	var seq int64
-	var committed bool
+	var committed, published bool
 	err := s.locks.WithLock(ctx, lockName(namespace, key), func(ctx context.Context, l *lockguard.Lock) error {
 		var err error
 		seq, err = s.commit(ctx, namespace, key, l, func(ctx context.Context, tx pgx.Tx) (int64, error) {
@@ -170,13 +176,16 @@ func (s *Store) Write(ctx context.Context, namespace, key string, fn func(ctx co
 				"namespace", namespace, "err", err)
 			return nil
 		}
+		published = true
 		s.confirm(ctx, namespace, key, seq)
 		return nil
 	})
 	if committed {
+		s.traceWriteEnd(ctx, true, published, nil)
 		return nil
 	}
 	s.healFence(ctx, err)
+	s.traceWriteEnd(ctx, false, false, err)
 	return err
 }
 
@@ -223,6 +232,7 @@ func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, b
 	if err := tx.Commit(ctx); err != nil {
 		return 0, fmt.Errorf("store: commit: %w", translate(err))
 	}
+	s.traceCommit(ctx, ns, key, version)
 	if s.afterCommit != nil {
 		if err := s.afterCommit(); err != nil {
 			return 0, err
