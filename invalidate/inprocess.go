@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coherentcache/coherent/cache"
 )
 
-// ErrClosed is returned when publishing through a closed subscription.
+// ErrClosed is returned when publishing through a closed subscription or
+// bus, and when subscribing to a closed bus.
 var ErrClosed = errors.New("invalidate: closed")
 
 // InProcess is a [cache.Bus] inside one process. Every subscription is a
@@ -47,6 +49,20 @@ func (b *InProcess) Subscribe(namespace string, h cache.Handler) (cache.Subscrip
 	return s, nil
 }
 
+// Publish delivers keys of namespace to every subscription of namespace,
+// on the calling goroutine; an empty keys flushes them. It is for
+// publishers that are not a cache, such as the outbox relay of package
+// store. It returns ctx.Err() if ctx is done before it starts.
+func (b *InProcess) Publish(ctx context.Context, namespace string, keys []cache.Invalidation) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	for _, p := range b.peers(namespace, nil) {
+		p.deliver(keys)
+	}
+	return nil
+}
+
 // peers returns the subscriptions of namespace other than from.
 func (b *InProcess) peers(namespace string, from *inProcessSub) []*inProcessSub {
 	b.mu.RLock()
@@ -67,6 +83,7 @@ type inProcessSub struct {
 	closeOnce sync.Once
 	mu        sync.RWMutex // held for reading while delivering to h
 	closed    bool         // guarded by mu
+	gone      atomic.Bool  // closed, for LastProof, which must not wait for mu
 }
 
 // Publish delivers keys to every other subscription of the namespace, on the
@@ -104,8 +121,14 @@ func (s *inProcessSub) deliver(keys []cache.Invalidation) {
 var forever = time.Unix(1<<40, 0)
 
 // LastProof returns a time in the far future: delivery is synchronous, so
-// the link is proven at every instant, whatever clock the cache reads.
-func (s *inProcessSub) LastProof() time.Time { return forever }
+// the link is proven at every instant, whatever clock the cache reads. A
+// closed subscription proves nothing and returns the zero Time.
+func (s *inProcessSub) LastProof() time.Time {
+	if s.gone.Load() {
+		return time.Time{}
+	}
+	return forever
+}
 
 // Close removes the subscription. After it returns, its Handler receives
 // nothing more.
@@ -117,6 +140,7 @@ func (s *inProcessSub) Close() error {
 			delete(s.bus.subs, s.namespace)
 		}
 		s.bus.mu.Unlock()
+		s.gone.Store(true)
 		s.mu.Lock()
 		s.closed = true
 		s.mu.Unlock()

@@ -118,6 +118,9 @@ CREATE FUNCTION {{schema}}.install_capture(p_table regclass, p_namespace text, p
 	RETURNS void LANGUAGE plpgsql
 	AS $$
 	BEGIN
+		-- Nodes install capture concurrently at start-up; concurrent
+		-- CREATE OR REPLACE TRIGGER on one table can fail.
+		PERFORM pg_advisory_xact_lock(hashtextextended('coherent.capture.' || p_table::oid::text, 0));
 		IF NOT EXISTS (SELECT 1 FROM pg_attribute
 		               WHERE attrelid = p_table AND attname = p_key_column AND attnum > 0 AND NOT attisdropped) THEN
 			RAISE EXCEPTION 'table % has no column %', p_table, p_key_column USING ERRCODE = 'undefined_column';

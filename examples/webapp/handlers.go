@@ -1,0 +1,226 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/store"
+)
+
+// maxID is the longest id accepted, in bytes.
+const maxID = 256
+
+func (a *app) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /items/{id}", a.getItem)
+	mux.HandleFunc("PUT /items/{id}", a.putItem)
+	mux.HandleFunc("DELETE /items/{id}", a.deleteItem)
+	mux.HandleFunc("POST /items/{id}/add", a.addItem)
+	mux.HandleFunc("GET /stats", a.stats)
+	mux.HandleFunc("GET /healthz", a.healthz)
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(v)
+}
+
+func writeError(w http.ResponseWriter, status int, msg string) {
+	writeJSON(w, status, map[string]string{"error": msg})
+}
+
+// itemID returns the path's id, or writes a 400 and returns false.
+func itemID(w http.ResponseWriter, r *http.Request) (string, bool) {
+	id := r.PathValue("id")
+	switch {
+	case id == "":
+		writeError(w, http.StatusBadRequest, "empty id")
+		return "", false
+	case len(id) > maxID:
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("id longer than %d bytes", maxID))
+		return "", false
+	}
+	return id, true
+}
+
+// decode reads a JSON object of at most 1 MiB into v, or writes a 400.
+func decode(w http.ResponseWriter, r *http.Request, v any) bool {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec.UseNumber()
+	if err := dec.Decode(v); err != nil {
+		writeError(w, http.StatusBadRequest, "body is not a JSON object: "+err.Error())
+		return false
+	}
+	return true
+}
+
+// fail maps a library error to a response.
+func (a *app) fail(w http.ResponseWriter, err error) {
+	switch {
+	case errors.Is(err, cache.ErrInvalidKey):
+		writeError(w, http.StatusBadRequest, err.Error())
+	case errors.Is(err, context.Canceled):
+		writeError(w, 499, "request cancelled")
+	default:
+		a.log.Error("request failed", "err", err)
+		writeError(w, http.StatusServiceUnavailable, err.Error())
+	}
+}
+
+func (a *app) getItem(w http.ResponseWriter, r *http.Request) {
+	id, ok := itemID(w, r)
+	if !ok {
+		return
+	}
+	it, err := a.items.Get(r.Context(), id)
+	switch {
+	case errors.Is(err, cache.ErrNotFound):
+		writeError(w, http.StatusNotFound, "not found")
+	case err != nil:
+		a.fail(w, err)
+	default:
+		writeJSON(w, http.StatusOK, it)
+	}
+}
+
+// upsert is the write of a new value: version 1 for a new row, one more
+// otherwise.
+func upsert(id, value string) store.TxFunc[Item] {
+	return func(ctx context.Context, tx pgx.Tx) (store.Change[Item], error) {
+		rows, _ := tx.Query(ctx, `
+			INSERT INTO items AS t (id, value, version) VALUES ($1, $2, 1)
+			ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value, version = t.version + 1
+			RETURNING id, value, version`, id, value)
+		it, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Item])
+		return store.Change[Item]{Value: it, Version: it.Version}, err
+	}
+}
+
+func (a *app) putItem(w http.ResponseWriter, r *http.Request) {
+	id, ok := itemID(w, r)
+	if !ok {
+		return
+	}
+	var body struct {
+		Value *string `json:"value"`
+	}
+	if !decode(w, r, &body) {
+		return
+	}
+	if body.Value == nil {
+		writeError(w, http.StatusBadRequest, `missing field "value"`)
+		return
+	}
+	ch, err := store.Update(r.Context(), a.store, a.items, id, upsert(id, *body.Value))
+	if err != nil {
+		a.fail(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, ch.Value)
+}
+
+func (a *app) deleteItem(w http.ResponseWriter, r *http.Request) {
+	id, ok := itemID(w, r)
+	if !ok {
+		return
+	}
+	_, err := store.Update(r.Context(), a.store, a.items, id, func(ctx context.Context, tx pgx.Tx) (store.Change[Item], error) {
+		var version int64
+		err := tx.QueryRow(ctx, `DELETE FROM items WHERE id = $1 RETURNING version + 1`, id).Scan(&version)
+		if errors.Is(err, pgx.ErrNoRows) {
+			err = nil // deleting a missing item is a no-op that still succeeds
+		}
+		return store.Change[Item]{Version: version, Deleted: true}, err
+	})
+	if err != nil {
+		a.fail(w, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// errNotInteger reports an add to an item whose value is not an integer.
+var errNotInteger = errors.New("value is not an integer")
+
+func (a *app) addItem(w http.ResponseWriter, r *http.Request) {
+	id, ok := itemID(w, r)
+	if !ok {
+		return
+	}
+	var body struct {
+		Delta *json.Number `json:"delta"`
+	}
+	if !decode(w, r, &body) {
+		return
+	}
+	if body.Delta == nil {
+		writeError(w, http.StatusBadRequest, `missing field "delta"`)
+		return
+	}
+	delta, err := body.Delta.Int64()
+	if err != nil {
+		writeError(w, http.StatusBadRequest, `"delta" is not an integer`)
+		return
+	}
+	// Read, add and write under the lock: concurrent adds on any instance
+	// are serialised, and none is lost.
+	ch, err := store.Update(r.Context(), a.store, a.items, id, func(ctx context.Context, tx pgx.Tx) (store.Change[Item], error) {
+		var cur string
+		err := tx.QueryRow(ctx, `SELECT value FROM items WHERE id = $1`, id).Scan(&cur)
+		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return store.Change[Item]{}, err
+		}
+		n := int64(0)
+		if err == nil {
+			if n, err = strconv.ParseInt(cur, 10, 64); err != nil {
+				return store.Change[Item]{}, errNotInteger
+			}
+		}
+		return upsert(id, strconv.FormatInt(n+delta, 10))(ctx, tx)
+	})
+	switch {
+	case errors.Is(err, errNotInteger):
+		writeError(w, http.StatusConflict, err.Error())
+	case err != nil:
+		a.fail(w, err)
+	default:
+		writeJSON(w, http.StatusOK, ch.Value)
+	}
+}
+
+func (a *app) stats(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]any{
+		"cache": a.items.Stats(),
+		"bus":   a.bus.Stats(),
+		"store": a.store.Stats(),
+	})
+}
+
+func (a *app) healthz(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+	defer cancel()
+	if err := a.pool.Ping(ctx); err != nil {
+		writeError(w, http.StatusServiceUnavailable, "postgres: "+err.Error())
+		return
+	}
+	if err := a.rdb.Ping(ctx).Err(); err != nil {
+		writeError(w, http.StatusServiceUnavailable, "redis: "+err.Error())
+		return
+	}
+	if !a.items.Proven() {
+		writeError(w, http.StatusServiceUnavailable, "bus link not proven within MaxStaleness: serving from Postgres")
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}

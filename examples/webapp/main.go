@@ -1,0 +1,191 @@
+// Command webapp is a multi-instance web service whose instances share one
+// Postgres and one Redis and keep their in-process caches of the items
+// table consistent:
+//
+//	go run ./examples/webapp -addr :8081 -node a
+//	go run ./examples/webapp -addr :8082 -node b
+//
+// API
+//
+//	GET    /items/{id}        200 {"id":…,"value":…,"version":N} through the cache, or 404
+//	PUT    /items/{id}        {"value":"…"} → 200 with the stored item (version 1, 2, …)
+//	DELETE /items/{id}        204
+//	POST   /items/{id}/add    {"delta":N} → 200 with value = old value + N (a missing item counts as 0)
+//	GET    /stats             the cache's, bus's and store's counters
+//	GET    /healthz           200 when Postgres, Redis and a proven bus link are there, else 503
+//
+// Writes go through the lock guard and the outbox (package store); writes
+// to the table from any other client are captured and relayed.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/invalidate"
+	"github.com/coherentcache/coherent/lockguard"
+	"github.com/coherentcache/coherent/store"
+)
+
+func main() {
+	addr := flag.String("addr", ":8081", "listen address")
+	node := flag.String("node", "a", "name of this instance, for logs")
+	dbURL := flag.String("database-url", env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"), "Postgres URL")
+	redisURL := flag.String("redis-url", env("REDIS_URL", "redis://127.0.0.1:6379/0"), "Redis URL")
+	flag.Parse()
+
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("node", *node)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, *addr, *dbURL, *redisURL, log); err != nil {
+		fmt.Fprintf(os.Stderr, "webapp: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func env(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+func run(ctx context.Context, addr, dbURL, redisURL string, log *slog.Logger) error {
+	pool, err := pgxpool.New(ctx, dbURL)
+	if err != nil {
+		return fmt.Errorf("postgres: %w", err)
+	}
+	defer pool.Close()
+	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := pool.Ping(pctx); err != nil {
+		return fmt.Errorf("postgres at %s unreachable: %w", redact(dbURL), err)
+	}
+	ropts, err := redis.ParseURL(redisURL)
+	if err != nil {
+		return fmt.Errorf("redis: %w", err)
+	}
+	rdb := redis.NewClient(ropts)
+	defer rdb.Close()
+	if err := rdb.Ping(pctx).Err(); err != nil {
+		return fmt.Errorf("redis at %s unreachable: %w", ropts.Addr, err)
+	}
+
+	app, err := newApp(ctx, pool, rdb, log)
+	if err != nil {
+		return err
+	}
+	defer app.close()
+
+	srv := &http.Server{Addr: addr, Handler: app.routes(), ReadHeaderTimeout: 5 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.ListenAndServe() }()
+	log.Info("listening", "addr", addr)
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down")
+	sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer scancel()
+	return srv.Shutdown(sctx)
+}
+
+// redact drops the password from a URL for messages.
+func redact(u string) string {
+	cfg, err := pgx.ParseConfig(u)
+	if err != nil {
+		return "(unparsable URL)"
+	}
+	return fmt.Sprintf("%s:%d/%s", cfg.Host, cfg.Port, cfg.Database)
+}
+
+// Item is a row of the items table.
+type Item struct {
+	ID      string `json:"id" db:"id"`
+	Value   string `json:"value" db:"value"`
+	Version int64  `json:"version" db:"version"`
+}
+
+type app struct {
+	pool   *pgxpool.Pool
+	rdb    *redis.Client
+	bus    *invalidate.PubSub
+	store  *store.Store
+	items  *cache.Cache[string, Item]
+	log    *slog.Logger
+	cancel context.CancelFunc
+	relay  chan error
+}
+
+func newApp(ctx context.Context, pool *pgxpool.Pool, rdb *redis.Client, log *slog.Logger) (*app, error) {
+	if err := store.Migrate(ctx, pool, ""); err != nil {
+		return nil, err
+	}
+	// Instances start together; CREATE TABLE IF NOT EXISTS is not safe
+	// against itself, so serialise it.
+	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended('coherent.webapp.items', 0))`); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, `CREATE TABLE IF NOT EXISTS items (
+			id text PRIMARY KEY, value text NOT NULL, version bigint NOT NULL)`)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create table items: %w", err)
+	}
+	bus, err := invalidate.NewPubSub(rdb, &invalidate.PubSubOptions{Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	locks, err := lockguard.New(rdb, &lockguard.Options{Logger: log})
+	if err != nil {
+		bus.Close()
+		return nil, err
+	}
+	s, err := store.New(pool, &store.Options{Locks: locks, Publisher: bus, Logger: log})
+	if err != nil {
+		bus.Close()
+		return nil, err
+	}
+	if err := s.Capture(ctx, "items", "id", "items", store.WithVersionColumn("version")); err != nil {
+		bus.Close()
+		return nil, err
+	}
+	items, err := cache.New("items", 100_000,
+		store.Loader[string](pool, `SELECT id, value, version FROM items WHERE id = $1`, pgx.RowToStructByName[Item]),
+		&cache.Options[string, Item]{
+			Bus:     bus,
+			Version: func(it Item) int64 { return it.Version },
+			Logger:  log,
+		})
+	if err != nil {
+		bus.Close()
+		return nil, err
+	}
+	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	a := &app{pool: pool, rdb: rdb, bus: bus, store: s, items: items, log: log, cancel: cancel, relay: make(chan error, 1)}
+	go func() { a.relay <- s.RunRelay(rctx) }()
+	return a, nil
+}
+
+func (a *app) close() {
+	a.cancel()
+	<-a.relay
+	a.items.Close()
+	a.bus.Close()
+}

@@ -1,0 +1,234 @@
+package invalidate
+
+import (
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+
+	"github.com/coherentcache/coherent/cache"
+)
+
+// The wire format is documented byte by byte in doc.go ("Message format").
+// Keep the two in step.
+
+const (
+	// MaxMessageSize is the largest encoded message, in bytes, that a bus
+	// sends or accepts. Publishers split larger batches into several
+	// messages; a receiver treats a larger message as malformed.
+	MaxMessageSize = 1 << 20
+
+	magic         = 0xC0 // first byte of every message
+	formatVersion = 1    // second byte; the only version this package speaks
+
+	kindKeys  = 1 // a batch of invalidated keys of one namespace
+	kindFlush = 2 // every key of one namespace
+
+	originLen = 16
+)
+
+var (
+	// errMalformed reports a message that does not follow the format. The
+	// receiver cannot know what it missed, so it flushes.
+	errMalformed = errors.New("invalidate: malformed message")
+	// errVersion reports a message of a format version this package does not
+	// know, such as one from a newer node during a rolling upgrade.
+	errVersion = errors.New("invalidate: unknown message format version")
+)
+
+// nodeID names one bus object, the origin of the messages it publishes.
+type nodeID [originLen]byte
+
+func (id nodeID) String() string { return hex.EncodeToString(id[:]) }
+
+// message is the decoded form of one bus message.
+type message struct {
+	namespace string
+	origin    nodeID
+	// seq numbers the messages of one origin 1, 2, 3, …; a receiver that
+	// sees anything but last+1 from a known origin has missed something.
+	seq   uint64
+	flush bool                 // kindFlush: keys is empty
+	keys  []cache.Invalidation // kindKeys: at least one
+}
+
+// headerSize returns the encoded size of m without its keys, its key count
+// included.
+func headerSize(namespace string, seq uint64, nkeys int) int {
+	return 3 + uvarintLen(uint64(len(namespace))) + len(namespace) + originLen +
+		uvarintLen(seq) + uvarintLen(uint64(nkeys))
+}
+
+// keySize returns the encoded size of one key.
+func keySize(inv cache.Invalidation) int {
+	return uvarintLen(uint64(len(inv.Key))) + len(inv.Key) + varintLen(inv.Version)
+}
+
+// appendMessage appends the encoding of m to dst. The caller keeps m within
+// the limits that decode enforces (see validKey, MaxMessageSize); the batcher
+// splits batches so that it does.
+func appendMessage(dst []byte, m *message) []byte {
+	kind := byte(kindKeys)
+	if m.flush {
+		kind = kindFlush
+	}
+	dst = append(dst, magic, formatVersion, kind)
+	dst = binary.AppendUvarint(dst, uint64(len(m.namespace)))
+	dst = append(dst, m.namespace...)
+	dst = append(dst, m.origin[:]...)
+	dst = binary.AppendUvarint(dst, m.seq)
+	if m.flush {
+		return dst
+	}
+	dst = binary.AppendUvarint(dst, uint64(len(m.keys)))
+	for _, k := range m.keys {
+		dst = binary.AppendUvarint(dst, uint64(len(k.Key)))
+		dst = append(dst, k.Key...)
+		dst = binary.AppendVarint(dst, k.Version)
+	}
+	return dst
+}
+
+// decode parses one message. The namespace and keys of the result are
+// substrings of data, which is not copied. decode returns an error wrapping
+// errVersion for a message of an unknown format version and errMalformed
+// for anything else it cannot accept; it never panics and allocates no more
+// than the input justifies.
+//
+// decode accepts exactly what appendMessage produces: varints must be in
+// their shortest form and nothing may follow the last key, so a message that
+// decodes re-encodes to the same bytes.
+func decode(data string) (message, error) {
+	var m message
+	if len(data) > MaxMessageSize {
+		return m, fmt.Errorf("%w: %d bytes exceeds the limit of %d", errMalformed, len(data), MaxMessageSize)
+	}
+	if len(data) < 3 {
+		return m, fmt.Errorf("%w: %d bytes is too short", errMalformed, len(data))
+	}
+	if data[0] != magic {
+		return m, fmt.Errorf("%w: bad magic byte %#x", errMalformed, data[0])
+	}
+	if data[1] != formatVersion {
+		return m, fmt.Errorf("%w: version %d (this node speaks %d)", errVersion, data[1], formatVersion)
+	}
+	kind := data[2]
+	if kind != kindKeys && kind != kindFlush {
+		return m, fmt.Errorf("%w: unknown kind %d", errMalformed, kind)
+	}
+	r := reader{s: data, off: 3}
+	ns, ok := r.str()
+	if !ok || !validLen(len(ns)) {
+		return m, fmt.Errorf("%w: bad namespace", errMalformed)
+	}
+	m.namespace = ns
+	if len(r.s)-r.off < originLen {
+		return m, fmt.Errorf("%w: truncated origin", errMalformed)
+	}
+	copy(m.origin[:], r.s[r.off:r.off+originLen])
+	r.off += originLen
+	if m.seq, ok = r.uvarint(); !ok || m.seq == 0 {
+		return m, fmt.Errorf("%w: bad sequence number", errMalformed)
+	}
+	if kind == kindFlush {
+		m.flush = true
+		if r.off != len(r.s) {
+			return m, fmt.Errorf("%w: %d trailing bytes", errMalformed, len(r.s)-r.off)
+		}
+		return m, nil
+	}
+	n, ok := r.uvarint()
+	// Each key takes at least three bytes (length, one byte, version), so a
+	// count the remaining bytes cannot hold is rejected before anything is
+	// allocated for it.
+	if !ok || n == 0 || n > uint64(len(r.s)-r.off)/3 {
+		return m, fmt.Errorf("%w: bad key count", errMalformed)
+	}
+	m.keys = make([]cache.Invalidation, n)
+	for i := range m.keys {
+		k, ok := r.str()
+		if !ok || !validLen(len(k)) {
+			return m, fmt.Errorf("%w: bad key %d", errMalformed, i)
+		}
+		v, ok := r.varint()
+		if !ok {
+			return m, fmt.Errorf("%w: bad version of key %d", errMalformed, i)
+		}
+		m.keys[i] = cache.Invalidation{Key: k, Version: v}
+	}
+	if r.off != len(r.s) {
+		return m, fmt.Errorf("%w: %d trailing bytes", errMalformed, len(r.s)-r.off)
+	}
+	return m, nil
+}
+
+// validLen reports whether n is an acceptable length of a key or namespace.
+func validLen(n int) bool { return n > 0 && n <= cache.MaxKeyLen }
+
+// reader consumes a string. Every method reports false, without panicking,
+// on truncated or non-canonical input.
+type reader struct {
+	s   string
+	off int
+}
+
+// uvarint reads an unsigned varint in its shortest encoding.
+func (r *reader) uvarint() (uint64, bool) {
+	var x uint64
+	for i := 0; i < binary.MaxVarintLen64; i++ {
+		if r.off >= len(r.s) {
+			return 0, false
+		}
+		b := r.s[r.off]
+		r.off++
+		if b < 0x80 {
+			if i > 0 && b == 0 {
+				return 0, false // a longer encoding than needed
+			}
+			if i == binary.MaxVarintLen64-1 && b > 1 {
+				return 0, false // overflows 64 bits
+			}
+			return x | uint64(b)<<(7*i), true
+		}
+		x |= uint64(b&0x7f) << (7 * i)
+	}
+	return 0, false
+}
+
+// varint reads a zigzag-encoded signed varint.
+func (r *reader) varint() (int64, bool) {
+	u, ok := r.uvarint()
+	x := int64(u >> 1)
+	if u&1 != 0 {
+		x = ^x
+	}
+	return x, ok
+}
+
+// str reads a uvarint length and that many bytes.
+func (r *reader) str() (string, bool) {
+	n, ok := r.uvarint()
+	if !ok || n > uint64(len(r.s)-r.off) {
+		return "", false
+	}
+	s := r.s[r.off : r.off+int(n)]
+	r.off += int(n)
+	return s, true
+}
+
+func uvarintLen(x uint64) int {
+	n := 1
+	for x >= 0x80 {
+		x >>= 7
+		n++
+	}
+	return n
+}
+
+func varintLen(x int64) int {
+	u := uint64(x) << 1
+	if x < 0 {
+		u = ^u
+	}
+	return uvarintLen(u)
+}

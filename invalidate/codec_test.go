@@ -1,0 +1,144 @@
+package invalidate
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"math"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/coherentcache/coherent/cache"
+)
+
+var testOrigin = nodeID{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16}
+
+func TestCodecRoundTrip(t *testing.T) {
+	long := strings.Repeat("k", cache.MaxKeyLen)
+	tests := []struct {
+		name string
+		m    message
+	}{
+		{"one key", message{namespace: "users", origin: testOrigin, seq: 1, keys: []cache.Invalidation{{Key: "42"}}}},
+		{"versions", message{namespace: "n", origin: testOrigin, seq: 1 << 40, keys: []cache.Invalidation{
+			{Key: "a", Version: 1}, {Key: "b", Version: -1}, {Key: "c", Version: math.MaxInt64}, {Key: "d", Version: math.MinInt64},
+		}}},
+		{"flush", message{namespace: "orders", origin: testOrigin, seq: math.MaxUint64, flush: true}},
+		{"longest key and namespace", message{namespace: long, origin: testOrigin, seq: 7, keys: []cache.Invalidation{{Key: long, Version: 3}}}},
+		{"binary key", message{namespace: "\x00\xff", origin: testOrigin, seq: 2, keys: []cache.Invalidation{{Key: "\x00'; DROP TABLE x;--\xff"}}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := appendMessage(nil, &tt.m)
+			if got, want := len(b), headerSize(tt.m.namespace, tt.m.seq, len(tt.m.keys))+keysSize(tt.m.keys)-flushAdjust(tt.m); got != want {
+				t.Errorf("encoded size = %d; want %d (headerSize+keySize)", got, want)
+			}
+			got, err := decode(string(b))
+			if err != nil {
+				t.Fatalf("decode(appendMessage(%+v)) error = %v", tt.m, err)
+			}
+			if !reflect.DeepEqual(got, tt.m) {
+				t.Errorf("decode(appendMessage(m)) = %+v; want %+v", got, tt.m)
+			}
+		})
+	}
+}
+
+func keysSize(keys []cache.Invalidation) int {
+	n := 0
+	for _, k := range keys {
+		n += keySize(k)
+	}
+	return n
+}
+
+// flushAdjust is the key count byte that a flush message does not carry.
+func flushAdjust(m message) int {
+	if m.flush {
+		return 1
+	}
+	return 0
+}
+
+func TestDecodeRejects(t *testing.T) {
+	good := appendMessage(nil, &message{namespace: "ns", origin: testOrigin, seq: 5, keys: []cache.Invalidation{{Key: "k", Version: 1}}})
+	// header is everything up to the key count.
+	header := good[:3+1+2+originLen+1]
+	withKeys := func(count uint64, rest ...byte) string {
+		b := append([]byte(nil), header...)
+		b = binary.AppendUvarint(b, count)
+		return string(append(b, rest...))
+	}
+	tests := []struct {
+		name string
+		in   string
+		want error
+	}{
+		{"empty", "", errMalformed},
+		{"short", "\xC0\x01", errMalformed},
+		{"bad magic", "\xC1" + string(good[1:]), errMalformed},
+		{"unknown version", "\xC0\x02" + string(good[2:]), errVersion},
+		{"unknown kind", "\xC0\x01\x03" + string(good[3:]), errMalformed},
+		{"empty namespace", "\xC0\x01\x01\x00", errMalformed},
+		{"namespace too long", string(appendMessage(nil, &message{namespace: strings.Repeat("n", cache.MaxKeyLen+1), origin: testOrigin, seq: 1, flush: true})), errMalformed},
+		{"truncated origin", string(good[:3+1+2+5]), errMalformed},
+		{"zero seq", string(appendMessage(nil, &message{namespace: "ns", origin: testOrigin, seq: 0, flush: true})), errMalformed},
+		{"zero keys", withKeys(0), errMalformed},
+		{"huge count", withKeys(math.MaxUint64, 1, 'k', 0), errMalformed},
+		{"count beyond bytes", withKeys(2, 1, 'k', 0), errMalformed},
+		{"empty key", withKeys(1, 0, 0, 0), errMalformed},
+		{"key too long", withKeys(1, append(binary.AppendUvarint(nil, cache.MaxKeyLen+1), []byte(strings.Repeat("k", cache.MaxKeyLen+1)+"\x00")...)...), errMalformed},
+		{"key past end", withKeys(1, 5, 'k', 0), errMalformed},
+		{"missing version", withKeys(1, 2, 'k', 'k'), errMalformed},
+		{"overlong varint", withKeys(1, 0x81, 0x00, 'k', 0), errMalformed},
+		{"varint overflow", withKeys(1, 1, 'k', 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02), errMalformed},
+		{"trailing bytes", string(good) + "x", errMalformed},
+		{"trailing after flush", string(appendMessage(nil, &message{namespace: "ns", origin: testOrigin, seq: 1, flush: true})) + "\x00", errMalformed},
+		{"too large", "\xC0\x01\x01" + strings.Repeat("\x00", MaxMessageSize), errMalformed},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m, err := decode(tt.in)
+			if !errors.Is(err, tt.want) {
+				t.Fatalf("decode(%.40q) = %+v, %v; want error %v", tt.in, m, err, tt.want)
+			}
+			if !strings.HasPrefix(err.Error(), "invalidate: ") {
+				t.Errorf("error %q lacks the package prefix", err)
+			}
+		})
+	}
+}
+
+// FuzzDecode checks that decode never panics and that whatever it accepts
+// re-encodes to exactly the input: the format has one encoding per message.
+func FuzzDecode(f *testing.F) {
+	f.Add(appendMessage(nil, &message{namespace: "users", origin: testOrigin, seq: 1, keys: []cache.Invalidation{{Key: "42", Version: 7}}}))
+	f.Add(appendMessage(nil, &message{namespace: "users", origin: testOrigin, seq: 300, flush: true}))
+	f.Add(appendMessage(nil, &message{namespace: "n", origin: testOrigin, seq: math.MaxUint64, keys: []cache.Invalidation{
+		{Key: "a", Version: -1}, {Key: "bb", Version: math.MinInt64}, {Key: strings.Repeat("c", 200), Version: 1 << 40},
+	}}))
+	f.Add([]byte{})
+	f.Add([]byte{0xC0, 0x01, 0x01, 0x01, 'n'})
+	f.Add([]byte("\xC0\x02 future format"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		m, err := decode(string(data))
+		if err != nil {
+			if !errors.Is(err, errMalformed) && !errors.Is(err, errVersion) {
+				t.Fatalf("decode error %v wraps neither errMalformed nor errVersion", err)
+			}
+			return
+		}
+		if !validLen(len(m.namespace)) || m.seq == 0 || m.flush == (len(m.keys) > 0) {
+			t.Fatalf("decode accepted an invalid message %+v", m)
+		}
+		for _, k := range m.keys {
+			if !validLen(len(k.Key)) {
+				t.Fatalf("decode accepted a key of length %d", len(k.Key))
+			}
+		}
+		if b := appendMessage(nil, &m); !bytes.Equal(b, data) {
+			t.Fatalf("appendMessage(decode(%x)) = %x; want the input", data, b)
+		}
+	})
+}

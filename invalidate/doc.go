@@ -1,0 +1,201 @@
+// Package invalidate carries invalidations between the nodes of a service:
+// it implements the [cache.Bus] that keeps every node's [cache.Cache]
+// consistent with the source of truth. It knows nothing about SQL.
+//
+// There are three transports:
+//
+//   - [PubSub], over Redis pub/sub: the default, and the lowest latency.
+//     A node that loses its subscription flushes its caches.
+//   - [Streams], over a Redis stream: every node reads the stream from its
+//     own position, so a node that loses its connection resumes where it
+//     stopped and flushes only if the stream no longer holds its position.
+//   - [InProcess], inside one process: for tests and single-node use.
+//
+// Create one bus per process, share it among every cache of the process
+// (each namespace subscribes on the same bus), and close it after them:
+//
+//	rdb := redis.NewClient(&redis.Options{Addr: "localhost:6379"})
+//	bus, err := invalidate.NewPubSub(rdb, nil)
+//	if err != nil { ... }
+//	defer bus.Close()
+//	users, err := cache.New("users", 10_000, loadUser, &cache.Options[int64, User]{Bus: bus})
+//
+// A publisher that is not a cache, such as the outbox relay of package
+// store, calls the bus's own Publish method (PubSub.Publish,
+// Streams.Publish, InProcess.Publish), which delivers to this node's
+// subscriptions too.
+//
+// Buses are safe for concurrent use. Each owns a few goroutines, which
+// Close stops and waits for.
+//
+// # Guarantees
+//
+// A Redis bus upholds the bus's half of G2 and G3 (see package cache):
+//
+//   - Proofs. The bus proves its link with a round trip through the
+//     subscription itself. Every ProofInterval, PubSub publishes a probe, a
+//     unique payload, on a channel of its own (the channel's name plus
+//     ":proof:" and its NodeID; on a cluster, in the channel's slot), and
+//     subscribes to that channel on the same connection as to the
+//     invalidations. Invalidations and probes alike are published by a
+//     small Lua script that may write, which only a master runs (a replica
+//     refuses it), so the channel's one master orders all of them and
+//     relays them in that order, to its own subscribers and through its
+//     replicas. When a probe has been read back, every invalidation
+//     published before it was sent has been delivered. (A PING on the
+//     subscribed connection would prove less: a subscription left on a
+//     replica, or on a cluster node that lost the channel's slot, answers
+//     PINGs while the invalidations go elsewhere; and a bare PUBLISH or
+//     SPUBLISH sent to a replica is delivered there at once, ahead of what
+//     the master relays.) Streams reads with XREAD BLOCK ProofInterval: a read
+//     that returns with fewer entries than it asked for has returned
+//     everything added before it was sent. [cache.Subscription.LastProof]
+//     reports the time that probe or XREAD was sent. A cache serves cached
+//     values only until LastProof plus its MaxStaleness, and serves nothing
+//     cached before the first proof after it subscribed (race 12).
+//   - Gaps flush (race 4). Whenever a node may have missed an invalidation
+//     it flushes every local subscription, before it reports a newer
+//     proof: after every subscription but the bus's first (go-redis
+//     resubscribes by itself after a reconnection, and what was published
+//     meanwhile is lost), after a message it cannot decode, and after a
+//     message that does not follow its origin's previous one.
+//   - Own messages. A publishing node applies its changes locally before
+//     it publishes; [cache.Subscription.Publish] also delivers, before it
+//     sends anything, to the other subscriptions of the namespace on the
+//     same bus; and the bus ignores the echo of its own messages.
+//   - Errors. Publish returns the error of the PUBLISH or XADD that carried
+//     the keys to the writer, who falls back on the outbox (race 3); the
+//     bus reconnects by itself, with capped exponential backoff and jitter.
+//     If Publish's context ends first, Publish returns its error and the
+//     keys go out with their batch all the same.
+//   - Handlers. A panic in a [cache.Handler] is recovered and counted; the
+//     handler is flushed (race 14). If its Flush panics too, its
+//     subscription reports no proof until a later Flush succeeds.
+//
+// # Faults
+//
+// What each fault does on a node, in the order a node notices them:
+//
+//   - The subscribed connection is killed (CLIENT KILL, a network error, a
+//     server restart): no proof until go-redis, or the bus, has subscribed
+//     again; then a flush (Stats.FlushesResubscribe). Publications fail
+//     with an error while the server is unreachable.
+//   - The link goes silent without closing (a half-open TCP connection, a
+//     stalled server or proxy), or the subscription sits where the
+//     invalidations do not go (a replica after a failover or a slot move):
+//     no probe comes back; the caches bypass themselves once MaxStaleness
+//     has passed since the last proof. A probe that has not come back after
+//     MaxStaleness makes the bus close the connection and subscribe again
+//     (Stats.ProofTimeouts), which flushes. go-redis's own health check
+//     would not notice: it writes PING and never waits for the PONG. A
+//     proof that arrives more than MaxStaleness after the previous one
+//     flushes even without a resubscription (Stats.FlushesProofTimeout).
+//   - The node reads too slowly and Redis disconnects it
+//     (client-output-buffer-limit pubsub): as a killed connection.
+//   - A malformed message, of an unknown format version, or too large:
+//     a flush, counted (Stats.FlushesMalformed) and logged at most once a
+//     second.
+//   - A message from an origin whose sequence skips, repeats or goes back:
+//     a flush (Stats.FlushesGap). This catches publications that failed on
+//     the way to Redis.
+//   - Redis Cluster migrates the channel's slot and unsubscribes the node
+//     (sunsubscribe) (race 15): the bus closes the subscription and
+//     subscribes again at the new owner, which flushes.
+//   - Streams: the stream was trimmed past the node's position (it fell
+//     more than MaxLen entries behind), an entry after it was deleted
+//     (XDEL), or the stream was lost (a restart without persistence): the
+//     node adds a marker entry, flushes (Stats.FlushesTrimmed) and reads on
+//     from the marker. A connection loss or a restart that kept the stream
+//     costs no flush: the node reads what it missed. A restart that
+//     restores the stream from a snapshot taken after the node's position
+//     but before entries it had not read yet loses those entries without
+//     trace (only the sequence check of their origin's next message
+//     notices): run Redis with appendfsync always, or use PubSub, which
+//     flushes on every reconnection.
+//
+// # Redis deployments
+//
+// The buses take a [redis.UniversalClient] the application built, so
+// AUTH/ACL, TLS, Sentinel and Cluster come from the client.
+//
+//   - *redis.Client: a single server, or Sentinel through
+//     redis.NewFailoverClient.
+//   - *redis.ClusterClient: PubSub uses sharded pub/sub, SSUBSCRIBE and
+//     SPUBLISH of the channel and its probe channel, which share a slot (a
+//     Channel with a '}' outside a hash tag is rejected); after a
+//     sunsubscribe or any loss of the subscription the bus reloads the
+//     client's slot map before it subscribes again. Streams' stream lives
+//     in one slot. A ClusterClient that reads from replicas (ReadOnly,
+//     RouteByLatency, RouteRandomly) is rejected.
+//   - *redis.Ring is rejected: its shards can disagree about who owns the
+//     channel.
+//
+// Under Sentinel, go-redis does not move a subscribed connection to the new
+// master after a failover (sentinel.go: NewFailoverClient's onFailover
+// closes pooled connections only). PubSub's probes go where the
+// invalidations go, the new master: if the old master relays them as its
+// replica, the proofs stay sound, since they travel the same path; if it
+// does not, they stop, and the bus subscribes again through Sentinel. A
+// publication or a Streams position check that reaches a replica gets a
+// READONLY error, which drops that connection, and is retried on the
+// master. (None of this is tested against a real Sentinel.)
+//
+// Both transports need Redis 7.0 or later: scripts that declare themselves
+// with #!lua, sharded pub/sub, and XINFO STREAM's max-deleted-entry-id.
+//
+// # Batching
+//
+// Publications share messages by group commit: a publication on an idle
+// bus is sent at once, and those that arrive while a message is being sent
+// go out together in the next one, one message per namespace (split at
+// BatchKeys keys or [MaxMessageSize] bytes). A bus sends one round of
+// messages at a time, in one call of a publishing script (a few for a
+// round of more than 4 MiB), and waits for Redis to acknowledge it before
+// the next, so its messages reach Redis in sequence. BatchWindow adds a
+// wait for more publications under a burst.
+//
+// Measured on a 2-core machine against a local Redis: a PubSub propagates
+// an invalidation in about the time of a raw PUBLISH and receive; with 64
+// concurrent writers, group commit carries about half of them per message
+// and delivers about 5 times as many invalidations per second as one
+// PUBLISH per key; with 256 writers, about 11 times.
+//
+// # Message format
+//
+// Every message (a pub/sub payload, or the value of a stream entry's field
+// "m") is, in version 1:
+//
+//	offset  size      field
+//	0       1         magic, 0xC0
+//	1       1         format version, 1
+//	2       1         kind: 1 keys, 2 flush the namespace
+//	3       uvarint   namespace length n, 1 ≤ n ≤ cache.MaxKeyLen
+//	        n         namespace
+//	        16        origin: the publishing bus's NodeID
+//	        uvarint   sequence number, ≥ 1; each origin numbers its
+//	                  messages 1, 2, 3, … (all namespaces together)
+//	kind 1 only:
+//	        uvarint   key count k ≥ 1
+//	        k times:  uvarint key length m, 1 ≤ m ≤ cache.MaxKeyLen
+//	                  m bytes of key
+//	                  varint version (zigzag, as encoding/binary's
+//	                  AppendVarint); 0 means unknown
+//
+// Varints are those of encoding/binary, in their shortest form. Nothing
+// follows the last field, and a message is at most [MaxMessageSize] bytes.
+// A receiver rejects anything else, including a key count that the
+// remaining bytes cannot hold, and flushes. A message of another format
+// version is rejected the same way, so during a rolling upgrade that
+// changes the format, old nodes flush on every new message: correct, but
+// without a cache.
+//
+// Streams entries hold one field: "m", a message, or "j", a marker a
+// reader adds to mark its position (its value is the reader's NodeID, in
+// hex). Readers skip markers and flush on anything else.
+//
+// # Observability
+//
+// Stats returns counters: messages and keys sent and received, proofs,
+// reconnections, publish errors, and flushes by cause. The Logger option
+// receives reconnections and flushes (Warn) and handler panics (Error).
+package invalidate

@@ -1,0 +1,416 @@
+package invalidate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/coherentcache/coherent/cache"
+)
+
+// hub is the half of a Redis bus that does not depend on the transport: the
+// local subscriptions and delivery to them, the check of each origin's
+// sequence, the proof, and the batching of publications. PubSub and Streams
+// each own one and feed it what their reader goroutine receives.
+type hub struct {
+	cfg   *config
+	log   *slog.Logger
+	epoch time.Time // origin of the int64 times below
+	stats counters
+
+	mu     sync.RWMutex
+	subs   map[string][]*subscription // namespace → subscriptions; guarded by mu, copied on write
+	closed atomic.Bool
+
+	// proof is the time of the last proof in nanoseconds since epoch, or
+	// noProof. Only the reader goroutine stores it.
+	proof atomic.Int64
+
+	// The fields below belong to the reader goroutine.
+	origins           originTable
+	flushedSinceProof bool // a flushAll happened after the last proof
+	malformedLog      limiter
+
+	batch *batcher
+	seq   uint64 // last sequence number sent; belongs to the batcher goroutine
+	buf   []byte // encoding buffer; belongs to the batcher goroutine
+}
+
+const noProof = math.MinInt64
+
+func newHub(cfg *config, send func(ctx context.Context, msgs [][]byte) error) *hub {
+	h := &hub{cfg: cfg, log: cfg.log, subs: make(map[string][]*subscription)}
+	h.epoch = h.clockNow()
+	h.proof.Store(noProof)
+	h.batch = newBatcher(cfg.batchWindow, cfg.batchKeys, func(ctx context.Context, batches []*nsBatch) error {
+		return h.sendBatches(ctx, batches, send)
+	})
+	return h
+}
+
+func (h *hub) clockNow() time.Time {
+	if h.cfg.clock != nil {
+		return h.cfg.clock.Now()
+	}
+	return time.Now()
+}
+
+// now returns the current time in nanoseconds since h.epoch.
+func (h *hub) now() int64 { return int64(h.clockNow().Sub(h.epoch)) }
+
+// subscribe registers handler for namespace.
+func (h *hub) subscribe(namespace string, handler cache.Handler) (*subscription, error) {
+	if handler == nil {
+		return nil, errors.New("invalidate: nil handler")
+	}
+	if !validLen(len(namespace)) {
+		return nil, fmt.Errorf("invalidate: namespace length %d not in [1, %d]", len(namespace), cache.MaxKeyLen)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed.Load() {
+		return nil, ErrClosed
+	}
+	// since is read under the lock that every delivery snapshot takes, so a
+	// message delivered before the registration was received before since,
+	// and only proofs sent at or after since count for this subscription:
+	// it is not proven before the bus has shown, once it existed, that the
+	// link is live and in order (race 12).
+	s := &subscription{hub: h, namespace: namespace, h: handler, since: h.now()}
+	h.subs[namespace] = append(slices.Clone(h.subs[namespace]), s)
+	return s, nil
+}
+
+func (h *hub) unsubscribe(s *subscription) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	subs := slices.DeleteFunc(slices.Clone(h.subs[s.namespace]), func(o *subscription) bool { return o == s })
+	if len(subs) == 0 {
+		delete(h.subs, s.namespace)
+	} else {
+		h.subs[s.namespace] = subs
+	}
+}
+
+// peers returns the subscriptions of namespace.
+func (h *hub) peers(namespace string) []*subscription {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return h.subs[namespace]
+}
+
+// publish delivers keys to the local subscriptions of namespace but from
+// (nil for a publisher that is not a subscription), then sends them to the
+// other nodes and waits for the batch holding them to be sent.
+func (h *hub) publish(ctx context.Context, from *subscription, namespace string, keys []cache.Invalidation) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if (from != nil && from.closed.Load()) || h.closed.Load() {
+		return ErrClosed
+	}
+	if !validLen(len(namespace)) {
+		return fmt.Errorf("invalidate: namespace length %d not in [1, %d]", len(namespace), cache.MaxKeyLen)
+	}
+	for i, k := range keys {
+		if !validLen(len(k.Key)) {
+			return fmt.Errorf("invalidate: key %d: %w: length %d not in [1, %d]", i, cache.ErrInvalidKey, len(k.Key), cache.MaxKeyLen)
+		}
+	}
+	// Echoes of our own messages are ignored, so a second cache of the
+	// namespace in this process hears of the change here, before Publish
+	// returns, like the publisher itself.
+	for _, s := range h.peers(namespace) {
+		if s != from {
+			s.deliver(keys, len(keys) == 0)
+		}
+	}
+	return h.batch.publish(ctx, namespace, keys)
+}
+
+// sendBatches encodes batches into messages and sends them with send, in
+// order. It runs on the batcher goroutine only.
+func (h *hub) sendBatches(ctx context.Context, batches []*nsBatch, send func(context.Context, [][]byte) error) error {
+	buf := h.buf[:0]
+	var ends []int
+	var nkeys int
+	for _, b := range batches {
+		if b.flush {
+			h.seq++
+			buf = appendMessage(buf, &message{namespace: b.namespace, origin: h.cfg.node, seq: h.seq, flush: true})
+			ends = append(ends, len(buf))
+			continue
+		}
+		nkeys += len(b.keys)
+		for keys := b.keys; len(keys) > 0; {
+			h.seq++
+			// Take keys while the message stays within BatchKeys and
+			// MaxMessageSize. The header is sized for the largest count.
+			size := headerSize(b.namespace, h.seq, h.cfg.batchKeys)
+			n := 0
+			for n < len(keys) && n < h.cfg.batchKeys && size+keySize(keys[n]) <= MaxMessageSize {
+				size += keySize(keys[n])
+				n++
+			}
+			buf = appendMessage(buf, &message{namespace: b.namespace, origin: h.cfg.node, seq: h.seq, keys: keys[:n]})
+			ends = append(ends, len(buf))
+			keys = keys[n:]
+		}
+	}
+	msgs := make([][]byte, len(ends))
+	start := 0
+	for i, end := range ends {
+		msgs[i] = buf[start:end:end]
+		start = end
+	}
+	err := send(ctx, msgs)
+	if cap(buf) <= 4*MaxMessageSize {
+		h.buf = buf
+	}
+	if err != nil {
+		h.stats.publishErrors.Add(1)
+		return fmt.Errorf("invalidate: publish: %w", err)
+	}
+	h.stats.messagesSent.Add(uint64(len(msgs)))
+	h.stats.keysSent.Add(uint64(nkeys))
+	return nil
+}
+
+// receive decodes and delivers one message. It runs on the reader goroutine
+// only.
+func (h *hub) receive(payload string) {
+	m, err := decode(payload)
+	if err != nil {
+		// Whatever the message said is lost, so everything is suspect.
+		if n, ok := h.malformedLog.allow(h.now()); ok {
+			h.log.Warn("invalidate: undecodable message; flushing", "err", err, "bytes", len(payload), "suppressed", n)
+		}
+		h.flushAll(causeMalformed)
+		return
+	}
+	if m.origin == h.cfg.node {
+		return // our own echo: applied locally before it was published
+	}
+	h.stats.messagesReceived.Add(1)
+	h.stats.keysReceived.Add(uint64(len(m.keys)))
+	if h.origins.gap(m.origin, m.seq, h.now()) {
+		// A message of that origin went missing, and with it the name of
+		// its namespace: flush everything, which covers this message too.
+		h.log.Warn("invalidate: sequence gap; flushing", "origin", m.origin, "seq", m.seq)
+		h.flushAll(causeGap)
+		return
+	}
+	if m.flush {
+		h.stats.flushesRequested.Add(1)
+	}
+	for _, s := range h.peers(m.namespace) {
+		s.deliver(m.keys, m.flush)
+	}
+}
+
+// flushAll flushes every local subscription. It runs on the reader
+// goroutine only.
+func (h *hub) flushAll(c cause) {
+	h.stats.flushes[c].Add(1)
+	h.flushedSinceProof = true
+	if c == causeResubscribe || c == causeTrimmed {
+		// Every origin may have lost messages: restart their sequences
+		// here instead of flushing again at the next message of each.
+		h.origins.reset()
+	}
+	if c != causeMalformed {
+		h.log.Warn("invalidate: flushing every namespace", "cause", c.String())
+	}
+	h.mu.RLock()
+	var all []*subscription
+	for _, subs := range h.subs {
+		all = append(all, subs...)
+	}
+	h.mu.RUnlock()
+	for _, s := range all {
+		s.deliver(nil, true)
+	}
+}
+
+// prove records that everything published before sentAt (nanoseconds since
+// epoch) has been delivered. With lateFlush, a proof that comes more than
+// MaxStaleness after the previous one flushes first: the caches have been
+// bypassing themselves, and the bus does not vouch for what they cached
+// before the silence. prove runs on the reader goroutine only.
+func (h *hub) prove(sentAt int64, lateFlush bool) {
+	last := h.proof.Load()
+	if lateFlush && last != noProof && sentAt-last > int64(h.cfg.maxStaleness) && !h.flushedSinceProof {
+		h.flushAll(causeProofTimeout)
+	}
+	if sentAt > last {
+		h.proof.Store(sentAt)
+	}
+	h.flushedSinceProof = false
+	h.stats.proofs.Add(1)
+}
+
+// close stops publication and delivery. The transport has stopped its
+// goroutines already.
+func (h *hub) close() {
+	h.mu.Lock()
+	h.closed.Store(true)
+	h.mu.Unlock()
+}
+
+// subscription is one local Handler's link to a hub.
+type subscription struct {
+	hub       *hub
+	namespace string
+	h         cache.Handler
+	since     int64 // registration time, nanoseconds since hub.epoch
+
+	mu        sync.RWMutex // held for reading while delivering to h, for writing by Close
+	closed    atomic.Bool  // set under mu
+	broken    atomic.Bool  // a Flush of h panicked and none succeeded since
+	closeOnce sync.Once
+}
+
+var _ cache.Subscription = (*subscription)(nil)
+
+// Publish implements [cache.Subscription].
+func (s *subscription) Publish(ctx context.Context, keys []cache.Invalidation) error {
+	return s.hub.publish(ctx, s, s.namespace, keys)
+}
+
+// LastProof implements [cache.Subscription]. It returns the zero Time until
+// the bus has proven its link after this subscription was made, after the
+// bus or the subscription was closed, and while the Handler is broken (its
+// Flush panicked).
+func (s *subscription) LastProof() time.Time {
+	p := s.hub.proof.Load()
+	if p == noProof || p < s.since || s.broken.Load() || s.closed.Load() || s.hub.closed.Load() {
+		return time.Time{}
+	}
+	return s.hub.epoch.Add(time.Duration(p))
+}
+
+// Close implements [cache.Subscription]. After it returns, the Handler
+// receives nothing more. It must not be called from the Handler.
+func (s *subscription) Close() error {
+	s.closeOnce.Do(func() {
+		s.hub.unsubscribe(s)
+		s.mu.Lock() // waits for deliveries in progress
+		s.closed.Store(true)
+		s.mu.Unlock()
+	})
+	return nil
+}
+
+// deliver hands keys, or a flush, to the Handler. Whatever goes wrong in
+// the Handler ends in a flush, never in a skipped key (race 14).
+func (s *subscription) deliver(keys []cache.Invalidation, flush bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.closed.Load() {
+		return
+	}
+	if flush {
+		s.flush()
+		return
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			s.hub.stats.handlerPanics.Add(1)
+			s.hub.log.Error("invalidate: handler panicked applying an invalidation; flushing it", "namespace", s.namespace, "panic", r)
+			s.flush()
+		}
+	}()
+	s.h.Invalidate(keys)
+}
+
+// flush flushes the Handler. If Flush panics, the subscription reports no
+// proof until a later Flush succeeds: its cache bypasses itself rather than
+// serve entries the bus can no longer vouch for.
+func (s *subscription) flush() {
+	defer func() {
+		if r := recover(); r != nil {
+			s.hub.stats.handlerPanics.Add(1)
+			s.broken.Store(true)
+			s.hub.log.Error("invalidate: handler panicked flushing; it stays unproven", "namespace", s.namespace, "panic", r)
+		}
+	}()
+	s.h.Flush()
+	s.broken.Store(false)
+}
+
+// originTable remembers the last sequence number of each origin heard from.
+// It belongs to the reader goroutine.
+//
+// It holds at most maxOrigins origins and forgets the one heard from least
+// recently to make room. Forgetting is safe: the next message of a
+// forgotten origin only sets a new baseline, so at worst a gap in that
+// origin's sequence goes unnoticed. A subscriber never loses a message
+// without losing its connection (Redis pub/sub on one TCP connection
+// neither drops nor reorders otherwise), and that is flushed as a
+// resubscription; a sequence gap can only come from a publication that
+// failed or whose outcome its writer does not know, and that writer got
+// the error from Publish, which the outbox repairs (race 3). The sequence
+// check shortens that repair; it is not the only line of defence.
+type originTable struct {
+	m map[nodeID]originState
+}
+
+type originState struct {
+	seq   uint64
+	heard int64
+}
+
+const maxOrigins = 4096
+
+// gap records seq from origin and reports whether it does not follow the
+// last one recorded (a skip, a replay or a reordering).
+func (t *originTable) gap(origin nodeID, seq uint64, now int64) bool {
+	st, ok := t.m[origin]
+	if !ok {
+		if t.m == nil {
+			t.m = make(map[nodeID]originState)
+		}
+		if len(t.m) >= maxOrigins {
+			t.forgetStalest()
+		}
+		t.m[origin] = originState{seq: seq, heard: now}
+		return false
+	}
+	t.m[origin] = originState{seq: seq, heard: now}
+	return seq != st.seq+1
+}
+
+func (t *originTable) forgetStalest() {
+	var stalest nodeID
+	oldest := int64(math.MaxInt64)
+	for id, st := range t.m {
+		if st.heard < oldest {
+			stalest, oldest = id, st.heard
+		}
+	}
+	delete(t.m, stalest)
+}
+
+func (t *originTable) reset() { clear(t.m) }
+
+// limiter allows one log line per second and counts the rest.
+type limiter struct {
+	last       int64
+	suppressed int
+}
+
+func (l *limiter) allow(now int64) (suppressed int, ok bool) {
+	if l.last != 0 && now-l.last < int64(time.Second) {
+		l.suppressed++
+		return 0, false
+	}
+	n := l.suppressed
+	l.last, l.suppressed = now, 0
+	return n, true
+}

@@ -1,0 +1,239 @@
+package invalidate
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/coherentcache/coherent/cache"
+)
+
+// ErrInvalidOptions is wrapped by the errors [NewPubSub] and [NewStreams]
+// return for arguments they cannot use.
+var ErrInvalidOptions = errors.New("invalidate: invalid options")
+
+// PubSubOptions configure a [PubSub]. A nil *PubSubOptions, and every zero
+// field, means the default. NewPubSub copies the options.
+type PubSubOptions struct {
+	// Channel is the Redis channel that carries the invalidations of every
+	// namespace. All nodes of a service must use the same channel, and
+	// unrelated services different ones. Default "coherent:invalidations".
+	Channel string
+
+	// NodeID names this bus in the messages it publishes, so that it can
+	// ignore their echo and others can check their sequence. It must be
+	// unique among the nodes sharing the channel, and should change when
+	// the process restarts. Default: 16 random bytes drawn by NewPubSub.
+	NodeID [16]byte
+
+	// ProofInterval is how often the bus proves its link: it publishes a
+	// probe on its own proof channel and, when the probe comes back on its
+	// subscription, reports the time it was sent as
+	// [cache.Subscription.LastProof]. It must be shorter than MaxStaleness.
+	// Default 100ms.
+	ProofInterval time.Duration
+
+	// MaxStaleness is how long a probe may stay away before the bus
+	// declares the connection dead, closes it and resubscribes (which
+	// flushes). A proof that arrives more than MaxStaleness after the
+	// previous one flushes too. Use the caches' [cache.Options.MaxStaleness].
+	// Default 1s.
+	MaxStaleness time.Duration
+
+	// BatchWindow is how long a message may wait for more publications
+	// under a burst. Publications always share messages: those that arrive
+	// while a message is being sent go out together in the next one (group
+	// commit), so a publication waits at most for the message ahead of it.
+	// With BatchWindow, a message under a burst (several Publish calls in
+	// the previous one, or calls that arrived while it was being sent) also
+	// waits until BatchWindow after its oldest call, or until it holds
+	// BatchKeys keys. That makes fewer, larger messages when publishers do
+	// not wait for each other, at the cost of latency. Default 0: no wait.
+	BatchWindow time.Duration
+
+	// BatchKeys is the most keys one message carries; larger batches are
+	// split. A batch that reaches it is sent without waiting for the rest of
+	// BatchWindow. 1 sends every key in its own message (no batching).
+	// Default 512.
+	BatchKeys int
+
+	// MaxBackoff caps the wait between reconnection attempts, which grows
+	// exponentially from 10ms with random jitter. Default 2s.
+	MaxBackoff time.Duration
+
+	// Logger receives reconnections, flushes and malformed messages.
+	// Default nil: discard.
+	Logger *slog.Logger
+
+	// Clock tells the bus the time of its proofs. It must be the clock of
+	// the caches that subscribe ([cache.Options.Clock]). Default nil:
+	// time.Now.
+	Clock cache.Clock
+}
+
+// StreamsOptions configure a [Streams]. A nil *StreamsOptions, and every
+// zero field, means the default. NewStreams copies the options.
+type StreamsOptions struct {
+	// Stream is the key of the Redis stream that carries the invalidations
+	// of every namespace. All nodes of a service must use the same stream.
+	// Default "coherent:invalidations:stream".
+	Stream string
+
+	// MaxLen is the approximate number of entries the stream keeps (XADD
+	// MAXLEN ~). A node that falls further behind, or is disconnected for
+	// longer than it takes to add MaxLen entries, flushes when it resumes.
+	// Default 100000.
+	MaxLen int64
+
+	// NodeID names this bus in the messages it publishes; see
+	// [PubSubOptions.NodeID]. Default: 16 random bytes.
+	NodeID [16]byte
+
+	// ProofInterval is the BLOCK timeout of the reader's XREAD: a read that
+	// returns, with entries or empty, proves that everything added before
+	// it was sent has been delivered. It must be shorter than MaxStaleness.
+	// Default 100ms.
+	ProofInterval time.Duration
+
+	// MaxStaleness bounds one XREAD round trip; a read that takes longer
+	// is abandoned and retried on a new connection. Use the caches'
+	// [cache.Options.MaxStaleness]. Default 1s.
+	MaxStaleness time.Duration
+
+	// BatchWindow: see [PubSubOptions.BatchWindow]. Default 0: no wait.
+	BatchWindow time.Duration
+
+	// BatchKeys: see [PubSubOptions.BatchKeys]. Default 512.
+	BatchKeys int
+
+	// MaxBackoff caps the wait between attempts after a failed read.
+	// Default 2s.
+	MaxBackoff time.Duration
+
+	// Logger receives reconnections and flushes. Default nil: discard.
+	Logger *slog.Logger
+
+	// Clock: see [PubSubOptions.Clock]. Default nil: time.Now.
+	Clock cache.Clock
+}
+
+// config is the validated, defaulted form of either options type.
+type config struct {
+	name          string // Channel or Stream
+	maxLen        int64
+	node          nodeID
+	proofInterval time.Duration
+	maxStaleness  time.Duration
+	batchWindow   time.Duration
+	batchKeys     int
+	maxBackoff    time.Duration
+	log           *slog.Logger
+	clock         cache.Clock
+}
+
+func (o *PubSubOptions) config() (*config, error) {
+	var opts PubSubOptions
+	if o != nil {
+		opts = *o
+	}
+	c := &config{
+		name: opts.Channel, node: opts.NodeID,
+		proofInterval: opts.ProofInterval, maxStaleness: opts.MaxStaleness,
+		batchWindow: opts.BatchWindow, batchKeys: opts.BatchKeys,
+		maxBackoff: opts.MaxBackoff, log: opts.Logger, clock: opts.Clock,
+	}
+	if c.name == "" {
+		c.name = "coherent:invalidations"
+	}
+	return c, c.finish()
+}
+
+func (o *StreamsOptions) config() (*config, error) {
+	var opts StreamsOptions
+	if o != nil {
+		opts = *o
+	}
+	c := &config{
+		name: opts.Stream, maxLen: opts.MaxLen, node: opts.NodeID,
+		proofInterval: opts.ProofInterval, maxStaleness: opts.MaxStaleness,
+		batchWindow: opts.BatchWindow, batchKeys: opts.BatchKeys,
+		maxBackoff: opts.MaxBackoff, log: opts.Logger, clock: opts.Clock,
+	}
+	if c.name == "" {
+		c.name = "coherent:invalidations:stream"
+	}
+	if c.maxLen < 0 {
+		return nil, fmt.Errorf("%w: MaxLen must not be negative, got %d", ErrInvalidOptions, c.maxLen)
+	}
+	if c.maxLen == 0 {
+		c.maxLen = 100_000
+	}
+	return c, c.finish()
+}
+
+// finish validates the fields common to both transports and fills in their
+// defaults.
+func (c *config) finish() error {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%w: "+format, append([]any{ErrInvalidOptions}, args...)...)
+	}
+	switch {
+	case c.proofInterval < 0:
+		return bad("ProofInterval must not be negative, got %v", c.proofInterval)
+	case c.maxStaleness < 0:
+		return bad("MaxStaleness must not be negative, got %v", c.maxStaleness)
+	case c.batchWindow < 0:
+		return bad("BatchWindow must not be negative, got %v", c.batchWindow)
+	case c.batchKeys < 0:
+		return bad("BatchKeys must not be negative, got %d", c.batchKeys)
+	case c.maxBackoff < 0:
+		return bad("MaxBackoff must not be negative, got %v", c.maxBackoff)
+	}
+	if c.proofInterval == 0 {
+		c.proofInterval = 100 * time.Millisecond
+	}
+	if c.maxStaleness == 0 {
+		c.maxStaleness = time.Second
+	}
+	if c.proofInterval >= c.maxStaleness {
+		return bad("ProofInterval (%v) must be shorter than MaxStaleness (%v)", c.proofInterval, c.maxStaleness)
+	}
+	if c.batchKeys == 0 {
+		c.batchKeys = 512
+	}
+	if c.maxBackoff == 0 {
+		c.maxBackoff = 2 * time.Second
+	}
+	if c.log == nil {
+		c.log = slog.New(slog.DiscardHandler)
+	}
+	if c.node == (nodeID{}) {
+		// A restarted process is a new origin: its sequence starts again at
+		// 1, which receivers must not read as a gap or a replay.
+		_, _ = rand.Read(c.node[:]) // never fails (crypto/rand.Read docs)
+	}
+	return nil
+}
+
+// checkClient rejects the clients that could route a subscription, or a
+// Streams read, to a different server than the publications, or to a
+// replica, whose reads lag behind (a Streams proof from a replica would not
+// cover that lag).
+func checkClient(client redis.UniversalClient) (cluster *redis.ClusterClient, err error) {
+	switch c := client.(type) {
+	case nil:
+		return nil, fmt.Errorf("%w: nil client", ErrInvalidOptions)
+	case *redis.Ring:
+		return nil, fmt.Errorf("%w: *redis.Ring is not supported: its shards can disagree about the owner of a channel", ErrInvalidOptions)
+	case *redis.ClusterClient:
+		if c.Options().ReadOnly || c.Options().RouteByLatency || c.Options().RouteRandomly {
+			return nil, fmt.Errorf("%w: a ClusterClient that reads from replicas is not supported", ErrInvalidOptions)
+		}
+		return c, nil
+	}
+	return nil, nil
+}

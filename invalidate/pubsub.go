@@ -1,0 +1,498 @@
+package invalidate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/coherentcache/coherent/cache"
+)
+
+// What this file relies on in go-redis v9.23.0, read in its source
+// (pubsub.go unless another file is named):
+//
+//   - PubSub reconnects by itself. Receive (ReceiveTimeout) takes the
+//     connection through conn(), which dials and calls resubscribe() when
+//     the previous one was dropped; releaseConn drops it after a read or
+//     write error (isBadConn in error.go). Nothing tells the caller except
+//     the *Subscription replies that the new SUBSCRIBE produces, one per
+//     channel (newMessage), so every subscribe confirmation of the
+//     invalidation channel after the first is a gap here.
+//   - ReceiveTimeout with a timeout keeps the connection after a read
+//     timeout (releaseConn passes allowTimeout; isBadConn in error.go then
+//     returns false), even if the timeout struck in the middle of a reply.
+//     Receive (timeout 0) sets no deadline at all (Conn.deadline in
+//     internal/pool/conn.go returns noDeadline). So the reader calls
+//     Receive, with no deadline, and a separate watchdog closes the PubSub
+//     when proofs stop; Close makes the blocked read return an error
+//     (pool.Conn.Close closes the net.Conn; safe while a read is blocked).
+//   - Ping(ctx, payload) takes the PubSub's mutex, writes PING on the
+//     subscribed connection (the one Receive reads) and returns without
+//     reading; the reply comes through Receive as *Pong{Payload}: in RESP2
+//     as the ["pong", payload] array, in RESP3 as a plain string
+//     (newMessage). A PONG proves that the subscribed server has delivered
+//     what it received, not that it receives what the other nodes publish:
+//     a subscription left on a replica, or on a node that lost the slot,
+//     answers PINGs as well (seen in TestClusterSlotMigration). So the
+//     proof here is a probe published like an invalidation instead (see
+//     proofLoop), and PubSub.Ping is not used.
+//   - The Channel() health check (channel.initHealthCheck) sends PING and
+//     reconnects only if the write fails; it never waits for the PONG, so
+//     a half-open link goes unnoticed. Channel() also drops a message once
+//     its buffer stays full for chanSendTimeout, and ignores *Subscription
+//     and *Pong (channel.initMsgChan). This file uses neither.
+//   - Script.Run sends EVALSHA and falls back to EVAL on NOSCRIPT
+//     (script.go), so the publish scripts survive a server restart.
+//     READONLY errors make a command retried (shouldRetry in error.go) on
+//     a new connection, since they mark the old one bad (isBadConn).
+//   - In RESP3, the push processor leaves message, subscribe, unsubscribe
+//     and their sharded forms to PubSub (willHandleNotificationInClient in
+//     push/processor.go).
+//   - Client.Subscribe / ClusterClient.SSubscribe with channels ignore the
+//     error of the first SUBSCRIBE (redis.go, osscluster.go); this file
+//     makes an empty PubSub and calls PubSub.Subscribe / SSubscribe, which
+//     return it.
+//   - ClusterClient's PubSub dials the master of channels[0]'s slot (or a
+//     replica with ReadOnly) when it (re)connects, from the client's cached
+//     slot map (ClusterClient.pubSub in osscluster.go). A server-side
+//     sunsubscribe after a slot migration arrives as
+//     *Subscription{Kind: "sunsubscribe"} and nothing resubscribes
+//     (newMessage); this file reconnects on it. The SSUBSCRIBE of that
+//     reconnection, sent to the old owner, is answered with a MOVED error
+//     that Receive returns and that does not refresh the slot map (seen in
+//     TestClusterSlotMigration), so the reader reloads it
+//     (ClusterClient.ReloadState) before every reconnection.
+
+// PubSub is a [cache.Bus] over Redis pub/sub: the lowest latency, one
+// subscribed connection per PubSub shared by every namespace, and no replay
+// (a subscriber that loses its connection flushes). See the package
+// documentation for the guarantees and the faults it survives.
+//
+// Create one PubSub per process, pass it to every [cache.Cache], and close
+// it after them. It is safe for concurrent use.
+type PubSub struct {
+	*hub
+	client  redis.UniversalClient
+	cluster *redis.ClusterClient // non-nil: sharded pub/sub
+	channel string
+	probe   string // this bus's proof channel, in channel's slot
+
+	ctx    context.Context // cancelled by Close
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	kick   chan struct{} // capacity 1: prove now
+	send1  chan string   // capacity 1: a probe payload for the prober
+
+	linkMu  sync.Mutex    // guards the fields below
+	ps      *redis.PubSub // the current subscription; nil between connections
+	probing outstanding   // the probe waiting to come back, if any
+	nonce   uint64        // last probe nonce
+	closed  bool
+
+	closeOnce sync.Once
+}
+
+// outstanding is a probe published and not yet received.
+type outstanding struct {
+	payload string
+	sentAt  int64 // nanoseconds since hub.epoch, taken before publishing
+	ok      bool  // a probe is outstanding
+}
+
+var _ cache.Bus = (*PubSub)(nil)
+
+// NewPubSub returns a bus that publishes on, and subscribes to, one Redis
+// channel through client, and starts its goroutines. It does not wait for
+// Redis: subscriptions stay unproven, and their caches bypass themselves,
+// until the first subscription is confirmed and proven.
+//
+// client may be a *redis.Client (single server or Sentinel) or a
+// *redis.ClusterClient, on which the bus uses sharded pub/sub (SSUBSCRIBE
+// and SPUBLISH of the channel's slot). Authentication and TLS come from the
+// client. NewPubSub returns an error for which errors.Is(err,
+// ErrInvalidOptions) is true for a nil client, a *redis.Ring, a
+// ClusterClient that reads from replicas, a cluster channel name with a '}'
+// outside a hash tag, or unusable options.
+func NewPubSub(client redis.UniversalClient, opts *PubSubOptions) (*PubSub, error) {
+	cluster, err := checkClient(client)
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := opts.config()
+	if err != nil {
+		return nil, err
+	}
+	probe, err := probeChannel(cfg.name, cfg.node, cluster != nil)
+	if err != nil {
+		return nil, err
+	}
+	b := &PubSub{client: client, cluster: cluster, channel: cfg.name, probe: probe,
+		kick: make(chan struct{}, 1), send1: make(chan string, 1)}
+	b.hub = newHub(cfg, b.send)
+	b.log = cfg.log.With("channel", cfg.name, "node", cfg.node.String())
+	b.ctx, b.cancel = context.WithCancel(context.Background())
+	b.wg.Add(4)
+	go func() { defer b.wg.Done(); b.batch.run(b.ctx) }()
+	go func() { defer b.wg.Done(); b.readLoop() }()
+	go func() { defer b.wg.Done(); b.proofLoop() }()
+	go func() { defer b.wg.Done(); b.probeLoop() }()
+	return b, nil
+}
+
+// probeChannel names the channel on which the bus of node proves its link.
+// On a cluster it must hash to channel's slot, because one SSUBSCRIBE
+// carries both (and go-redis resubscribes them together): it shares
+// channel's hash tag, or makes channel its hash tag.
+func probeChannel(channel string, node nodeID, cluster bool) (string, error) {
+	suffix := ":proof:" + node.String()
+	if !cluster {
+		return channel + suffix, nil
+	}
+	if i := strings.IndexByte(channel, '{'); i >= 0 {
+		if j := strings.IndexByte(channel[i+1:], '}'); j > 0 {
+			return channel + suffix, nil // a hash tag: it decides the slot
+		}
+	}
+	if strings.IndexByte(channel, '}') >= 0 {
+		return "", fmt.Errorf("%w: on Redis Cluster, Channel %q must not contain '}' outside a hash tag", ErrInvalidOptions, channel)
+	}
+	return "{" + channel + "}" + suffix, nil
+}
+
+// Subscribe registers h for the invalidations of namespace published by
+// other nodes and by the other subscriptions of this PubSub. The returned
+// Subscription reports no proof until the bus has proven its link after
+// this call. Subscribe returns ErrClosed after Close.
+func (b *PubSub) Subscribe(namespace string, h cache.Handler) (cache.Subscription, error) {
+	s, err := b.subscribe(namespace, h)
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Publish announces that keys of namespace changed to every node, this one
+// included: it delivers them to this bus's subscriptions of namespace
+// before it sends them, then waits for them to be sent. An empty keys
+// flushes the namespace everywhere. It is for publishers that are not a
+// cache, such as the outbox relay of package store; a cache publishes
+// through its [cache.Subscription]. ctx bounds the wait. Publish returns
+// the error of sending, ctx.Err(), an error for which errors.Is(err,
+// cache.ErrInvalidKey) is true for an empty or too long key, or ErrClosed.
+func (b *PubSub) Publish(ctx context.Context, namespace string, keys []cache.Invalidation) error {
+	return b.hub.publish(ctx, nil, namespace, keys)
+}
+
+// Stats returns a snapshot of the counters.
+func (b *PubSub) Stats() Stats { return b.stats.snapshot() }
+
+// Close stops every goroutine of the bus and waits for them, closes its
+// subscribed connection (not the client) and fails pending and later
+// publications with ErrClosed. A publication or probe in progress is
+// waited for; the client's timeouts bound it. Subscriptions report no
+// proof afterwards. Close is safe to call more than once and always
+// returns nil.
+func (b *PubSub) Close() error {
+	b.closeOnce.Do(func() {
+		b.linkMu.Lock()
+		b.closed = true
+		ps := b.ps
+		b.linkMu.Unlock()
+		b.cancel()
+		if ps != nil {
+			_ = ps.Close() // unblocks the reader's Receive
+		}
+		b.wg.Wait()
+		b.hub.close()
+	})
+	return nil
+}
+
+// The bus publishes through these scripts, never with a bare PUBLISH or
+// SPUBLISH. A script that starts with #!lua and declares no flags may
+// write (Redis 7), so only a master runs it: a replica refuses it, with
+// MOVED on a cluster (and the cluster client then refreshes its slot map
+// and retries at the master) or READONLY otherwise (and go-redis drops the
+// connection, isBadConn in error.go, so the next one goes to the current
+// master). A bare SPUBLISH, by contrast, is accepted by a replica and
+// delivered only to that replica's subscribers, ahead of what the master
+// relays to them (measured on Redis 7.0.15), so a node whose client still
+// routes the slot to a former master would publish where nobody else
+// does, and prove its own link with probes that overtake everybody else's
+// invalidations. Through the scripts every invalidation and every probe is
+// ordered by the one master, which relays them, in that order, to
+// subscriptions on its replicas too. KEYS[1] is the channel; on a cluster
+// it must be declared for the script to run in its slot.
+var (
+	publishScript = redis.NewScript(`#!lua
+for i = 1, #ARGV do redis.call('PUBLISH', KEYS[1], ARGV[i]) end
+return #ARGV
+`)
+	spublishScript = redis.NewScript(`#!lua
+for i = 1, #ARGV do redis.call('SPUBLISH', KEYS[1], ARGV[i]) end
+return #ARGV
+`)
+)
+
+// runScript publishes payloads on channel, in order, in one script call.
+func (b *PubSub) runScript(ctx context.Context, channel string, payloads ...any) error {
+	script := publishScript
+	if b.cluster != nil {
+		script = spublishScript
+	}
+	return script.Run(ctx, b.client, []string{channel}, payloads...).Err()
+}
+
+// scriptBytes bounds the payload of one script call, so that a huge round
+// neither exceeds Redis's limits nor holds its event loop for long.
+const scriptBytes = 4 * MaxMessageSize
+
+// send publishes a round's messages, in order: one script call, or a few
+// in a row for a large round.
+func (b *PubSub) send(ctx context.Context, msgs [][]byte) error {
+	payloads := make([]any, 0, len(msgs))
+	size := 0
+	for i, m := range msgs {
+		payloads = append(payloads, m)
+		size += len(m)
+		if i == len(msgs)-1 || size+len(msgs[i+1]) > scriptBytes {
+			if err := b.runScript(ctx, b.channel, payloads...); err != nil {
+				return err
+			}
+			payloads, size = payloads[:0], 0
+		}
+	}
+	return nil
+}
+
+// readLoop is the reader goroutine: it subscribes, receives until the
+// connection fails, and starts again after a backoff, until Close.
+func (b *PubSub) readLoop() {
+	var (
+		confirmed bool // the bus's first subscription has been confirmed
+		attempt   int  // failed connections since the last confirmation
+	)
+	for {
+		ps, err := b.open()
+		if err == nil {
+			err = b.receiveLoop(ps, &confirmed, &attempt)
+			_ = ps.Close()
+		}
+		if b.ctx.Err() != nil {
+			return
+		}
+		b.stats.reconnects.Add(1)
+		if b.cluster != nil {
+			// The subscription is routed by the client's slot map, which
+			// neither a sunsubscribe nor a MOVED reply to SSUBSCRIBE
+			// refreshes: without this the bus would subscribe at the old
+			// owner again and again.
+			b.cluster.ReloadState(b.ctx)
+		}
+		d := backoff(attempt, b.cfg.maxBackoff)
+		attempt++
+		b.log.Warn("invalidate: subscription lost; reconnecting", "err", err, "after", d)
+		select {
+		case <-b.ctx.Done():
+			return
+		case <-time.After(d):
+		}
+	}
+}
+
+// open makes a new subscription to the channel and the probe channel, and
+// publishes it for the proof goroutine.
+func (b *PubSub) open() (*redis.PubSub, error) {
+	var ps *redis.PubSub
+	var err error
+	if b.cluster != nil {
+		ps = b.cluster.SSubscribe(b.ctx)
+		err = ps.SSubscribe(b.ctx, b.channel, b.probe)
+	} else {
+		ps = b.client.Subscribe(b.ctx)
+		err = ps.Subscribe(b.ctx, b.channel, b.probe)
+	}
+	if err != nil {
+		_ = ps.Close()
+		return nil, err
+	}
+	b.linkMu.Lock()
+	if b.closed {
+		b.linkMu.Unlock()
+		_ = ps.Close()
+		return nil, ErrClosed
+	}
+	b.ps = ps
+	b.probing = outstanding{}
+	b.linkMu.Unlock()
+	return ps, nil
+}
+
+// errUnsubscribed reports that the server ended the subscription by itself,
+// as Redis Cluster does when the channel's slot migrates (race 15).
+var errUnsubscribed = errors.New("invalidate: the server unsubscribed the channel")
+
+// receiveLoop reads ps until it fails and returns the error. It applies
+// every message before reading the next, so a probe is processed after
+// every message the server delivered before it.
+func (b *PubSub) receiveLoop(ps *redis.PubSub, confirmed *bool, attempt *int) error {
+	defer func() {
+		b.linkMu.Lock()
+		if b.ps == ps {
+			b.ps, b.probing = nil, outstanding{}
+		}
+		b.linkMu.Unlock()
+	}()
+	for {
+		msg, err := ps.Receive(b.ctx)
+		if err != nil {
+			return err
+		}
+		switch m := msg.(type) {
+		case *redis.Message:
+			switch m.Channel {
+			case b.channel:
+				b.hub.receive(m.Payload)
+			case b.probe:
+				b.probed(m.Payload)
+			}
+		case *redis.Subscription:
+			if m.Channel != b.channel && m.Channel != b.probe {
+				continue
+			}
+			switch m.Kind {
+			case "subscribe", "ssubscribe":
+				if m.Channel != b.channel {
+					continue
+				}
+				// Whatever was published between the loss of the previous
+				// connection and this confirmation is lost (race 4). The
+				// flush comes after the SUBSCRIBE took effect: a load that
+				// starts after it reads a source that already holds every
+				// write whose invalidation was lost.
+				if *confirmed {
+					b.flushAll(causeResubscribe)
+				}
+				*confirmed = true
+				*attempt = 0
+				// A probe published before this subscription may never
+				// come back; forget it and prove the new one at once.
+				b.linkMu.Lock()
+				b.probing = outstanding{}
+				b.linkMu.Unlock()
+				b.kickProof()
+			default: // unsubscribe, sunsubscribe: we never ask for those
+				return fmt.Errorf("%w (%s %s)", errUnsubscribed, m.Kind, m.Channel)
+			}
+		}
+	}
+}
+
+// probed handles a message on the probe channel: if it is the outstanding
+// probe, every invalidation published before the probe was sent has been
+// applied.
+func (b *PubSub) probed(payload string) {
+	b.linkMu.Lock()
+	p := b.probing
+	match := p.ok && p.payload == payload
+	if match {
+		b.probing = outstanding{}
+	}
+	b.linkMu.Unlock()
+	if match {
+		b.hub.prove(p.sentAt, true)
+	}
+}
+
+func (b *PubSub) kickProof() {
+	select {
+	case b.kick <- struct{}{}:
+	default:
+	}
+}
+
+// proofLoop is the proof goroutine. Every ProofInterval, unless a probe is
+// outstanding, it has the prober publish a new one: a unique payload on
+// this bus's probe channel, through the master that orders every
+// invalidation (see publishScript). The master relays it to the
+// subscription after every invalidation it handled before, so when it
+// comes back, every invalidation published before it was sent has been
+// delivered (race 5). A PING would only show that the subscribed server
+// is alive, not that it is the one the invalidations go through.
+//
+// A probe that has not come back after MaxStaleness means the link is dead
+// or goes to the wrong place, although TCP may not know it yet: proofLoop
+// closes the subscription, and the reader subscribes again (maybe
+// elsewhere) and flushes.
+func (b *PubSub) proofLoop() {
+	t := time.NewTicker(b.cfg.proofInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-b.ctx.Done():
+			return
+		case <-t.C:
+		case <-b.kick:
+		}
+		now := b.now()
+		b.linkMu.Lock()
+		ps, p := b.ps, b.probing
+		if ps == nil {
+			b.linkMu.Unlock()
+			continue
+		}
+		if p.ok {
+			if now-p.sentAt <= int64(b.cfg.maxStaleness) {
+				b.linkMu.Unlock()
+				continue
+			}
+			b.ps, b.probing = nil, outstanding{}
+			b.linkMu.Unlock()
+			b.stats.proofTimeouts.Add(1)
+			b.log.Warn("invalidate: no proof within MaxStaleness; reconnecting", "waited", time.Duration(now-p.sentAt))
+			_ = ps.Close()
+			continue
+		}
+		b.nonce++
+		payload := strconv.FormatUint(b.nonce, 36)
+		b.probing = outstanding{payload: payload, sentAt: now, ok: true}
+		b.linkMu.Unlock()
+		select {
+		case b.send1 <- payload:
+		default: // the prober is stuck on the previous probe; this one times out
+		}
+	}
+}
+
+// probeLoop is the prober goroutine: it publishes the probes proofLoop
+// hands it. It is separate so that a publication stuck on a stalled link
+// (for up to the client's timeouts) does not hold up proofLoop's timeout.
+func (b *PubSub) probeLoop() {
+	for {
+		select {
+		case <-b.ctx.Done():
+			return
+		case payload := <-b.send1:
+			if err := b.runScript(b.ctx, b.probe, payload); err != nil && b.ctx.Err() == nil {
+				b.log.Debug("invalidate: publishing a probe failed", "err", err)
+			}
+		}
+	}
+}
+
+// backoff returns the wait before reconnection attempt n (from 0): 10ms
+// doubling up to limit, each drawn at random from its upper half.
+func backoff(n int, limit time.Duration) time.Duration {
+	d := limit
+	if n < 30 {
+		d = min(10*time.Millisecond<<n, limit)
+	}
+	return d/2 + rand.N(d/2+1)
+}

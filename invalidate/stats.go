@@ -1,0 +1,99 @@
+package invalidate
+
+import "sync/atomic"
+
+// Stats is a snapshot of a bus's counters. Counters only grow; take two
+// snapshots and subtract to get rates.
+type Stats struct {
+	// MessagesSent counts messages published (one PUBLISH or XADD each).
+	MessagesSent uint64
+	// KeysSent counts keys in the messages published; a namespace flush
+	// counts as none.
+	KeysSent uint64
+	// MessagesReceived counts messages received from other nodes. The
+	// echo of this node's own messages is not counted.
+	MessagesReceived uint64
+	// KeysReceived counts keys in MessagesReceived.
+	KeysReceived uint64
+	// PublishErrors counts failed sends of a batch. Every Publish waiting
+	// for that batch returned the error.
+	PublishErrors uint64
+	// Proofs counts proofs of the link: probes that came back (pub/sub)
+	// or XREAD round trips (Streams).
+	Proofs uint64
+	// ProofTimeouts counts connections declared dead because a probe did
+	// not come back within MaxStaleness (pub/sub).
+	ProofTimeouts uint64
+	// Reconnects counts attempts to recover from a failed, killed or
+	// abandoned connection: resubscriptions (pub/sub), reads and position
+	// checks retried (Streams).
+	Reconnects uint64
+	// FlushesResubscribe counts flushes of every local subscription because
+	// the bus subscribed again after its first subscription: whatever was
+	// published in between is lost (pub/sub).
+	FlushesResubscribe uint64
+	// FlushesGap counts flushes because a message from another node did
+	// not follow its predecessor from that node.
+	FlushesGap uint64
+	// FlushesMalformed counts flushes because a message could not be
+	// decoded (malformed, oversized or of an unknown format version).
+	FlushesMalformed uint64
+	// FlushesProofTimeout counts flushes because a proof arrived more than
+	// MaxStaleness after the previous one without a resubscription in
+	// between (pub/sub).
+	FlushesProofTimeout uint64
+	// FlushesTrimmed counts flushes because the stream no longer held the
+	// reader's position: it was trimmed past it, deleted or lost in a
+	// restart (Streams).
+	FlushesTrimmed uint64
+	// FlushesRequested counts namespace flushes published by other nodes
+	// (an empty-keys Publish).
+	FlushesRequested uint64
+	// HandlerPanics counts panics of a local Handler. The bus recovered and
+	// flushed that handler.
+	HandlerPanics uint64
+}
+
+// counters holds the live values behind Stats.
+type counters struct {
+	messagesSent, keysSent, messagesReceived, keysReceived atomic.Uint64
+	publishErrors, proofs, proofTimeouts, reconnects       atomic.Uint64
+	flushes                                                [numCauses]atomic.Uint64
+	flushesRequested, handlerPanics                        atomic.Uint64
+}
+
+// cause is why every local subscription was flushed.
+type cause int
+
+const (
+	causeResubscribe cause = iota
+	causeGap
+	causeMalformed
+	causeProofTimeout
+	causeTrimmed
+	numCauses
+)
+
+func (c cause) String() string {
+	return [...]string{"resubscribe", "sequence gap", "malformed message", "proof timeout", "stream position lost"}[c]
+}
+
+func (c *counters) snapshot() Stats {
+	return Stats{
+		MessagesSent:        c.messagesSent.Load(),
+		KeysSent:            c.keysSent.Load(),
+		MessagesReceived:    c.messagesReceived.Load(),
+		KeysReceived:        c.keysReceived.Load(),
+		PublishErrors:       c.publishErrors.Load(),
+		Proofs:              c.proofs.Load(),
+		ProofTimeouts:       c.proofTimeouts.Load(),
+		Reconnects:          c.reconnects.Load(),
+		FlushesResubscribe:  c.flushes[causeResubscribe].Load(),
+		FlushesGap:          c.flushes[causeGap].Load(),
+		FlushesMalformed:    c.flushes[causeMalformed].Load(),
+		FlushesProofTimeout: c.flushes[causeProofTimeout].Load(),
+		FlushesTrimmed:      c.flushes[causeTrimmed].Load(),
+		FlushesRequested:    c.flushesRequested.Load(),
+		HandlerPanics:       c.handlerPanics.Load(),
+	}
+}

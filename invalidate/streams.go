@@ -1,0 +1,372 @@
+package invalidate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/coherentcache/coherent/cache"
+)
+
+// Streams is a [cache.Bus] over a Redis stream: publications are XADDed
+// to one stream, which every node reads with XREAD BLOCK from its own
+// position. A node that loses its connection resumes where it stopped and
+// flushes only if the stream no longer holds its position. Latency is a
+// little higher than [PubSub]'s, and every node reads every entry. See the
+// package documentation for the guarantees and the faults it survives.
+//
+// Create one Streams per process, pass it to every [cache.Cache], and close
+// it after them. It is safe for concurrent use.
+type Streams struct {
+	*hub
+	client redis.UniversalClient // publishes
+	reader redis.UniversalClient // reads; see readerClient
+	owned  bool                  // reader was made by NewStreams, which closes it
+	key    string
+
+	ctx       context.Context // cancelled by Close
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+}
+
+var _ cache.Bus = (*Streams)(nil)
+
+const (
+	// streamReadCount is the COUNT of each XREAD. A read that returns that
+	// many entries may have left more behind, so it proves nothing.
+	streamReadCount = 256
+
+	fieldMessage = "m" // an entry's encoded message
+	fieldMarker  = "j" // a reader's position marker (its node id)
+)
+
+// holdsScript reports whether the stream still holds the entry ARGV[1],
+// and the stream's max-deleted-entry-id. Trimming removes entries from the
+// head only, so while the entry is there, every entry after it is there
+// too, except those removed by XDEL, which max-deleted-entry-id reveals.
+// (XTRIM and MAXLEN do not update max-deleted-entry-id: measured on Redis
+// 7.0.15.)
+//
+// The #!lua line (Redis 7) declares a script that may write, which a
+// read-only replica refuses with a READONLY error, and go-redis drops a
+// connection that got one (isBadConn in error.go). So a reader whose
+// connection ended up on a replica (a Sentinel failover keeps existing
+// connections) gets no proof from it, and its next connection goes to the
+// master; the XREAD before the check ran on the same connection (the
+// reader's pool holds one), so a read from a lagging replica is never
+// taken for a proof.
+var holdsScript = redis.NewScript(`#!lua
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then
+  return {0, ''}
+end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+for i = 1, #info, 2 do
+  if info[i] == 'max-deleted-entry-id' then
+    return {1, info[i + 1]}
+  end
+end
+return {1, ''}
+`)
+
+// NewStreams returns a bus that adds its publications to one Redis stream
+// through client and reads the stream from its own position, and starts
+// its goroutines. It does not wait for Redis: subscriptions stay unproven,
+// and their caches bypass themselves, until the first read returns.
+//
+// client may be a *redis.Client (single server or Sentinel) or a
+// *redis.ClusterClient (the stream lives in one slot). NewStreams returns
+// an error for which errors.Is(err, ErrInvalidOptions) is true for a nil
+// client, a *redis.Ring, a ClusterClient that reads from replicas, or
+// unusable options.
+func NewStreams(client redis.UniversalClient, opts *StreamsOptions) (*Streams, error) {
+	if _, err := checkClient(client); err != nil {
+		return nil, err
+	}
+	cfg, err := opts.config()
+	if err != nil {
+		return nil, err
+	}
+	b := &Streams{client: client, key: cfg.name}
+	b.reader, b.owned = readerClient(client)
+	b.hub = newHub(cfg, b.send)
+	b.log = cfg.log.With("stream", cfg.name, "node", cfg.node.String())
+	b.ctx, b.cancel = context.WithCancel(context.Background())
+	b.wg.Add(2)
+	go func() { defer b.wg.Done(); b.batch.run(b.ctx) }()
+	go func() { defer b.wg.Done(); b.readLoop() }()
+	return b, nil
+}
+
+// Subscribe registers h for the invalidations of namespace published by
+// other nodes and by the other subscriptions of this Streams. The returned
+// Subscription reports no proof until a read of the stream started after
+// this call has returned. Subscribe returns ErrClosed after Close.
+func (b *Streams) Subscribe(namespace string, h cache.Handler) (cache.Subscription, error) {
+	s, err := b.subscribe(namespace, h)
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Publish announces that keys of namespace changed to every node, this one
+// included; see [PubSub.Publish].
+func (b *Streams) Publish(ctx context.Context, namespace string, keys []cache.Invalidation) error {
+	return b.hub.publish(ctx, nil, namespace, keys)
+}
+
+// Stats returns a snapshot of the counters.
+func (b *Streams) Stats() Stats { return b.stats.snapshot() }
+
+// Close stops every goroutine of the bus and waits for them (up to
+// MaxStaleness for a read in progress, and the client's timeouts for a
+// publication in progress), and fails pending and later publications with
+// ErrClosed. It does not close the client. Subscriptions report no proof afterwards. It is safe to call more
+// than once and always returns nil.
+func (b *Streams) Close() error {
+	b.closeOnce.Do(func() {
+		b.cancel()
+		b.wg.Wait() // a blocked XREAD ends by its deadline, MaxStaleness at most
+		b.hub.close()
+		if b.owned {
+			_ = b.reader.Close()
+		}
+	})
+	return nil
+}
+
+func (b *Streams) xadd(p redis.Cmdable, ctx context.Context, field string, value any) *redis.StringCmd {
+	return p.XAdd(ctx, &redis.XAddArgs{Stream: b.key, MaxLen: b.cfg.maxLen, Approx: true, Values: []any{field, value}})
+}
+
+// send adds msgs to the stream in order: one XADD, or a pipeline on one
+// connection, which Redis executes in order.
+func (b *Streams) send(ctx context.Context, msgs [][]byte) error {
+	if len(msgs) == 1 {
+		return b.xadd(b.client, ctx, fieldMessage, msgs[0]).Err()
+	}
+	_, err := b.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for _, m := range msgs {
+			b.xadd(p, ctx, fieldMessage, m)
+		}
+		return nil
+	})
+	return err
+}
+
+// readLoop is the reader goroutine. It keeps two positions: pos, the last
+// entry read, and anchor, an entry that was still in the stream after
+// everything up to it had been read. Before a read may count as a proof,
+// the stream must still hold anchor, which shows that nothing after anchor
+// was trimmed before that read. When the stream no longer holds it, the
+// loop adds a marker entry, flushes, and reads on from the marker.
+func (b *Streams) readLoop() {
+	var (
+		pos, anchor string // "" until the first marker is added
+		first       = true
+		attempt     int
+	)
+	fail := func(what string, err error) bool {
+		if b.ctx.Err() != nil {
+			return false
+		}
+		b.stats.reconnects.Add(1)
+		d := backoff(attempt, b.cfg.maxBackoff)
+		attempt++
+		b.log.Warn("invalidate: stream "+what+" failed; retrying", "err", err, "after", d)
+		select {
+		case <-b.ctx.Done():
+			return false
+		case <-time.After(d):
+			return true
+		}
+	}
+	for {
+		if anchor == "" {
+			// The marker is added before the flush: whatever was added
+			// before the marker, and is now skipped, comes from writes that
+			// committed before the flush, so a load after the flush sees
+			// them. On the first pass there is nothing to flush: nothing
+			// was cached without a proof.
+			ctx, cancel := context.WithTimeout(b.ctx, b.cfg.maxStaleness)
+			id, err := b.xadd(b.reader, ctx, fieldMarker, b.cfg.node.String()).Result()
+			cancel()
+			if err != nil {
+				if !fail("marker", err) {
+					return
+				}
+				continue
+			}
+			if !first {
+				b.flushAll(causeTrimmed)
+			}
+			first = false
+			pos, anchor = id, id
+		}
+		sentAt := b.now()
+		// A read that does not return within MaxStaleness is abandoned: the
+		// link is silent (race 5). go-redis closes the connection of a
+		// command that ends in a deadline error (isBadConn in error.go).
+		ctx, cancel := context.WithTimeout(b.ctx, b.cfg.maxStaleness)
+		res, err := b.reader.XRead(ctx, &redis.XReadArgs{
+			Streams: []string{b.key, pos}, Count: streamReadCount, Block: b.cfg.proofInterval,
+		}).Result()
+		cancel()
+		if err != nil && !errors.Is(err, redis.Nil) {
+			if !fail("read", err) {
+				return
+			}
+			continue
+		}
+		n := 0
+		for _, s := range res {
+			for _, e := range s.Messages {
+				b.entry(e)
+				pos = e.ID
+				n++
+			}
+		}
+		if n == streamReadCount {
+			continue // there may be more: read on before proving
+		}
+		ok, err := b.holds(anchor)
+		if err != nil {
+			if !fail("position check", err) {
+				return
+			}
+			continue
+		}
+		if !ok {
+			b.log.Warn("invalidate: the stream no longer holds this node's position", "position", anchor)
+			anchor = ""
+			continue
+		}
+		// The stream held anchor after the read, so it held every entry
+		// after anchor before the read; the read returned fewer than COUNT
+		// entries, so it returned all of them up to the moment Redis ran
+		// it, which was after sentAt.
+		anchor = pos
+		attempt = 0
+		b.hub.prove(sentAt, false)
+	}
+}
+
+// entry delivers one stream entry.
+func (b *Streams) entry(e redis.XMessage) {
+	if len(e.Values) == 1 {
+		if m, ok := e.Values[fieldMessage].(string); ok {
+			b.hub.receive(m)
+			return
+		}
+		if _, ok := e.Values[fieldMarker]; ok {
+			return
+		}
+	}
+	b.hub.receive("") // not ours: malformed, so flush
+}
+
+// holds reports whether the stream still holds id and no entry after it
+// was deleted.
+func (b *Streams) holds(id string) (bool, error) {
+	ctx, cancel := context.WithTimeout(b.ctx, b.cfg.maxStaleness)
+	defer cancel()
+	res, err := holdsScript.Run(ctx, b.reader, []string{b.key}, id).Slice()
+	if err != nil {
+		return false, err
+	}
+	if len(res) != 2 {
+		return false, fmt.Errorf("invalidate: unexpected reply %v to the position check", res)
+	}
+	if found, _ := res[0].(int64); found == 0 {
+		return false, nil
+	}
+	deleted, _ := res[1].(string)
+	if deleted == "" {
+		return true, nil
+	}
+	return compareIDs(deleted, id) <= 0, nil
+}
+
+// compareIDs compares two stream ids ("ms-seq"). An unparsable id compares
+// greater, so that doubt ends in a flush.
+func compareIDs(a, b string) int {
+	pa, okA := parseID(a)
+	pb, okB := parseID(b)
+	switch {
+	case !okA:
+		return 1
+	case !okB:
+		return -1
+	case pa[0] != pb[0]:
+		return cmpUint(pa[0], pb[0])
+	default:
+		return cmpUint(pa[1], pb[1])
+	}
+}
+
+func parseID(id string) ([2]uint64, bool) {
+	ms, seq, ok := strings.Cut(id, "-")
+	if !ok {
+		return [2]uint64{}, false
+	}
+	a, err1 := strconv.ParseUint(ms, 10, 64)
+	b, err2 := strconv.ParseUint(seq, 10, 64)
+	return [2]uint64{a, b}, err1 == nil && err2 == nil
+}
+
+func cmpUint(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// readerClient returns the client the reader goroutine uses. go-redis
+// ignores context deadlines on the socket unless ContextTimeoutEnabled is
+// set (baseClient.context in redis.go); a blocked XREAD would then wait for
+// its BLOCK time plus 10s (baseClient.cmdTimeout), however silent the link,
+// and so would Close. So for a *redis.Client or *redis.ClusterClient the
+// reader gets a client of its own, with one connection (per node), the
+// user's options (address, Sentinel, TLS, credentials) and
+// ContextTimeoutEnabled. It leaves out
+// client-side caching and the push-notification processor, which NewClient
+// stores in the options and a second client must not share (redis.go,
+// NewClient). Other implementations are used as they are.
+func readerClient(client redis.UniversalClient) (redis.UniversalClient, bool) {
+	switch c := client.(type) {
+	case *redis.Client:
+		opt := *c.Options()
+		if opt.MaintNotificationsConfig != nil {
+			mn := *opt.MaintNotificationsConfig
+			opt.MaintNotificationsConfig = &mn
+		}
+		opt.PushNotificationProcessor = nil
+		opt.ClientSideCache, opt.ClientSideCacheConfig = nil, nil
+		opt.AutoPipelineOptions = nil
+		opt.ContextTimeoutEnabled = true
+		opt.PoolSize, opt.MinIdleConns, opt.MaxIdleConns, opt.MaxActiveConns = 1, 0, 0, 0
+		return redis.NewClient(&opt), true
+	case *redis.ClusterClient:
+		opt := *c.Options()
+		if opt.MaintNotificationsConfig != nil {
+			mn := *opt.MaintNotificationsConfig
+			opt.MaintNotificationsConfig = &mn
+		}
+		opt.PushNotificationProcessor = nil
+		opt.AutoPipelineOptions = nil
+		opt.ContextTimeoutEnabled = true
+		opt.PoolSize, opt.MinIdleConns, opt.MaxIdleConns, opt.MaxActiveConns = 1, 0, 0, 0
+		return redis.NewClusterClient(&opt), true
+	}
+	return client, false
+}
