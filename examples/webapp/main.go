@@ -26,6 +26,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -39,17 +40,35 @@ import (
 	"github.com/coherentcache/coherent/store"
 )
 
+// config is the command line.
+type config struct {
+	addr, node      string
+	dbURL, redisURL string
+	// The rest serve operators and the fault tests of integration/.
+	schema          string        // the library's tables
+	redisPrefix     string        // the bus channel and lock keys
+	lockTTL         time.Duration // lease of the write locks
+	maxStaleness    time.Duration
+	crashAfterWrite int // SIGKILL self after the commit of the n-th write (0: never)
+}
+
 func main() {
-	addr := flag.String("addr", ":8081", "listen address")
-	node := flag.String("node", "a", "name of this instance, for logs")
-	dbURL := flag.String("database-url", env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"), "Postgres URL")
-	redisURL := flag.String("redis-url", env("REDIS_URL", "redis://127.0.0.1:6379/0"), "Redis URL")
+	var cfg config
+	flag.StringVar(&cfg.addr, "addr", ":8081", "listen address")
+	flag.StringVar(&cfg.node, "node", "a", "name of this instance, for logs and connection names")
+	flag.StringVar(&cfg.dbURL, "database-url", env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"), "Postgres URL; a search_path parameter selects the schema of the items table")
+	flag.StringVar(&cfg.redisURL, "redis-url", env("REDIS_URL", "redis://127.0.0.1:6379/0"), "Redis URL")
+	flag.StringVar(&cfg.schema, "schema", store.DefaultSchema, "schema of the library's tables")
+	flag.StringVar(&cfg.redisPrefix, "redis-prefix", "coherent:", "prefix of the bus channel and the lock keys")
+	flag.DurationVar(&cfg.lockTTL, "lock-ttl", lockguard.DefaultTTL, "lease of a write's lock")
+	flag.DurationVar(&cfg.maxStaleness, "max-staleness", time.Second, "serve from memory only while the bus link was proven this recently")
+	flag.IntVar(&cfg.crashAfterWrite, "crash-after-commit", 0, "fault injection: kill this process right after the commit of its n-th write, before it publishes (0: never)")
 	flag.Parse()
 
-	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("node", *node)
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("node", cfg.node)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *addr, *dbURL, *redisURL, log); err != nil {
+	if err := run(ctx, cfg, log); err != nil {
 		fmt.Fprintf(os.Stderr, "webapp: %v\n", err)
 		os.Exit(1)
 	}
@@ -62,8 +81,13 @@ func env(name, def string) string {
 	return def
 }
 
-func run(ctx context.Context, addr, dbURL, redisURL string, log *slog.Logger) error {
-	pool, err := pgxpool.New(ctx, dbURL)
+func run(ctx context.Context, cfg config, log *slog.Logger) error {
+	pcfg, err := pgxpool.ParseConfig(cfg.dbURL)
+	if err != nil {
+		return fmt.Errorf("postgres: %w", err)
+	}
+	pcfg.ConnConfig.RuntimeParams["application_name"] = "coherent-webapp-" + cfg.node
+	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
 	if err != nil {
 		return fmt.Errorf("postgres: %w", err)
 	}
@@ -71,28 +95,29 @@ func run(ctx context.Context, addr, dbURL, redisURL string, log *slog.Logger) er
 	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if err := pool.Ping(pctx); err != nil {
-		return fmt.Errorf("postgres at %s unreachable: %w", redact(dbURL), err)
+		return fmt.Errorf("postgres at %s unreachable: %w", redact(cfg.dbURL), err)
 	}
-	ropts, err := redis.ParseURL(redisURL)
+	ropts, err := redis.ParseURL(cfg.redisURL)
 	if err != nil {
 		return fmt.Errorf("redis: %w", err)
 	}
+	ropts.ClientName = "coherent-webapp-" + cfg.node
 	rdb := redis.NewClient(ropts)
 	defer rdb.Close()
 	if err := rdb.Ping(pctx).Err(); err != nil {
 		return fmt.Errorf("redis at %s unreachable: %w", ropts.Addr, err)
 	}
 
-	app, err := newApp(ctx, pool, rdb, log)
+	app, err := newApp(ctx, cfg, pool, rdb, log)
 	if err != nil {
 		return err
 	}
 	defer app.close()
 
-	srv := &http.Server{Addr: addr, Handler: app.routes(), ReadHeaderTimeout: 5 * time.Second}
+	srv := &http.Server{Addr: cfg.addr, Handler: app.routes(), ReadHeaderTimeout: 5 * time.Second}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.ListenAndServe() }()
-	log.Info("listening", "addr", addr)
+	log.Info("listening", "addr", cfg.addr)
 	select {
 	case err := <-errc:
 		return err
@@ -124,6 +149,7 @@ type app struct {
 	pool   *pgxpool.Pool
 	rdb    *redis.Client
 	bus    *invalidate.PubSub
+	locks  *lockguard.Guard
 	store  *store.Store
 	items  *cache.Cache[string, Item]
 	log    *slog.Logger
@@ -131,8 +157,8 @@ type app struct {
 	relay  chan error
 }
 
-func newApp(ctx context.Context, pool *pgxpool.Pool, rdb *redis.Client, log *slog.Logger) (*app, error) {
-	if err := store.Migrate(ctx, pool, ""); err != nil {
+func newApp(ctx context.Context, cfg config, pool *pgxpool.Pool, rdb *redis.Client, log *slog.Logger) (*app, error) {
+	if err := store.Migrate(ctx, pool, cfg.schema); err != nil {
 		return nil, err
 	}
 	// Instances start together; CREATE TABLE IF NOT EXISTS is not safe
@@ -148,16 +174,24 @@ func newApp(ctx context.Context, pool *pgxpool.Pool, rdb *redis.Client, log *slo
 	if err != nil {
 		return nil, fmt.Errorf("create table items: %w", err)
 	}
-	bus, err := invalidate.NewPubSub(rdb, &invalidate.PubSubOptions{Logger: log})
+	bus, err := invalidate.NewPubSub(rdb, &invalidate.PubSubOptions{
+		Channel:      cfg.redisPrefix + "invalidations",
+		MaxStaleness: cfg.maxStaleness,
+		Logger:       log,
+	})
 	if err != nil {
 		return nil, err
 	}
-	locks, err := lockguard.New(rdb, &lockguard.Options{Logger: log})
+	locks, err := lockguard.New(rdb, &lockguard.Options{Prefix: cfg.redisPrefix + "lock:", TTL: cfg.lockTTL, Logger: log})
 	if err != nil {
 		bus.Close()
 		return nil, err
 	}
-	s, err := store.New(pool, &store.Options{Locks: locks, Publisher: bus, Logger: log})
+	var tracer store.WriteTracer
+	if cfg.crashAfterWrite > 0 {
+		tracer = &crasher{after: int64(cfg.crashAfterWrite), log: log}
+	}
+	s, err := store.New(pool, &store.Options{Schema: cfg.schema, Locks: locks, Publisher: bus, Tracer: tracer, Logger: log})
 	if err != nil {
 		bus.Close()
 		return nil, err
@@ -169,16 +203,17 @@ func newApp(ctx context.Context, pool *pgxpool.Pool, rdb *redis.Client, log *slo
 	items, err := cache.New("items", 100_000,
 		store.Loader[string](pool, `SELECT id, value, version FROM items WHERE id = $1`, pgx.RowToStructByName[Item]),
 		&cache.Options[string, Item]{
-			Bus:     bus,
-			Version: func(it Item) int64 { return it.Version },
-			Logger:  log,
+			Bus:          bus,
+			MaxStaleness: cfg.maxStaleness,
+			Version:      func(it Item) int64 { return it.Version },
+			Logger:       log,
 		})
 	if err != nil {
 		bus.Close()
 		return nil, err
 	}
 	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	a := &app{pool: pool, rdb: rdb, bus: bus, store: s, items: items, log: log, cancel: cancel, relay: make(chan error, 1)}
+	a := &app{pool: pool, rdb: rdb, bus: bus, locks: locks, store: s, items: items, log: log, cancel: cancel, relay: make(chan error, 1)}
 	go func() { a.relay <- s.RunRelay(rctx) }()
 	return a, nil
 }
@@ -188,4 +223,26 @@ func (a *app) close() {
 	<-a.relay
 	a.items.Close()
 	a.bus.Close()
+	a.locks.Close()
+}
+
+// crasher kills the process right after the commit of its n-th write,
+// before the invalidation is published: the crash that the outbox and the
+// relay must cover (DESIGN race 3).
+type crasher struct {
+	after, writes int64
+	log           *slog.Logger
+}
+
+func (c *crasher) TraceWriteStart(ctx context.Context, _ store.TraceWriteStartData) context.Context {
+	return ctx
+}
+
+func (c *crasher) TraceWriteEnd(context.Context, store.TraceWriteEndData) {}
+
+func (c *crasher) TraceCommit(_ context.Context, d store.TraceCommitData) {
+	if atomic.AddInt64(&c.writes, 1) == c.after {
+		c.log.Warn("fault injection: crashing after commit", "key", d.Key, "version", d.Version)
+		syscall.Kill(os.Getpid(), syscall.SIGKILL)
+	}
 }
