@@ -41,6 +41,17 @@ func (s *Store) RunRelay(ctx context.Context) error {
 		s.listen(ctx, wake)
 	}()
 	defer func() { <-listenDone }()
+	// While a relay runs, writers hand their outbox confirmations to it.
+	confirmDone := make(chan struct{})
+	s.relays.Add(1)
+	go func() {
+		defer close(confirmDone)
+		s.confirmLoop(ctx)
+	}()
+	defer func() {
+		s.relays.Add(-1)
+		<-confirmDone
+	}()
 
 	failures := 0
 	for {

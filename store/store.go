@@ -119,6 +119,12 @@ type Store struct {
 	// confirmed.
 	afterCommit func() error
 
+	// sql holds the statements of the write path, built once.
+	sql struct{ fence, outboxPut, confirm string }
+
+	relays   atomic.Int32      // RunRelay calls running
+	confirms chan confirmation // to confirmLoop
+
 	publishFailures atomic.Uint64
 	relayed         atomic.Uint64
 	relayErrors     atomic.Uint64
@@ -170,6 +176,35 @@ func New(pool *pgxpool.Pool, opts *Options) (*Store, error) {
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
+	s.confirms = make(chan confirmation, 1024)
+	// The statements are plain SQL rather than calls of the schema's
+	// functions: pgx prepares and caches them per connection, where a SQL
+	// function's body is planned again on every call.
+	s.sql.fence = `
+		WITH f AS (
+			INSERT INTO ` + s.ident + `.fences AS f (name_hash, token) VALUES (sha256($1), $2)
+			ON CONFLICT (name_hash) DO UPDATE SET token = EXCLUDED.token WHERE f.token < EXCLUDED.token
+			RETURNING 1)
+		SELECT EXISTS (SELECT 1 FROM f),
+		       coalesce((SELECT token FROM ` + s.ident + `.fences WHERE name_hash = sha256($1)), 0)`
+	// The upsert of outbox_put (see the migration), inlined.
+	s.sql.outboxPut = `
+		INSERT INTO ` + s.ident + `.outbox AS o (key_hash, namespace, key, version, relay_after)
+		VALUES (sha256(int4send(length($1::bytea)) || $1::bytea || $2::bytea), $1, $2, $3, now() + make_interval(secs => $4))
+		ON CONFLICT (key_hash) DO UPDATE SET
+			version     = CASE WHEN o.version = 0 OR EXCLUDED.version = 0 THEN 0
+			                   ELSE greatest(o.version, EXCLUDED.version) END,
+			seq         = nextval('` + s.ident + `.outbox_seq'),
+			relay_after = least(o.relay_after, EXCLUDED.relay_after)
+		RETURNING seq`
+	// Deleting confirmed rows needs no durable commit: a lost deletion
+	// only makes the relay publish the change again.
+	s.sql.confirm = `
+		WITH d AS (
+			DELETE FROM ` + s.ident + `.outbox o
+			USING unnest($1::bytea[], $2::bytea[], $3::bigint[]) AS c(ns, key, seq)
+			WHERE o.key_hash = sha256(int4send(length(c.ns)) || c.ns || c.key) AND o.seq = c.seq)
+		SELECT set_config('synchronous_commit', 'off', true)`
 	return s, nil
 }
 

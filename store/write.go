@@ -198,39 +198,59 @@ func checkName(namespace, key string) error {
 
 // commit runs body in a transaction that, when l is not nil, first checks
 // and advances l's fencing token, and that records the change in the outbox
-// before committing. It returns the outbox row's seq.
+// as it commits. It returns the outbox row's seq. Round trips: BEGIN (with
+// capture turned off), the fence, body's statements, and the outbox upsert
+// pipelined with COMMIT.
 func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, body func(ctx context.Context, tx pgx.Tx) (int64, error)) (seq int64, err error) {
-	tx, err := s.pool.Begin(ctx)
+	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
-		return 0, fmt.Errorf("store: begin: %w", translate(err))
+		return 0, fmt.Errorf("store: %w", translate(err))
 	}
 	defer func() {
-		if err != nil {
+		if conn.Conn().PgConn().TxStatus() != 'I' {
+			// Not committed: roll back, even if ctx is done, so that the
+			// connection goes back to the pool clean (the pool would
+			// otherwise close it).
 			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-			tx.Rollback(rctx)
+			conn.Exec(rctx, "ROLLBACK")
 			cancel()
 		}
+		conn.Release()
 	}()
 	// The store records its own outbox row; the capture trigger of a
 	// captured table must not add one without a version.
-	if l == nil {
-		if _, err := tx.Exec(ctx, `SELECT set_config('coherent.capture', 'off', true)`); err != nil {
-			return 0, fmt.Errorf("store: %w", translate(err))
+	tx, err := conn.BeginTx(ctx, pgx.TxOptions{BeginQuery: "BEGIN; SET LOCAL coherent.capture = 'off'"})
+	if err != nil {
+		return 0, fmt.Errorf("store: begin: %w", translate(err))
+	}
+	if l != nil {
+		if err := s.fence(ctx, tx, l); err != nil {
+			return 0, err
 		}
-	} else if err := s.fence(ctx, tx, l); err != nil {
-		return 0, err
 	}
 	version, err := body(ctx, tx)
 	if err != nil {
 		return 0, translate(err)
 	}
-	err = tx.QueryRow(ctx, `SELECT `+s.ident+`.outbox_put($1, $2, $3, make_interval(secs => $4))`,
-		[]byte(ns), []byte(key), version, s.grace.Seconds()).Scan(&seq)
-	if err != nil {
-		return 0, fmt.Errorf("store: outbox: %w", translate(err))
+	// One round trip for the outbox row and the commit. tx is left
+	// unfinished on purpose: the batch commits on the server, and
+	// tx.Commit would send a second COMMIT.
+	var batch pgx.Batch
+	batch.Queue(s.sql.outboxPut, []byte(ns), []byte(key), version, s.grace.Seconds()).QueryRow(func(r pgx.Row) error {
+		return r.Scan(&seq)
+	})
+	var tag pgconn.CommandTag
+	batch.Queue("COMMIT").Exec(func(ct pgconn.CommandTag) error {
+		tag = ct
+		return nil
+	})
+	if err := conn.SendBatch(ctx, &batch).Close(); err != nil {
+		return 0, fmt.Errorf("store: outbox and commit: %w", translate(err))
 	}
-	if err := tx.Commit(ctx); err != nil {
-		return 0, fmt.Errorf("store: commit: %w", translate(err))
+	if tag.String() != "COMMIT" {
+		// COMMIT of a failed transaction answers ROLLBACK: body hid an
+		// error of one of its statements.
+		return 0, fmt.Errorf("store: commit: %w", pgx.ErrTxCommitRollback)
 	}
 	s.traceCommit(ctx, ns, key, version)
 	if s.afterCommit != nil {
@@ -241,8 +261,7 @@ func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, b
 	return seq, nil
 }
 
-// fence checks and advances l's fencing token inside tx, and turns capture
-// off for tx, in one round trip. The upsert locks the lock's fence row until
+// fence checks and advances l's fencing token inside tx, in one round trip. The upsert locks the lock's fence row until
 // the transaction ends, so fenced writers of one lock commit in token order:
 //
 //	A (token 7): fence ok ........ stalls; its lease runs out ....... commit
@@ -251,18 +270,9 @@ func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, b
 // either A commits first and B then advances 7 to 8, or B got the row first
 // and A's 7 is rejected.
 func (s *Store) fence(ctx context.Context, tx pgx.Tx, l *lockguard.Lock) error {
-	var capture string
 	var advanced bool
 	var stored int64
-	err := tx.QueryRow(ctx, `
-		WITH f AS (
-			INSERT INTO `+s.ident+`.fences AS f (name_hash, token) VALUES (sha256($1), $2)
-			ON CONFLICT (name_hash) DO UPDATE SET token = EXCLUDED.token WHERE f.token < EXCLUDED.token
-			RETURNING 1)
-		SELECT set_config('coherent.capture', 'off', true),
-		       EXISTS (SELECT 1 FROM f),
-		       coalesce((SELECT token FROM `+s.ident+`.fences WHERE name_hash = sha256($1)), 0)`,
-		[]byte(l.Name()), l.Token()).Scan(&capture, &advanced, &stored)
+	err := tx.QueryRow(ctx, s.sql.fence, []byte(l.Name()), l.Token()).Scan(&advanced, &stored)
 	if err != nil {
 		return fmt.Errorf("store: fence: %w", translate(err))
 	}
@@ -289,14 +299,81 @@ func (s *Store) healFence(ctx context.Context, err error) {
 
 // confirm deletes the outbox row of a published change, unless a later
 // change of the key replaced it (then its own writer, or the relay, takes
-// care of it). A failure only means the relay publishes the change again.
+// care of it). While a relay runs on this Store, confirmations are batched
+// off the write's path (see confirmLoop); otherwise the row is deleted
+// here. A lost confirmation only means the relay publishes the change
+// again, which is harmless.
 func (s *Store) confirm(ctx context.Context, ns, key string, seq int64) {
+	if s.relays.Load() > 0 {
+		select {
+		case s.confirms <- confirmation{ns: ns, key: key, seq: seq}:
+			return
+		default: // the confirmer is behind; do it here
+		}
+	}
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
-	_, err := s.pool.Exec(cctx, `DELETE FROM `+s.ident+`.outbox WHERE key_hash = `+s.ident+`.outbox_key($1, $2) AND seq = $3`,
-		[]byte(ns), []byte(key), seq)
-	if err != nil {
+	if _, err := s.pool.Exec(cctx, s.sql.confirm, [][]byte{[]byte(ns)}, [][]byte{[]byte(key)}, []int64{seq}); err != nil {
 		s.log.Warn("store: confirm outbox row", "namespace", ns, "err", err)
+	}
+}
+
+// confirmation identifies the outbox row of a published change.
+type confirmation struct {
+	ns, key string
+	seq     int64
+}
+
+// confirmLinger is how long confirmLoop waits for more confirmations after
+// the first of a batch. It is far below any sensible Grace, so the relay
+// rarely republishes a change that was confirmed.
+const confirmLinger = 5 * time.Millisecond
+
+// confirmLoop deletes confirmed outbox rows in batches, until ctx ends; then
+// it confirms what is queued and returns. It runs inside RunRelay.
+func (s *Store) confirmLoop(ctx context.Context) {
+	var nss, keys [][]byte
+	var seqs []int64
+	flush := func() {
+		if len(seqs) == 0 {
+			return
+		}
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		if _, err := s.pool.Exec(cctx, s.sql.confirm, nss, keys, seqs); err != nil {
+			s.log.Warn("store: confirm outbox rows", "rows", len(seqs), "err", err)
+		}
+		cancel()
+		nss, keys, seqs = nss[:0], keys[:0], seqs[:0]
+	}
+	add := func(c confirmation) {
+		nss, keys, seqs = append(nss, []byte(c.ns)), append(keys, []byte(c.key)), append(seqs, c.seq)
+	}
+	linger := time.NewTimer(time.Hour)
+	linger.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			for {
+				select {
+				case c := <-s.confirms:
+					add(c)
+				default:
+					flush()
+					return
+				}
+			}
+		case c := <-s.confirms:
+			add(c)
+			if len(seqs) == 1 {
+				linger.Reset(confirmLinger)
+			}
+			if len(seqs) >= 512 {
+				linger.Stop()
+				flush()
+			}
+		case <-linger.C:
+			flush()
+		}
 	}
 }
 

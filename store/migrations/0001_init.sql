@@ -63,13 +63,15 @@ CREATE TRIGGER outbox_notify AFTER INSERT OR UPDATE ON {{schema}}.outbox
 
 -- capture_changes is the trigger function of captured tables (G4). Its
 -- arguments: namespace, key column, version column ('' if none). Writes
--- made through the store set coherent.captured = 'off' for their
--- transaction: they record their own outbox rows.
+-- made through the store set coherent.capture = 'off' for their
+-- transaction: they record their own outbox rows. The upsert is written out
+-- here rather than calling outbox_put, so that PL/pgSQL caches its plan.
 CREATE FUNCTION {{schema}}.capture_changes() RETURNS trigger
 	LANGUAGE plpgsql
 	AS $$
 	DECLARE
 		ns      bytea := convert_to(TG_ARGV[0], 'UTF8');
+		new_row jsonb;
 		old_key text;
 		new_key text;
 		ver     bigint := 0;
@@ -81,18 +83,23 @@ CREATE FUNCTION {{schema}}.capture_changes() RETURNS trigger
 			old_key := to_jsonb(OLD) ->> TG_ARGV[1];
 		END IF;
 		IF TG_OP IN ('INSERT', 'UPDATE') THEN
-			new_key := to_jsonb(NEW) ->> TG_ARGV[1];
+			new_row := to_jsonb(NEW);
+			new_key := new_row ->> TG_ARGV[1];
 			IF TG_ARGV[2] <> '' THEN
-				ver := coalesce((to_jsonb(NEW) ->> TG_ARGV[2])::bigint, 0);
+				ver := coalesce((new_row ->> TG_ARGV[2])::bigint, 0);
 			END IF;
 		END IF;
-		IF old_key IS NOT NULL AND old_key IS DISTINCT FROM new_key THEN
-			-- A deleted row, or a key that moved away: its version is unknown.
-			PERFORM {{schema}}.outbox_put(ns, convert_to(old_key, 'UTF8'), 0, interval '0');
-		END IF;
-		IF new_key IS NOT NULL THEN
-			PERFORM {{schema}}.outbox_put(ns, convert_to(new_key, 'UTF8'), ver, interval '0');
-		END IF;
+		-- A deleted row, or a key that moved away, has no version: 0.
+		INSERT INTO {{schema}}.outbox AS o (key_hash, namespace, key, version, relay_after)
+		SELECT {{schema}}.outbox_key(ns, c.k), ns, c.k, c.v, now()
+		FROM (VALUES (CASE WHEN old_key IS DISTINCT FROM new_key THEN convert_to(old_key, 'UTF8') END, 0::bigint),
+		             (convert_to(new_key, 'UTF8'), ver)) AS c (k, v)
+		WHERE c.k IS NOT NULL
+		ON CONFLICT (key_hash) DO UPDATE SET
+			version     = CASE WHEN o.version = 0 OR EXCLUDED.version = 0 THEN 0
+			                   ELSE greatest(o.version, EXCLUDED.version) END,
+			seq         = nextval('{{schema}}.outbox_seq'),
+			relay_after = least(o.relay_after, EXCLUDED.relay_after);
 		RETURN NULL;
 	END
 	$$;
