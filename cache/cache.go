@@ -24,7 +24,7 @@ type Cache[K comparable, V any] struct {
 	// which cached values may be served, from the bus's last proof plus
 	// MaxStaleness. math.MinInt64 once closed.
 	provenUntil atomic.Int64
-	clock       Clock     // nil: the coarse default clock
+	clock       Clock     // nil: the monotonic clock
 	epoch       time.Time // origin of now's time base
 	seed        maphash.Seed
 	shards      []shard[K, V]
@@ -95,16 +95,13 @@ func New[K comparable, V any](namespace string, capacity int, load LoaderFunc[K,
 			return nil, fmt.Errorf("cache: subscribe %q: %w", namespace, err)
 		}
 	}
-	if c.clock == nil {
-		acquireCoarse()
-	}
 	return c, nil
 }
 
 // now returns the current time in nanoseconds since c.epoch.
 func (c *Cache[K, V]) now() int64 {
 	if c.clock == nil {
-		return coarseNow()
+		return monotonic()
 	}
 	return int64(c.clock.Now().Sub(c.epoch))
 }
@@ -132,10 +129,6 @@ func (c *Cache[K, V]) proven(now int64) bool {
 	until := int64(math.MaxInt64) // saturate: a bus may prove into the far future
 	if d := lp.Sub(c.epoch); d < time.Duration(math.MaxInt64)-c.cfg.MaxStaleness {
 		until = int64(d + c.cfg.MaxStaleness)
-	}
-	if c.clock == nil {
-		// The coarse clock lags by up to a tick; stop serving a tick early.
-		until -= int64(tick)
 	}
 	for {
 		old := c.provenUntil.Load()
@@ -633,9 +626,6 @@ func (c *Cache[K, V]) Close() error {
 			s.mu.Lock()
 			s.lru = newLRU[K, V](1)
 			s.mu.Unlock()
-		}
-		if c.clock == nil {
-			releaseCoarse()
 		}
 	})
 	return c.closeErr

@@ -55,9 +55,10 @@
 //
 // # Cost
 //
-// A hit takes one shard lock and no allocation; time comes from a process
-// clock of 1 ms resolution, so expiry and the staleness bound are exact to
-// about a millisecond (plus the scheduling delay of its goroutine). The
-// generation table holds 16 bytes per slot, between 1,024 and 65,536 slots
-// depending on capacity; [Stats] reports its size.
+// A hit takes one shard lock, one read of the monotonic clock and no
+// allocation. The clock is read on every lookup, not cached by a ticking
+// goroutine, so that the staleness bound holds for reads that start right
+// after the process was stalled. The generation table holds 16 bytes per
+// slot, between 1,024 and 65,536 slots depending on capacity; [Stats]
+// reports its size.
 package cache

@@ -78,8 +78,7 @@ type Options[K comparable, V any] struct {
 	Tracer LoadTracer
 
 	// Clock replaces the default clock, for tests. The Bus's LastProof must
-	// read the same clock. Default nil: a monotonic clock with 1 ms
-	// resolution.
+	// read the same clock. Default nil: the monotonic clock.
 	Clock Clock
 }
 
