@@ -724,3 +724,37 @@ func TestTracer(t *testing.T) {
 		t.Errorf("traced:\n%s\nwant:\n%s", strings.Join(tr.events, "\n"), strings.Join(want, "\n"))
 	}
 }
+
+// cancelOnCommit cancels the writer's context right after its commit.
+type cancelOnCommit struct{ cancel context.CancelFunc }
+
+func (c cancelOnCommit) TraceWriteStart(ctx context.Context, _ TraceWriteStartData) context.Context {
+	return ctx
+}
+func (c cancelOnCommit) TraceWriteEnd(context.Context, TraceWriteEndData) {}
+func (c cancelOnCommit) TraceCommit(context.Context, TraceCommitData)     { c.cancel() }
+
+// TestPublishOutlivesTheCallersContext: a committed write is published
+// even when the caller's context ends (or the lock is lost) right after the
+// commit; otherwise other nodes would wait for the relay. (Found by the
+// integration suite; without the detached context this test sees a publish
+// failure and a stale read on node b.)
+func TestPublishOutlivesTheCallersContext(t *testing.T) {
+	e := newEnv(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	s := e.store(&Options{Tracer: cancelOnCommit{cancel}})
+	a, b := e.node(s), e.node(s)
+	e.pool.Exec(context.Background(), `INSERT INTO `+e.table+` VALUES ('k', 'old', 1)`)
+	if it, _ := b.Get(context.Background(), "k"); it.Value != "old" {
+		t.Fatalf("b.Get = %v; want old", it)
+	}
+	if _, err := Update(ctx, s, a, "k", e.put("k", "new")); err != nil {
+		t.Fatalf("Update = %v; want success (it committed)", err)
+	}
+	if st := s.Stats(); st.PublishFailures != 0 {
+		t.Errorf("PublishFailures = %d; want 0", st.PublishFailures)
+	}
+	if it, _ := b.Get(context.Background(), "k"); it.Value != "new" {
+		t.Errorf("b.Get = %v; want new, without waiting for the relay", it)
+	}
+}

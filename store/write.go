@@ -18,7 +18,10 @@ import (
 type Change[V any] struct {
 	// Value is the row as committed, typically from UPDATE ... RETURNING.
 	Value V
-	// Version is the row's version after the write, or 0 if unknown.
+	// Version is the row's version after the write, or 0 if unknown. It
+	// must grow with every write of the row (see cache.Options.Version);
+	// for a deletion of a row whose versions start over when it is created
+	// again, leave it 0.
 	Version int64
 	// Deleted reports that the write deleted the row.
 	Deleted bool
@@ -46,8 +49,9 @@ type TxFunc[V any] func(ctx context.Context, tx pgx.Tx) (Change[V], error)
 // the lock after the commit does not fail Update either: the fence already
 // decided.
 //
-// ctx bounds the wait for the lock, the transaction and the publication; it
-// is cancelled for fn if the lock is lost. Update returns fn's error, a
+// ctx bounds the wait for the lock and the transaction; it is cancelled for
+// fn if the lock is lost. A committed write is published regardless, within
+// a few seconds. Update returns fn's error, a
 // [*FenceError], an error for which errors.Is(err, ErrConflict) is true for
 // a serialization failure or deadlock, [ErrNoLocks], or the error of
 // acquiring the lock or of Postgres. None of them leaves a committed write
@@ -109,8 +113,12 @@ func writeThrough[K comparable, V any](ctx context.Context, s *Store, c *cache.C
 	var seq int64
 	// cache.Update takes its guard token before the transaction starts, so
 	// that the install of step 4 is skipped if an invalidation of key from
-	// elsewhere overtakes it (race 13).
-	err = c.Update(ctx, key, func(ctx context.Context) (V, int64, error) {
+	// elsewhere overtakes it (race 13). It publishes on pctx: once the
+	// transaction has committed, neither the caller giving up nor the lock
+	// being lost may keep the other nodes waiting for the relay.
+	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), publishTimeout)
+	defer cancel()
+	err = c.Update(pctx, key, func(context.Context) (V, int64, error) {
 		var err error
 		seq, err = s.commit(ctx, ns, skey, l, func(ctx context.Context, tx pgx.Tx) (int64, error) {
 			var err error
@@ -145,9 +153,10 @@ func writeThrough[K comparable, V any](ctx context.Context, s *Store, c *cache.C
 // this one included. It is the write path for code that holds no cache of
 // the namespace; with one, [Update] also installs the new row locally.
 //
-// ctx bounds the wait for the lock, the transaction and the publication, and
-// is cancelled for fn if the lock is lost. If the publication fails, or
-// there is no Publisher, Write still succeeds and the relay publishes.
+// ctx bounds the wait for the lock and the transaction, and is cancelled
+// for fn if the lock is lost; a committed write is published regardless. If
+// the publication fails, or there is no Publisher, Write still succeeds and
+// the relay publishes.
 func (s *Store) Write(ctx context.Context, namespace, key string, fn func(ctx context.Context, tx pgx.Tx) error) error {
 	if s.locks == nil {
 		return ErrNoLocks
@@ -170,7 +179,10 @@ func (s *Store) Write(ctx context.Context, namespace, key string, fn func(ctx co
 		if s.pub == nil {
 			return nil
 		}
-		if err := s.pub.Publish(ctx, namespace, []cache.Invalidation{{Key: key}}); err != nil {
+		// Committed: publish even if ctx ends now (see writeThrough).
+		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), publishTimeout)
+		defer cancel()
+		if err := s.pub.Publish(pctx, namespace, []cache.Invalidation{{Key: key}}); err != nil {
 			s.publishFailures.Add(1)
 			s.log.Warn("store: committed, but the invalidation was not published; the relay will publish it",
 				"namespace", namespace, "err", err)
@@ -188,6 +200,10 @@ func (s *Store) Write(ctx context.Context, namespace, key string, fn func(ctx co
 	s.traceWriteEnd(ctx, false, false, err)
 	return err
 }
+
+// publishTimeout bounds the publication of a committed write, which no
+// longer depends on the caller's context.
+const publishTimeout = 5 * time.Second
 
 func checkName(namespace, key string) error {
 	if namespace == "" || len(namespace) > cache.MaxKeyLen || key == "" || len(key) > cache.MaxKeyLen {

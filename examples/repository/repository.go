@@ -121,12 +121,10 @@ func (c *Cached) Rename(ctx context.Context, id int64, name string) (User, error
 
 func (c *Cached) Delete(ctx context.Context, id int64) error {
 	_, err := store.Update(ctx, c.Store, c.Users, id, func(ctx context.Context, tx pgx.Tx) (store.Change[User], error) {
-		var version int64
-		err := tx.QueryRow(ctx, `DELETE FROM users WHERE id = $1 RETURNING version + 1`, id).Scan(&version)
-		if errors.Is(err, pgx.ErrNoRows) {
-			err = nil
-		}
-		return store.Change[User]{Version: version, Deleted: true}, err
+		_, err := tx.Exec(ctx, `DELETE FROM users WHERE id = $1`, id)
+		// A user created again starts over at version 1: the deletion
+		// carries no version (0), or it would outrank the new row.
+		return store.Change[User]{Deleted: true}, err
 	})
 	return err
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/lockguard"
 	"github.com/coherentcache/coherent/store"
 )
 
@@ -66,12 +67,15 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 }
 
 // fail maps a library error to a response.
-func (a *app) fail(w http.ResponseWriter, err error) {
+func (a *app) fail(w http.ResponseWriter, r *http.Request, err error) {
 	switch {
 	case errors.Is(err, cache.ErrInvalidKey):
 		writeError(w, http.StatusBadRequest, err.Error())
-	case errors.Is(err, context.Canceled):
+	case r.Context().Err() != nil:
 		writeError(w, 499, "request cancelled")
+	case errors.Is(err, lockguard.ErrNotHeld), errors.Is(err, store.ErrFenced), errors.Is(err, store.ErrConflict):
+		// Nothing was written; the client may retry.
+		writeError(w, http.StatusServiceUnavailable, "write lost its lock, nothing written: "+err.Error())
 	default:
 		a.log.Error("request failed", "err", err)
 		writeError(w, http.StatusServiceUnavailable, err.Error())
@@ -88,7 +92,7 @@ func (a *app) getItem(w http.ResponseWriter, r *http.Request) {
 	case errors.Is(err, cache.ErrNotFound):
 		writeError(w, http.StatusNotFound, "not found")
 	case err != nil:
-		a.fail(w, err)
+		a.fail(w, r, err)
 	default:
 		writeJSON(w, http.StatusOK, it)
 	}
@@ -124,7 +128,7 @@ func (a *app) putItem(w http.ResponseWriter, r *http.Request) {
 	}
 	ch, err := store.Update(r.Context(), a.store, a.items, id, upsert(id, *body.Value))
 	if err != nil {
-		a.fail(w, err)
+		a.fail(w, r, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, ch.Value)
@@ -136,15 +140,14 @@ func (a *app) deleteItem(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	_, err := store.Update(r.Context(), a.store, a.items, id, func(ctx context.Context, tx pgx.Tx) (store.Change[Item], error) {
-		var version int64
-		err := tx.QueryRow(ctx, `DELETE FROM items WHERE id = $1 RETURNING version + 1`, id).Scan(&version)
-		if errors.Is(err, pgx.ErrNoRows) {
-			err = nil // deleting a missing item is a no-op that still succeeds
-		}
-		return store.Change[Item]{Version: version, Deleted: true}, err
+		_, err := tx.Exec(ctx, `DELETE FROM items WHERE id = $1`, id)
+		// An item created again starts over at version 1, so the deletion
+		// has no version that orders it against later writes: 0. (Any
+		// version here would outrank the new item's first versions.)
+		return store.Change[Item]{Deleted: true}, err
 	})
 	if err != nil {
-		a.fail(w, err)
+		a.fail(w, r, err)
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
@@ -193,7 +196,7 @@ func (a *app) addItem(w http.ResponseWriter, r *http.Request) {
 	case errors.Is(err, errNotInteger):
 		writeError(w, http.StatusConflict, err.Error())
 	case err != nil:
-		a.fail(w, err)
+		a.fail(w, r, err)
 	default:
 		writeJSON(w, http.StatusOK, ch.Value)
 	}

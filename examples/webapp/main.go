@@ -182,7 +182,10 @@ func newApp(ctx context.Context, cfg config, pool *pgxpool.Pool, rdb *redis.Clie
 	if err != nil {
 		return nil, err
 	}
-	locks, err := lockguard.New(rdb, &lockguard.Options{Prefix: cfg.redisPrefix + "lock:", TTL: cfg.lockTTL, Logger: log})
+	// The watchdog renews a write's lock while it runs, so that a slow
+	// transaction does not outlive its lease; a stalled process still
+	// loses it, and the fence rejects its commit.
+	locks, err := lockguard.New(rdb, &lockguard.Options{Prefix: cfg.redisPrefix + "lock:", TTL: cfg.lockTTL, Watchdog: true, Logger: log})
 	if err != nil {
 		bus.Close()
 		return nil, err
