@@ -34,8 +34,12 @@ func WithVersionColumn(column string) CaptureOption {
 //
 // Cost: each row written runs the trigger, which converts the row to jsonb
 // to read the key (and version) columns and upserts one outbox row (two for
-// an UPDATE that changes the key). The relay later deletes it. See the
-// package benchmarks for the measured cost per write.
+// an UPDATE that changes the key); the relay later publishes and deletes
+// it. Measured on a 2-core machine against a local Postgres
+// (BenchmarkCaptureTrigger): 65 to 90 µs per single-row UPDATE, about 1.3
+// times the UPDATE alone, and about 110 to 125 µs with the relay running.
+// Writes through this package pay only the trigger's early return, a few
+// µs.
 func (s *Store) Capture(ctx context.Context, table, keyColumn, namespace string, opts ...CaptureOption) error {
 	var cfg captureConfig
 	for _, o := range opts {
