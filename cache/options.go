@@ -61,8 +61,11 @@ type Options[K comparable, V any] struct {
 
 	// Version returns the version of a value, for values that carry one
 	// (a row version, an update counter). With it, a load never replaces a
-	// cached value of a higher version. Default nil: loaded values have
-	// version 0 (unknown).
+	// cached value of a higher version. Versions must grow with every write
+	// of a key, deletions and re-creations included: where a re-created
+	// row starts over at 1, report its deletion with version 0 (unknown),
+	// or the deletion would outrank the new row. Default nil: loaded values
+	// have version 0.
 	Version func(V) int64
 
 	// LoadTimeout bounds one shared load. A load runs on behalf of every
