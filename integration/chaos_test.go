@@ -83,7 +83,7 @@ func runChaos(t *testing.T, d time.Duration) {
 			case 1:
 				rs.Stop()
 				time.Sleep(time.Second)
-				err = rs.start()
+				err = rs.TryStart()
 				count("Redis restart")
 			case 2:
 				_, err = c.terminateBackends()

@@ -364,7 +364,7 @@ func (n *node) launch(flags []string) error {
 	cmd := exec.Command(webappBin, args...)
 	cmd.Stdout, cmd.Stderr = n.log, n.log
 	cmd.Env = append(os.Environ(), "GORACE=halt_on_error=1")
-	dieWithTest(cmd)
+	testenv.DieWithParent(cmd)
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.starts++

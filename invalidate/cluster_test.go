@@ -9,6 +9,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/internal/testenv"
 	"github.com/coherentcache/coherent/invalidate/invalidatetest"
 )
 
@@ -16,7 +17,7 @@ import (
 // every slot, the second none, until a test moves one.
 type redisCluster struct {
 	t     *testing.T
-	nodes [2]*redisServer
+	nodes [2]*testenv.RedisServer
 	ids   [2]string
 }
 

@@ -5,11 +5,8 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"net"
 	"os"
-	"os/exec"
 	"regexp"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +14,8 @@ import (
 
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/goleak"
+
+	"github.com/coherentcache/coherent/internal/testenv"
 )
 
 func TestMain(m *testing.M) {
@@ -26,12 +25,7 @@ func TestMain(m *testing.M) {
 }
 
 // redisURL is where the shared Redis of the tests lives.
-func redisURL() string {
-	if u := os.Getenv("REDIS_URL"); u != "" {
-		return u
-	}
-	return "redis://127.0.0.1:6379/0"
-}
+func redisURL() string { return testenv.RedisURL() }
 
 var redisCheck struct {
 	once sync.Once
@@ -99,81 +93,11 @@ func newPubSub(t testing.TB, client redis.UniversalClient, opts *PubSubOptions) 
 	return b
 }
 
-// redisServer is a private redis-server started by a test, for faults that
-// must not disturb the shared one: restarts and configuration changes.
-type redisServer struct {
-	t    testing.TB
-	port int
-	dir  string
-	args []string
-
-	mu  sync.Mutex
-	cmd *exec.Cmd
-}
-
-// startRedisServer starts a private redis-server on a free port with args
-// added to its command line. It skips t if redis-server is not installed,
-// or fails it when CI is set.
-func startRedisServer(t testing.TB, args ...string) *redisServer {
+// startRedisServer starts a private redis-server for faults that must not
+// disturb the shared one: restarts and configuration changes.
+func startRedisServer(t testing.TB, args ...string) *testenv.RedisServer {
 	t.Helper()
-	if _, err := exec.LookPath("redis-server"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("redis-server not found: %v", err)
-		}
-		t.Skipf("redis-server not found: %v", err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	_ = l.Close()
-	s := &redisServer{t: t, port: port, dir: t.TempDir(), args: args}
-	s.Start()
-	t.Cleanup(s.Stop)
-	return s
-}
-
-func (s *redisServer) Addr() string { return "127.0.0.1:" + strconv.Itoa(s.port) }
-
-// Start starts the server (again) and waits until it answers.
-func (s *redisServer) Start() {
-	s.t.Helper()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.cmd != nil {
-		return
-	}
-	args := append([]string{"--port", strconv.Itoa(s.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-		"--daemonize", "no", "--dir", s.dir, "--logfile", ""}, s.args...)
-	cmd := exec.Command("redis-server", args...)
-	var out strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		s.t.Fatalf("starting redis-server: %v", err)
-	}
-	s.cmd = cmd
-	c := redis.NewClient(&redis.Options{Addr: s.Addr(), MaxRetries: -1})
-	defer c.Close()
-	deadline := time.Now().Add(10 * time.Second)
-	for c.Ping(context.Background()).Err() != nil {
-		if time.Now().After(deadline) {
-			s.t.Fatalf("redis-server on %s did not start: %s", s.Addr(), out.String())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// Stop kills the server, as a crash would, and waits for it to exit.
-func (s *redisServer) Stop() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.cmd == nil {
-		return
-	}
-	_ = s.cmd.Process.Kill()
-	_ = s.cmd.Wait()
-	s.cmd = nil
+	return testenv.StartRedisServer(t, args...)
 }
 
 // clientIDs returns the CLIENT IDs of the subscribed connections named name.

@@ -13,6 +13,8 @@ import (
 
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/goleak"
+
+	"github.com/coherentcache/coherent/internal/testenv"
 )
 
 // TestMain fails the run if any goroutine (a watchdog, a lease timer, a
@@ -23,12 +25,7 @@ func TestMain(m *testing.M) {
 }
 
 // redisURL returns REDIS_URL, or the local default.
-func redisURL() string {
-	if u := os.Getenv("REDIS_URL"); u != "" {
-		return u
-	}
-	return "redis://127.0.0.1:6379/0"
-}
+func redisURL() string { return testenv.RedisURL() }
 
 // tb is what the helpers need of a *testing.T or *testing.B.
 type tb interface {
