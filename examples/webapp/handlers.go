@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/coherentcache/coherent/cache"
 	"github.com/coherentcache/coherent/lockguard"
@@ -28,6 +29,7 @@ func (a *app) routes() http.Handler {
 	mux.HandleFunc("POST /items/{id}/add", a.addItem)
 	mux.HandleFunc("GET /stats", a.stats)
 	mux.HandleFunc("GET /healthz", a.healthz)
+	mux.Handle("GET /metrics", promhttp.HandlerFor(a.metrics, promhttp.HandlerOpts{}))
 	return mux
 }
 

@@ -12,6 +12,7 @@
 //	DELETE /items/{id}        204
 //	POST   /items/{id}/add    {"delta":N} → 200 with value = old value + N (a missing item counts as 0)
 //	GET    /stats             the cache's, bus's and store's counters
+//	GET    /metrics           the same, and load and write durations, for Prometheus
 //	GET    /healthz           200 when Postgres, Redis and a proven bus link are there, else 503
 //
 // Writes go through the lock guard and the outbox (package store); writes
@@ -32,6 +33,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/coherentcache/coherent/cache"
@@ -146,15 +149,16 @@ type Item struct {
 }
 
 type app struct {
-	pool   *pgxpool.Pool
-	rdb    *redis.Client
-	bus    *invalidate.PubSub
-	locks  *lockguard.Guard
-	store  *store.Store
-	items  *cache.Cache[string, Item]
-	log    *slog.Logger
-	cancel context.CancelFunc
-	relay  chan error
+	pool    *pgxpool.Pool
+	rdb     *redis.Client
+	bus     *invalidate.PubSub
+	locks   *lockguard.Guard
+	store   *store.Store
+	metrics *prometheus.Registry
+	items   *cache.Cache[string, Item]
+	log     *slog.Logger
+	cancel  context.CancelFunc
+	relay   chan error
 }
 
 func newApp(ctx context.Context, cfg config, pool *pgxpool.Pool, rdb *redis.Client, log *slog.Logger) (*app, error) {
@@ -190,11 +194,13 @@ func newApp(ctx context.Context, cfg config, pool *pgxpool.Pool, rdb *redis.Clie
 		bus.Close()
 		return nil, err
 	}
-	var tracer store.WriteTracer
+	var crash *crasher
 	if cfg.crashAfterWrite > 0 {
-		tracer = &crasher{after: int64(cfg.crashAfterWrite), log: log}
+		crash = &crasher{after: int64(cfg.crashAfterWrite), log: log}
 	}
-	s, err := store.New(pool, &store.Options{Schema: cfg.schema, Locks: locks, Publisher: bus, Tracer: tracer, Logger: log})
+	reg := prometheus.NewRegistry()
+	tr := newTracer(reg, crash)
+	s, err := store.New(pool, &store.Options{Schema: cfg.schema, Locks: locks, Publisher: bus, Tracer: tr, Logger: log})
 	if err != nil {
 		bus.Close()
 		return nil, err
@@ -209,14 +215,17 @@ func newApp(ctx context.Context, cfg config, pool *pgxpool.Pool, rdb *redis.Clie
 			Bus:          bus,
 			MaxStaleness: cfg.maxStaleness,
 			Version:      func(it Item) int64 { return it.Version },
+			Tracer:       tr,
 			Logger:       log,
 		})
 	if err != nil {
 		bus.Close()
 		return nil, err
 	}
+	reg.MustRegister(statsCollector{cache: items.Stats, bus: bus.Stats, store: s.Stats},
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	a := &app{pool: pool, rdb: rdb, bus: bus, locks: locks, store: s, items: items, log: log, cancel: cancel, relay: make(chan error, 1)}
+	a := &app{pool: pool, rdb: rdb, bus: bus, locks: locks, store: s, items: items, metrics: reg, log: log, cancel: cancel, relay: make(chan error, 1)}
 	go func() { a.relay <- s.RunRelay(rctx) }()
 	return a, nil
 }
@@ -236,12 +245,6 @@ type crasher struct {
 	after, writes int64
 	log           *slog.Logger
 }
-
-func (c *crasher) TraceWriteStart(ctx context.Context, _ store.TraceWriteStartData) context.Context {
-	return ctx
-}
-
-func (c *crasher) TraceWriteEnd(context.Context, store.TraceWriteEndData) {}
 
 func (c *crasher) TraceCommit(_ context.Context, d store.TraceCommitData) {
 	if atomic.AddInt64(&c.writes, 1) == c.after {

@@ -1,0 +1,161 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/invalidate"
+	"github.com/coherentcache/coherent/store"
+)
+
+// The library has no metrics dependency: this example feeds Prometheus from
+// its Stats snapshots (read at scrape time) and from its tracing hooks
+// (load and write durations).
+
+// statsCollector exports the counters of the cache, the bus and the store.
+type statsCollector struct {
+	cache func() cache.Stats
+	bus   func() invalidate.Stats
+	store func() store.Stats
+}
+
+var (
+	descCache = map[string]*prometheus.Desc{}
+	descBus   = map[string]*prometheus.Desc{}
+	descStore = map[string]*prometheus.Desc{}
+	descFlush = prometheus.NewDesc("coherent_bus_flushes_total", "Flushes of every local subscription, by cause.", []string{"cause"}, nil)
+	descSize  = prometheus.NewDesc("coherent_cache_entries", "Entries held by the cache.", nil, nil)
+)
+
+func init() {
+	for name, help := range map[string]string{
+		"hits": "Lookups served from the cache.", "misses": "Lookups that found no live entry.",
+		"bypassed": "Lookups read through because the bus link was unproven.", "loads": "Loader calls.",
+		"load_errors": "Failed loads.", "coalesced": "Lookups that shared another caller's load.",
+		"skipped_stores":     "Loads not stored because an invalidation overlapped them.",
+		"invalidations_sent": "Keys published.", "invalidations_received": "Keys received.",
+		"publish_errors": "Failed publications.", "flushes": "Times every entry was dropped.",
+		"evictions": "Entries evicted for capacity.",
+	} {
+		descCache[name] = prometheus.NewDesc("coherent_cache_"+name+"_total", help, nil, nil)
+	}
+	for name, help := range map[string]string{
+		"messages_sent": "Messages published.", "messages_received": "Messages received from other nodes.",
+		"proofs": "Proofs of the link.", "proof_timeouts": "Connections declared dead for a missing proof.",
+		"reconnects": "Reconnection attempts.", "publish_errors": "Failed sends.",
+	} {
+		descBus[name] = prometheus.NewDesc("coherent_bus_"+name+"_total", help, nil, nil)
+	}
+	for name, help := range map[string]string{
+		"publish_failures": "Committed writes whose invalidation the bus did not take.",
+		"relayed":          "Outbox rows published by the relay.", "relay_errors": "Failed relay rounds.",
+	} {
+		descStore[name] = prometheus.NewDesc("coherent_store_"+name+"_total", help, nil, nil)
+	}
+}
+
+func (c statsCollector) Describe(ch chan<- *prometheus.Desc) { prometheus.DescribeByCollect(c, ch) }
+
+func (c statsCollector) Collect(ch chan<- prometheus.Metric) {
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	cs := c.cache()
+	for name, v := range map[string]uint64{
+		"hits": cs.Hits, "misses": cs.Misses, "bypassed": cs.Bypassed, "loads": cs.Loads,
+		"load_errors": cs.LoadErrors, "coalesced": cs.Coalesced, "skipped_stores": cs.SkippedStores,
+		"invalidations_sent": cs.InvalidationsSent, "invalidations_received": cs.InvalidationsReceived,
+		"publish_errors": cs.PublishErrors, "flushes": cs.Flushes, "evictions": cs.Evictions,
+	} {
+		counter(descCache[name], v)
+	}
+	ch <- prometheus.MustNewConstMetric(descSize, prometheus.GaugeValue, float64(cs.Entries))
+	bs := c.bus()
+	for name, v := range map[string]uint64{
+		"messages_sent": bs.MessagesSent, "messages_received": bs.MessagesReceived, "proofs": bs.Proofs,
+		"proof_timeouts": bs.ProofTimeouts, "reconnects": bs.Reconnects, "publish_errors": bs.PublishErrors,
+	} {
+		counter(descBus[name], v)
+	}
+	for cause, v := range map[string]uint64{
+		"resubscribe": bs.FlushesResubscribe, "gap": bs.FlushesGap, "malformed": bs.FlushesMalformed,
+		"proof_timeout": bs.FlushesProofTimeout, "trimmed": bs.FlushesTrimmed, "requested": bs.FlushesRequested,
+	} {
+		counter(descFlush, v, cause)
+	}
+	ss := c.store()
+	for name, v := range map[string]uint64{
+		"publish_failures": ss.PublishFailures, "relayed": ss.Relayed, "relay_errors": ss.RelayErrors,
+	} {
+		counter(descStore[name], v)
+	}
+}
+
+// tracer times loads (cache.LoadTracer) and writes (store.WriteTracer),
+// and injects the crash of -crash-after-commit (store.CommitTracer).
+type tracer struct {
+	loads, writes *prometheus.HistogramVec
+	crash         *crasher // nil unless -crash-after-commit
+}
+
+func newTracer(reg prometheus.Registerer, crash *crasher) *tracer {
+	t := &tracer{
+		loads: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "coherent_cache_load_duration_seconds", Help: "Duration of loads from Postgres.",
+			Buckets: prometheus.ExponentialBuckets(50e-6, 2, 14),
+		}, []string{"outcome"}),
+		writes: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "coherent_store_write_duration_seconds", Help: "Duration of writes through the store.",
+			Buckets: prometheus.ExponentialBuckets(100e-6, 2, 14),
+		}, []string{"outcome"}),
+		crash: crash,
+	}
+	reg.MustRegister(t.loads, t.writes)
+	return t
+}
+
+type startKey struct{}
+
+func (t *tracer) TraceLoadStart(ctx context.Context, _ cache.TraceLoadStartData) context.Context {
+	return context.WithValue(ctx, startKey{}, time.Now())
+}
+
+func (t *tracer) TraceLoadEnd(ctx context.Context, d cache.TraceLoadEndData) {
+	outcome := "ok"
+	switch {
+	case errors.Is(d.Err, cache.ErrNotFound):
+		outcome = "not_found"
+	case d.Err != nil:
+		outcome = "error"
+	}
+	if start, ok := ctx.Value(startKey{}).(time.Time); ok {
+		t.loads.WithLabelValues(outcome).Observe(time.Since(start).Seconds())
+	}
+}
+
+func (t *tracer) TraceWriteStart(ctx context.Context, _ store.TraceWriteStartData) context.Context {
+	return context.WithValue(ctx, startKey{}, time.Now())
+}
+
+func (t *tracer) TraceWriteEnd(ctx context.Context, d store.TraceWriteEndData) {
+	outcome := "published"
+	switch {
+	case !d.Committed:
+		outcome = "failed"
+	case !d.Published:
+		outcome = "relayed"
+	}
+	if start, ok := ctx.Value(startKey{}).(time.Time); ok {
+		t.writes.WithLabelValues(outcome).Observe(time.Since(start).Seconds())
+	}
+}
+
+func (t *tracer) TraceCommit(ctx context.Context, d store.TraceCommitData) {
+	if t.crash != nil {
+		t.crash.TraceCommit(ctx, d)
+	}
+}
