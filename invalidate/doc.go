@@ -123,8 +123,10 @@
 //   - *redis.ClusterClient: PubSub uses sharded pub/sub, SSUBSCRIBE and
 //     SPUBLISH of the channel and its probe channel, which share a slot (a
 //     Channel with a '}' outside a hash tag is rejected); after a
-//     sunsubscribe or any loss of the subscription the bus reloads the
-//     client's slot map before it subscribes again. Streams' stream lives
+//     sunsubscribe or any loss of the subscription the bus asks the client
+//     to reload its slot map before it subscribes again (go-redis reloads
+//     asynchronously; a resubscription that still reaches the old owner
+//     costs one more reconnection and flush). Streams' stream lives
 //     in one slot. A ClusterClient that reads from replicas (ReadOnly,
 //     RouteByLatency, RouteRandomly) is rejected.
 //   - *redis.Ring is rejected: its shards can disagree about who owns the

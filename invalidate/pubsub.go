@@ -67,8 +67,12 @@ import (
 //     (newMessage); this file reconnects on it. The SSUBSCRIBE of that
 //     reconnection, sent to the old owner, is answered with a MOVED error
 //     that Receive returns and that does not refresh the slot map (seen in
-//     TestClusterSlotMigration), so the reader reloads it
-//     (ClusterClient.ReloadState) before every reconnection.
+//     TestClusterSlotMigration), so the reader asks for a reload
+//     (ClusterClient.ReloadState) before every reconnection. That reload
+//     runs asynchronously (clusterStateHolder.LazyReload): if it has not
+//     finished when the backoff ends, the bus subscribes at the old owner
+//     once more, which costs another reconnection and flush, never a
+//     missed invalidation.
 
 // PubSub is a [cache.Bus] over Redis pub/sub: the lowest latency, one
 // subscribed connection per PubSub shared by every namespace, and no replay
@@ -293,7 +297,8 @@ func (b *PubSub) readLoop() {
 			// The subscription is routed by the client's slot map, which
 			// neither a sunsubscribe nor a MOVED reply to SSUBSCRIBE
 			// refreshes: without this the bus would subscribe at the old
-			// owner again and again.
+			// owner again and again. The reload is asynchronous; the
+			// backoff below usually gives it time.
 			b.cluster.ReloadState(b.ctx)
 		}
 		d := backoff(attempt, b.cfg.maxBackoff)
