@@ -1,0 +1,17 @@
+// Package hitpath benchmarks the cache's hit path against raw
+// hashicorp/golang-lru/v2 and maypok86/otter/v2, one goroutine and
+// parallel, in the same run:
+//
+//	go test -run '^$' -bench . -count 6 ./bench/hitpath | tee hit.txt
+//	benchstat -col /impl hit.txt
+//
+// sharded-lru is the library's structure (16 locked simplelru segments) with
+// none of the library's work, and sharded-peek the same without moving the
+// entry to the front on a hit.
+//
+// BenchmarkHitVsRaw and BenchmarkHitVsRawParallel interleave them in
+// blocks of one pass over the key set inside one loop and report each one's
+// ns per Get and the ratios, so that drift of a shared machine falls on all
+// of them alike. BenchmarkClock is the monotonic clock read that the
+// library's hit path pays for its staleness bound (cache/clock.go).
+package hitpath
