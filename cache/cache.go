@@ -36,6 +36,7 @@ type Cache[K comparable, V any] struct {
 	sub     Subscription // nil without a Bus
 	log     *slog.Logger
 	stats   counters
+	hits    *stripes
 
 	closed    atomic.Bool
 	closeOnce sync.Once
@@ -73,6 +74,7 @@ func New[K comparable, V any](namespace string, capacity int, load LoaderFunc[K,
 		cfg:    cfg,
 		keys:   keys,
 		guard:  newGuard(min(max(capacity/4, 1024), 1<<16)),
+		hits:   newStripes(),
 		log:    cfg.Logger.With("namespace", namespace),
 	}
 	if c.clock != nil {
@@ -84,8 +86,7 @@ func New[K comparable, V any](namespace string, capacity int, load LoaderFunc[K,
 		if i < capacity%len(c.shards) {
 			size++
 		}
-		c.shards[i].size = size
-		c.shards[i].lru = newLRU[K, V](size)
+		c.shards[i].init(size)
 	}
 	c.provenUntil.Store(math.MaxInt64)
 	if cfg.Bus != nil {
@@ -112,6 +113,16 @@ func (c *Cache[K, V]) shard(h uint64) *shard[K, V] {
 	// The high bits pick the shard; the guard uses the low bits.
 	i, _ := bits.Mul64(h, uint64(len(c.shards)))
 	return &c.shards[i]
+}
+
+// lookup returns the live entry of key, of hash h, counting a hit or a
+// miss.
+func (c *Cache[K, V]) lookup(key K, h uint64, now int64) (entry[V], bool) {
+	e, ok := c.shard(h).lookup(key, h, now)
+	if ok {
+		c.hits.add()
+	}
+	return e, ok
 }
 
 // proven reports whether cached values may be served at now (G2).
@@ -168,7 +179,7 @@ func (c *Cache[K, V]) Get(ctx context.Context, key K) (V, error) {
 	now := c.now()
 	if now < c.provenUntil.Load() {
 		h := c.hash(key)
-		if e, ok := c.shard(h).lookup(key, now); ok {
+		if e, ok := c.lookup(key, h, now); ok {
 			if e.missing {
 				var zero V
 				return zero, ErrNotFound
@@ -192,7 +203,7 @@ func (c *Cache[K, V]) getUnproven(ctx context.Context, key K, now int64) (V, err
 		c.stats.bypassed.Add(1)
 		return c.load(ctx, key, h, now, true)
 	}
-	if e, ok := c.shard(h).lookup(key, now); ok {
+	if e, ok := c.lookup(key, h, now); ok {
 		if e.missing {
 			var zero V
 			return zero, ErrNotFound
@@ -291,7 +302,11 @@ func (c *Cache[K, V]) runLoad(ctx context.Context, key K, skey string, h uint64,
 		// starts a flight of its own; serve what that flight stored rather
 		// than load again. A live entry is current: every invalidation
 		// since it was stored would have dropped it.
-		if e, ok := c.shard(h).peek(key, c.now()); ok {
+		s := c.shard(h)
+		s.mu.Lock()
+		e, ok := s.peek(key, c.now())
+		s.mu.Unlock()
+		if ok {
 			if e.missing {
 				return nil, ErrNotFound
 			}
@@ -371,14 +386,12 @@ func (c *Cache[K, V]) fill(h uint64, key K, e entry[V], tok token) {
 		c.stats.skipped.Add(1)
 		return
 	}
-	if old, ok := s.lru.Peek(key); ok && now < old.expires && old.version > e.version {
+	if old, ok := s.peek(key, now); ok && old.version > e.version {
 		s.mu.Unlock() // race 7: never replace a newer version
 		return
 	}
 	e.expires = now + c.lifetime(e.missing)
-	if s.lru.Add(key, e) {
-		s.evictions++
-	}
+	s.add(key, h, e)
 	s.mu.Unlock()
 }
 
@@ -406,8 +419,7 @@ func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token) {
 	// Bumping under the shard lock is enough to stop loads that read the
 	// row before this write: they check the guard under the same lock.
 	c.guard.bump(h, e.version)
-	old, ok := s.lru.Peek(key)
-	ok = ok && now < old.expires
+	old, ok := s.peek(key, now)
 	var install bool
 	switch {
 	case ok && old.version != 0 && e.version != 0 && old.version > e.version:
@@ -429,13 +441,11 @@ func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token) {
 		install = !c.guard.everFlushed() && high <= e.version
 	}
 	if !install {
-		s.lru.Remove(key)
+		s.remove(key)
 		return
 	}
 	e.expires = now + c.lifetime(e.missing)
-	if s.lru.Add(key, e) {
-		s.evictions++
-	}
+	s.add(key, h, e)
 }
 
 // drop removes key from this node unless it holds version or newer.
@@ -443,8 +453,8 @@ func (c *Cache[K, V]) drop(h uint64, key K, version int64) {
 	c.guard.bump(h, version)
 	s := c.shard(h)
 	s.mu.Lock()
-	if old, ok := s.lru.Peek(key); ok && !keeps(old.version, version) {
-		s.lru.Remove(key)
+	if old, ok := s.lru.Peek(key); ok && !keeps(old.e.version, version) {
+		s.remove(key)
 	}
 	s.mu.Unlock()
 }
@@ -456,8 +466,7 @@ func (c *Cache[K, V]) flush() {
 	for i := range c.shards {
 		s := &c.shards[i]
 		s.mu.Lock()
-		// A fresh LRU is O(1) under the lock, where Purge is O(entries).
-		s.lru = newLRU[K, V](s.size)
+		s.reset(s.size)
 		s.mu.Unlock()
 	}
 	c.stats.flushes.Add(1)
@@ -624,7 +633,7 @@ func (c *Cache[K, V]) Close() error {
 		for i := range c.shards {
 			s := &c.shards[i]
 			s.mu.Lock()
-			s.lru = newLRU[K, V](1)
+			s.reset(1) // let the entries go
 			s.mu.Unlock()
 		}
 	})

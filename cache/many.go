@@ -28,7 +28,7 @@ func (c *Cache[K, V]) GetMany(ctx context.Context, keys []K) (map[K]V, error) {
 	var seen map[K]struct{}
 	for _, k := range keys {
 		if proven {
-			if e, ok := c.shard(c.hash(k)).lookup(k, now); ok {
+			if e, ok := c.lookup(k, c.hash(k), now); ok {
 				if !e.missing {
 					res[k] = e.value
 				}

@@ -45,7 +45,8 @@ type Options[K comparable, V any] struct {
 	// not expire together. It must be in [0, 1). Default 0.1.
 	Jitter float64
 
-	// Shards is the number of independently locked LRU segments. Capacity
+	// Shards is the number of independently locked LRU segments (hits
+	// take no lock; fills, writes and invalidations lock one). Capacity
 	// is split among them. Default: 8 per GOMAXPROCS, rounded up to a power
 	// of two, but at most one per 64 entries of capacity.
 	Shards int

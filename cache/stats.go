@@ -1,5 +1,12 @@
 package cache
 
+import (
+	"math/rand/v2"
+	"runtime"
+	"sync"
+	"sync/atomic"
+)
+
 // Stats is a snapshot of a Cache's counters. Counters only grow; take two
 // snapshots and subtract to get rates.
 type Stats struct {
@@ -60,11 +67,55 @@ func (c *Cache[K, V]) Stats() Stats {
 	for i := range c.shards {
 		s := &c.shards[i]
 		s.mu.Lock()
-		st.Hits += s.hits
 		st.Misses += s.misses
 		st.Evictions += s.evictions
 		st.Entries += s.lru.Len()
 		s.mu.Unlock()
 	}
+	st.Hits = c.hits.sum()
 	return st
+}
+
+// stripes is a counter that goroutines on different cores can add to
+// without writing the same cache line. Each add goes to the stripe of a
+// token taken from a sync.Pool: the pool hands each P the token it last
+// put back, so a core keeps adding to one stripe, whose line stays in its
+// cache. (A random stripe per add would still move lines between cores on
+// most adds.) Tokens the pool drops at a collection are replaced by new
+// ones with a random stripe; no count is lost, as counts live in the
+// stripes.
+type stripes struct {
+	s      []stripe
+	tokens sync.Pool
+}
+
+type stripe struct {
+	n atomic.Uint64
+	_ [120]byte
+}
+
+type stripeToken struct{ i uint32 }
+
+func newStripes() *stripes {
+	n := 8
+	for n < 4*runtime.GOMAXPROCS(0) {
+		n <<= 1
+	}
+	st := &stripes{s: make([]stripe, n)}
+	st.tokens.New = func() any { return &stripeToken{i: rand.Uint32() & uint32(n-1)} }
+	return st
+}
+
+func (st *stripes) add() {
+	t := st.tokens.Get().(*stripeToken)
+	st.s[t.i].n.Add(1)
+	st.tokens.Put(t)
+}
+
+func (st *stripes) sum() uint64 {
+	var t uint64
+	for i := range st.s {
+		t += st.s[i].n.Load()
+	}
+	return t
 }

@@ -5,9 +5,11 @@
 //	go test -run '^$' -bench . -count 6 ./bench/hitpath | tee hit.txt
 //	benchstat -col /impl hit.txt
 //
-// sharded-lru is the library's structure (16 locked simplelru segments) with
-// none of the library's work, and sharded-peek the same without moving the
-// entry to the front on a hit.
+// sharded-lru is a sharded LRU and nothing else (16 locked simplelru
+// segments: the library's hit path before hits stopped taking a lock), and
+// sharded-peek the same without moving the entry to the front on a hit.
+// BenchmarkHit and BenchmarkHitParallel run each at two occupancies: the
+// keys in four times their number of entries, and in one and a half times.
 //
 // BenchmarkHitVsRaw and BenchmarkHitVsRawParallel interleave them in
 // blocks of one pass over the key set inside one loop and report each one's
