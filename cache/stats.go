@@ -1,7 +1,6 @@
 package cache
 
 import (
-	"math/rand/v2"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -81,11 +80,13 @@ func (c *Cache[K, V]) Stats() Stats {
 // token taken from a sync.Pool: the pool hands each P the token it last
 // put back, so a core keeps adding to one stripe, whose line stays in its
 // cache. (A random stripe per add would still move lines between cores on
-// most adds.) Tokens the pool drops at a collection are replaced by new
-// ones with a random stripe; no count is lost, as counts live in the
-// stripes.
+// most adds.) Tokens are handed stripes in turn, so that the first
+// len(s) tokens, one per P at first, never share one; tokens the pool drops
+// at a collection are replaced the same way. No count is lost, as counts
+// live in the stripes.
 type stripes struct {
 	s      []stripe
+	next   atomic.Uint32 // the stripe of the next new token
 	tokens sync.Pool
 }
 
@@ -102,7 +103,7 @@ func newStripes() *stripes {
 		n <<= 1
 	}
 	st := &stripes{s: make([]stripe, n)}
-	st.tokens.New = func() any { return &stripeToken{i: rand.Uint32() & uint32(n-1)} }
+	st.tokens.New = func() any { return &stripeToken{i: (st.next.Add(1) - 1) & uint32(n-1)} }
 	return st
 }
 

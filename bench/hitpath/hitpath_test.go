@@ -4,6 +4,7 @@ import (
 	"context"
 	"hash/maphash"
 	"math/bits"
+	"math/rand/v2"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -175,22 +176,49 @@ var fills = []struct {
 	capacity int
 }{{"quarter", 4 * keys}, {"two-thirds", keys * 3 / 2}}
 
+// accesses are the two orders in which the keys are read: cyclic, every
+// key in turn (each hit is on the key read longest ago: an LRU's worst
+// case), and Zipf(1.1), where a few keys take most reads (a hot set).
+var accesses = []struct {
+	name string
+	seq  func() []int // indexes into the key set
+}{
+	{"cyclic", func() []int {
+		seq := make([]int, keys)
+		for i := range seq {
+			seq[i] = i
+		}
+		return seq
+	}},
+	{"zipf", func() []int {
+		z := rand.NewZipf(rand.New(rand.NewPCG(1, 2)), 1.1, 1, keys-1)
+		seq := make([]int, 1<<16)
+		for i := range seq {
+			seq[i] = int(z.Uint64())
+		}
+		return seq
+	}},
+}
+
 // BenchmarkHit is one goroutine's Get of a held key; compare the
 // implementations with benchstat -col /impl.
 func BenchmarkHit(b *testing.B) {
 	ks := keySet()
 	for _, fill := range fills {
-		for _, name := range names {
-			b.Run("fill="+fill.name+"/impl="+name, func(b *testing.B) {
-				get := pick(impls(b, ks, fill.capacity), name)
-				b.ReportAllocs()
-				s, i := 0, 0
-				for b.Loop() {
-					s += get(ks[i&(keys-1)])
-					i++
-				}
-				sink.Add(int64(s))
-			})
+		for _, acc := range accesses {
+			seq := acc.seq()
+			for _, name := range names {
+				b.Run("fill="+fill.name+"/access="+acc.name+"/impl="+name, func(b *testing.B) {
+					get := pick(impls(b, ks, fill.capacity), name)
+					b.ReportAllocs()
+					s, i := 0, 0
+					for b.Loop() {
+						s += get(ks[seq[i%len(seq)]])
+						i++
+					}
+					sink.Add(int64(s))
+				})
+			}
 		}
 	}
 }
@@ -200,21 +228,24 @@ func BenchmarkHit(b *testing.B) {
 func BenchmarkHitParallel(b *testing.B) {
 	ks := keySet()
 	for _, fill := range fills {
-		for _, name := range names {
-			b.Run("fill="+fill.name+"/impl="+name, func(b *testing.B) {
-				get := pick(impls(b, ks, fill.capacity), name)
-				b.ReportAllocs()
-				var seed atomic.Int64
-				b.ResetTimer()
-				b.RunParallel(func(pb *testing.PB) {
-					s, i := 0, int(seed.Add(7919))
-					for pb.Next() {
-						s += get(ks[i&(keys-1)])
-						i++
-					}
-					sink.Add(int64(s))
+		for _, acc := range accesses {
+			seq := acc.seq()
+			for _, name := range names {
+				b.Run("fill="+fill.name+"/access="+acc.name+"/impl="+name, func(b *testing.B) {
+					get := pick(impls(b, ks, fill.capacity), name)
+					b.ReportAllocs()
+					var seed atomic.Int64
+					b.ResetTimer()
+					b.RunParallel(func(pb *testing.PB) {
+						s, i := 0, int(seed.Add(7919))
+						for pb.Next() {
+							s += get(ks[seq[i%len(seq)]])
+							i++
+						}
+						sink.Add(int64(s))
+					})
 				})
-			})
+			}
 		}
 	}
 }
