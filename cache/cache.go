@@ -118,8 +118,8 @@ func (c *Cache[K, V]) shard(h uint64) *shard[K, V] {
 // lookup returns the live entry of key, of hash h, counting a hit or a
 // miss.
 func (c *Cache[K, V]) lookup(key K, h uint64, now int64) (entry[V], bool) {
-	e, ok := c.shard(h).lookup(key, h, now)
-	if ok {
+	e, ok, counted := c.shard(h).lookup(key, h, now)
+	if ok && !counted {
 		c.hits.add()
 	}
 	return e, ok

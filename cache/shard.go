@@ -49,10 +49,14 @@ type shard[K comparable, V any] struct {
 	misses uint64                         // guarded by mu
 	// evictions is guarded by mu.
 	evictions uint64
+	// hits counts the hits that took mu anyway (to move their entry, or
+	// after missing the index); the others are in Cache.hits. Guarded by
+	// mu.
+	hits uint64
 	// Keep the fields above, which only mu's holder writes, off the lines
-	// the hit path reads: 48 bytes, padded to 128 (two lines, for the
+	// the hit path reads: 56 bytes, padded to 128 (two lines, for the
 	// adjacent-line prefetcher).
-	_ [80]byte
+	_ [72]byte
 	// index is replaced (by a flush) and changed only under mu; read
 	// without it.
 	index atomic.Pointer[table[K, V]]
@@ -88,22 +92,23 @@ func (s *shard[K, V]) find(key K, h uint64) *node[K, V] {
 }
 
 // lookup returns the live entry of key, of hash h, and whether it is a hit.
-// A miss is counted; an expired entry is removed and counts as a miss.
-func (s *shard[K, V]) lookup(key K, h uint64, now int64) (entry[V], bool) {
+// A miss is counted, and so is a hit that took the lock (counted reports
+// which hits it counted); an expired entry is removed and counts as a miss.
+func (s *shard[K, V]) lookup(key K, h uint64, now int64) (e entry[V], hit, counted bool) {
 	if n := s.find(key, h); n != nil && now < n.e.expires {
-		s.touch(n)
-		return n.e, true
+		return n.e, true, s.touch(n)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if n, ok := s.lru.Peek(key); ok {
 		if now < n.e.expires {
-			return n.e, true // stored since find
+			s.hits++
+			return n.e, true, true // stored since find
 		}
 		s.remove(key)
 	}
 	s.misses++
-	return entry[V]{}, false
+	return entry[V]{}, false, false
 }
 
 // touch moves n to the front of the LRU if it may have drifted back beyond
@@ -118,20 +123,23 @@ func (s *shard[K, V]) lookup(key K, h uint64, now int64) (entry[V], bool) {
 // left most hits moving in a shard a quarter full.
 //
 // touch does not wait for the lock: if another goroutine holds it, the
-// move is left to a later hit.
-func (s *shard[K, V]) touch(n *node[K, V]) {
+// move is left to a later hit. It reports whether it took the lock and
+// counted the hit.
+func (s *shard[K, V]) touch(n *node[K, V]) bool {
 	if s.tick.Load()-n.front.Load() < s.window || s.length.Load() <= s.window {
-		return
+		return false
 	}
 	if !s.mu.TryLock() {
-		return
+		return false
 	}
 	// n may have been replaced or removed since it was found; whatever
 	// holds its key now is as recent as this hit.
 	if cur, ok := s.lru.Get(n.key); ok {
 		cur.front.Store(s.tick.Add(1))
 	}
+	s.hits++
 	s.mu.Unlock()
+	return true
 }
 
 // peek returns the live entry of key without touching recency, under mu.

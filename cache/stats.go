@@ -66,12 +66,13 @@ func (c *Cache[K, V]) Stats() Stats {
 	for i := range c.shards {
 		s := &c.shards[i]
 		s.mu.Lock()
+		st.Hits += s.hits
 		st.Misses += s.misses
 		st.Evictions += s.evictions
 		st.Entries += s.lru.Len()
 		s.mu.Unlock()
 	}
-	st.Hits = c.hits.sum()
+	st.Hits += c.hits.sum()
 	return st
 }
 
