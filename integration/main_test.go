@@ -12,12 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-	"github.com/redis/go-redis/v9"
-	"github.com/testcontainers/testcontainers-go"
-	tcpostgres "github.com/testcontainers/testcontainers-go/modules/postgres"
-	tcredis "github.com/testcontainers/testcontainers-go/modules/redis"
-
+	"github.com/coherentcache/coherent/internal/services"
 	"github.com/coherentcache/coherent/internal/testenv"
 )
 
@@ -91,17 +86,11 @@ func buildWebapp(dir string) (string, error) {
 // (testenv.Unavailable).
 //
 // There was no Docker engine where this was written: the container path
-// follows examples/demo/services.go, which uses the same calls, but has not
-// run here.
+// (package services, shared with examples/demo) has not run here.
 func provideServices() (stop func(), err error) {
 	ctx := context.Background()
-	var containers []testcontainers.Container
-	stop = func() {
-		for _, c := range containers {
-			_ = testcontainers.TerminateContainer(c)
-		}
-	}
-	pgErr, redisErr := pingPostgres(ctx, testenv.DatabaseURL()), pingRedis(ctx, testenv.RedisURL())
+	stop = func() {}
+	pgErr, redisErr := services.PingPostgres(ctx, testenv.DatabaseURL()), services.PingRedis(ctx, testenv.RedisURL())
 	if pgErr != nil && os.Getenv("DATABASE_URL") != "" {
 		return stop, fmt.Errorf("DATABASE_URL: %w", pgErr)
 	}
@@ -111,74 +100,18 @@ func provideServices() (stop func(), err error) {
 	if pgErr == nil && redisErr == nil {
 		return stop, nil
 	}
-	if !dockerAvailable(ctx) {
+	if !services.DockerAvailable(ctx) {
 		return stop, fmt.Errorf("no Docker engine to start the missing services: %w", errors.Join(pgErr, redisErr))
 	}
-	cctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
-	defer cancel()
+	cs, err := services.Start(ctx, pgErr != nil, redisErr != nil)
+	if err != nil {
+		return stop, err
+	}
 	if pgErr != nil {
-		c, err := tcpostgres.Run(cctx, "postgres:16-alpine", tcpostgres.WithDatabase("coherent"), tcpostgres.BasicWaitStrategies())
-		if c != nil {
-			containers = append(containers, c)
-		}
-		if err != nil {
-			return stop, fmt.Errorf("starting Postgres with testcontainers-go: %w", err)
-		}
-		u, err := c.ConnectionString(cctx, "sslmode=disable")
-		if err != nil {
-			return stop, err
-		}
-		os.Setenv("DATABASE_URL", u)
+		os.Setenv("DATABASE_URL", cs.DatabaseURL)
 	}
 	if redisErr != nil {
-		c, err := tcredis.Run(cctx, "redis:7-alpine")
-		if c != nil {
-			containers = append(containers, c)
-		}
-		if err != nil {
-			return stop, fmt.Errorf("starting Redis with testcontainers-go: %w", err)
-		}
-		u, err := c.ConnectionString(cctx)
-		if err != nil {
-			return stop, err
-		}
-		os.Setenv("REDIS_URL", u)
+		os.Setenv("REDIS_URL", cs.RedisURL)
 	}
-	return stop, nil
-}
-
-func pingPostgres(ctx context.Context, url string) error {
-	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, url)
-	if err != nil {
-		return fmt.Errorf("postgres unreachable: %w", err)
-	}
-	return conn.Close(ctx)
-}
-
-func pingRedis(ctx context.Context, url string) error {
-	opts, err := redis.ParseURL(url)
-	if err != nil {
-		return fmt.Errorf("REDIS_URL: %w", err)
-	}
-	c := redis.NewClient(opts)
-	defer c.Close()
-	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-	defer cancel()
-	if err := c.Ping(ctx).Err(); err != nil {
-		return fmt.Errorf("redis unreachable at %s: %w", opts.Addr, err)
-	}
-	return nil
-}
-
-func dockerAvailable(ctx context.Context) bool {
-	p, err := testcontainers.NewDockerProvider()
-	if err != nil {
-		return false
-	}
-	defer p.Close()
-	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-	defer cancel()
-	return p.Health(ctx) == nil
+	return cs.Stop, nil
 }

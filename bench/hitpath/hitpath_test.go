@@ -203,29 +203,37 @@ var accesses = []struct {
 // BenchmarkHit is one goroutine's Get of a held key; compare the
 // implementations with benchstat -col /impl.
 func BenchmarkHit(b *testing.B) {
-	ks := keySet()
-	for _, fill := range fills {
-		for _, acc := range accesses {
-			seq := acc.seq()
-			for _, name := range names {
-				b.Run("fill="+fill.name+"/access="+acc.name+"/impl="+name, func(b *testing.B) {
-					get := pick(impls(b, ks, fill.capacity), name)
-					b.ReportAllocs()
-					s, i := 0, 0
-					for b.Loop() {
-						s += get(ks[seq[i%len(seq)]])
-						i++
-					}
-					sink.Add(int64(s))
-				})
-			}
+	eachCase(b, func(b *testing.B, get func(string) int, ks []string, seq []int) {
+		s, i := 0, 0
+		for b.Loop() {
+			s += get(ks[seq[i%len(seq)]])
+			i++
 		}
-	}
+		sink.Add(int64(s))
+	})
 }
 
 // BenchmarkHitParallel is Get of held keys from GOMAXPROCS goroutines;
 // ns/op is wall time per Get over all of them.
 func BenchmarkHitParallel(b *testing.B) {
+	eachCase(b, func(b *testing.B, get func(string) int, ks []string, seq []int) {
+		var seed atomic.Int64
+		b.ResetTimer()
+		b.RunParallel(func(pb *testing.PB) {
+			s, i := 0, int(seed.Add(7919))
+			for pb.Next() {
+				s += get(ks[seq[i%len(seq)]])
+				i++
+			}
+			sink.Add(int64(s))
+		})
+	})
+}
+
+// eachCase runs loop as a sub-benchmark for every fill, access order and
+// implementation: get is the implementation's Get, and loop reads the keys
+// ks[seq[0]], ks[seq[1]], … cyclically.
+func eachCase(b *testing.B, loop func(b *testing.B, get func(string) int, ks []string, seq []int)) {
 	ks := keySet()
 	for _, fill := range fills {
 		for _, acc := range accesses {
@@ -234,16 +242,7 @@ func BenchmarkHitParallel(b *testing.B) {
 				b.Run("fill="+fill.name+"/access="+acc.name+"/impl="+name, func(b *testing.B) {
 					get := pick(impls(b, ks, fill.capacity), name)
 					b.ReportAllocs()
-					var seed atomic.Int64
-					b.ResetTimer()
-					b.RunParallel(func(pb *testing.PB) {
-						s, i := 0, int(seed.Add(7919))
-						for pb.Next() {
-							s += get(ks[seq[i%len(seq)]])
-							i++
-						}
-						sink.Add(int64(s))
-					})
+					loop(b, get, ks, seq)
 				})
 			}
 		}
