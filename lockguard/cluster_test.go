@@ -107,7 +107,7 @@ func runLockSuite(t *testing.T, env func() lockEnv) {
 // counter by GET then SET under the lock: an overlap of two critical
 // sections loses an increment.
 func suiteMutualExclusion(t *testing.T, env lockEnv) {
-	const clients, perClient, iterations = 3, 2, 25
+	const clients, perClient, iterations = 4, 3, 40
 	admin := env.client(t)
 	prefix := env.prefix(t, admin)
 	counter := prefix + "counter"
@@ -238,7 +238,7 @@ func suiteFencingTokens(t *testing.T, env lockEnv) {
 	var mu sync.Mutex
 	var tokens []int64
 	var wg sync.WaitGroup
-	const clients, perClient, iterations = 3, 2, 10
+	const clients, perClient, iterations = 4, 2, 15
 	for range clients {
 		g := newGuard(t, env.client(t), prefix, opts)
 		for range perClient {
@@ -280,26 +280,11 @@ func suiteFencingTokens(t *testing.T, env lockEnv) {
 	}
 }
 
-// clientRenewals returns a channel that receives the error of every
-// renewal (Extend or watchdog) that c runs.
-func clientRenewals(c redis.UniversalClient) <-chan error {
-	ch := make(chan error, 1000)
-	c.AddHook(&cmdHook{observe: func(cmd redis.Cmder) {
-		if isScript(cmd, extendScript) {
-			select {
-			case ch <- cmd.Err():
-			default:
-			}
-		}
-	}})
-	return ch
-}
-
 // suiteWatchdog: renewals keep a lock past its lease, and none follows
 // the release.
 func suiteWatchdog(t *testing.T, env lockEnv) {
 	rdb := env.client(t)
-	renewed := clientRenewals(rdb)
+	renewed := renewals(rdb)
 	prefix := env.prefix(t, rdb)
 	// Renewals every TTL/3. The lease is long enough to outlast the pause
 	// of a failover of its shard by package invalidate's tests.
@@ -369,12 +354,7 @@ func suiteNotifyWakesWaiter(t *testing.T, env lockEnv) {
 	prefix := env.prefix(t, admin)
 	holder := newGuard(t, admin, prefix, &Options{TTL: time.Minute})
 	wc := env.client(t)
-	var attempts atomic.Int32
-	wc.AddHook(&cmdHook{observe: func(cmd redis.Cmder) {
-		if isScript(cmd, acquireScript) {
-			attempts.Add(1)
-		}
-	}})
+	attempts := attemptCounter(wc)
 	waiter := newGuard(t, wc, prefix, &slowPoll)
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -273,68 +272,6 @@ func TestTryAcquireRelease(t *testing.T) {
 	}
 }
 
-// TestMutualExclusion has goroutines on several clients increment a
-// counter in Redis by GET then SET, under the lock. Any overlap of two
-// critical sections loses an increment.
-func TestMutualExclusion(t *testing.T) {
-	t.Parallel()
-	const clients, perClient, iterations = 4, 3, 40
-	admin := newClient(t, nil)
-	prefix := testPrefix(t, admin)
-	counter := prefix + "counter"
-	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
-	defer cancel()
-
-	var inside, overlaps atomic.Int32
-	increment := func(ctx context.Context, rdb *redis.Client) error {
-		if inside.Add(1) != 1 {
-			overlaps.Add(1)
-		}
-		defer inside.Add(-1)
-		n, err := rdb.Get(ctx, counter).Int()
-		if err != nil && !errors.Is(err, redis.Nil) {
-			return err
-		}
-		runtime.Gosched() // widen the window between read and write
-		return rdb.Set(ctx, counter, n+1, 0).Err()
-	}
-
-	var wg sync.WaitGroup
-	for c := range clients {
-		rdb := newClient(t, nil)
-		g := newGuard(t, rdb, prefix, &Options{MinBackoff: time.Millisecond, MaxBackoff: 16 * time.Millisecond})
-		for w := range perClient {
-			wg.Go(func() {
-				for i := range iterations {
-					var err error
-					if (c+w+i)%2 == 0 {
-						err = g.WithLock(ctx, "counter", func(ctx context.Context, _ *Lock) error {
-							return increment(ctx, rdb)
-						})
-					} else {
-						var l *Lock
-						if l, err = g.Acquire(ctx, "counter"); err == nil {
-							err = errors.Join(increment(ctx, rdb), l.Release(ctx))
-						}
-					}
-					if err != nil {
-						t.Errorf("increment under the lock = %v", err)
-						return
-					}
-				}
-			})
-		}
-	}
-	wg.Wait()
-	const want = clients * perClient * iterations
-	if got, err := admin.Get(ctx, counter).Int(); err != nil || got != want {
-		t.Errorf("counter = %d, %v; want %d", got, err, want)
-	}
-	if n := overlaps.Load(); n != 0 {
-		t.Errorf("%d critical sections overlapped; want 0", n)
-	}
-}
-
 // TestExpiry: a holder stalls past its TTL, another acquires, and the
 // first one's Release leaves the second one's lock alone.
 func TestExpiry(t *testing.T) {
@@ -427,7 +364,7 @@ func TestExtend(t *testing.T) {
 
 // renewals returns a channel that receives the error of every renewal
 // (Extend or watchdog) that the client runs, dropping them when full.
-func renewals(rdb *redis.Client) <-chan error {
+func renewals(rdb redis.UniversalClient) <-chan error {
 	ch := make(chan error, 1000)
 	rdb.AddHook(&cmdHook{observe: func(cmd redis.Cmder) {
 		if isScript(cmd, extendScript) {
@@ -650,83 +587,6 @@ func TestWatchdogConnectionKilled(t *testing.T) {
 				t.Errorf("Extend() by the new holder = %v; want nil", err)
 			}
 		})
-	}
-}
-
-// TestFencingTokens checks that tokens strictly increase across
-// acquisitions, restarts of the client, and concurrent acquirers.
-func TestFencingTokens(t *testing.T) {
-	t.Parallel()
-	admin := newClient(t, nil)
-	prefix := testPrefix(t, admin)
-	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
-	defer cancel()
-	opts := &Options{MinBackoff: time.Millisecond, MaxBackoff: 16 * time.Millisecond}
-
-	var last int64
-	take := func(g *Guard) {
-		t.Helper()
-		l, err := g.Acquire(ctx, "res")
-		if err != nil {
-			t.Fatalf("Acquire() = %v", err)
-		}
-		if l.Token() <= last {
-			t.Errorf("token %d after %d; want increasing", l.Token(), last)
-		}
-		last = l.Token()
-		if err := l.Release(ctx); err != nil {
-			t.Fatalf("Release() = %v", err)
-		}
-	}
-	// Sequential acquisitions, then a "restart": a new client and Guard.
-	for range 2 {
-		c := redis.NewClient(admin.Options())
-		g := newGuard(t, c, prefix, opts)
-		for range 5 {
-			take(g)
-		}
-		if err := c.Close(); err != nil {
-			t.Fatal(err)
-		}
-	}
-
-	// Concurrent acquirers on several clients. Within the critical
-	// sections, which the lock orders, each token must exceed the last.
-	// (The atomics are for the race detector, which cannot see the
-	// ordering that Redis provides.)
-	var prev atomic.Int64
-	prev.Store(last)
-	var mu sync.Mutex
-	var tokens []int64
-	var wg sync.WaitGroup
-	for range 4 {
-		g := newGuard(t, newClient(t, nil), prefix, opts)
-		for range 2 {
-			wg.Go(func() {
-				for range 15 {
-					l, err := g.Acquire(ctx, "res")
-					if err != nil {
-						t.Errorf("Acquire() = %v", err)
-						return
-					}
-					if p := prev.Swap(l.Token()); l.Token() <= p {
-						t.Errorf("token %d inside the lock after %d; want increasing", l.Token(), p)
-					}
-					mu.Lock()
-					tokens = append(tokens, l.Token())
-					mu.Unlock()
-					if err := l.Release(ctx); err != nil {
-						t.Errorf("Release() = %v", err)
-						return
-					}
-				}
-			})
-		}
-	}
-	wg.Wait()
-	slices.Sort(tokens)
-	if len(slices.Compact(tokens)) != 4*2*15 {
-		t.Errorf("duplicate tokens among %d acquisitions", 4*2*15)
 	}
 }
 
