@@ -25,7 +25,7 @@ func startRedisCluster(t *testing.T) *redisCluster {
 	t.Helper()
 	c := &redisCluster{t: t}
 	for i := range c.nodes {
-		c.nodes[i] = startRedisServer(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--repl-diskless-sync-delay", "0")
+		c.nodes[i] = testenv.StartRedisServer(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--repl-diskless-sync-delay", "0")
 	}
 	ctx := context.Background()
 	admin := c.admin(0)

@@ -10,6 +10,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/coherentcache/coherent/internal/faultproxy"
+	"github.com/coherentcache/coherent/internal/testenv"
 	"github.com/coherentcache/coherent/invalidate/invalidatetest"
 )
 
@@ -86,7 +87,7 @@ func TestGoRedisReceiveTimeoutKeepsConnection(t *testing.T) {
 // PING but never waits for the PONG, so a stalled link goes unnoticed.
 func TestGoRedisHealthCheckMissesSilentLink(t *testing.T) {
 	t.Parallel()
-	proxy, err := faultproxy.New(redisOptions(t).Addr)
+	proxy, err := faultproxy.New(testenv.RedisOptions(t).Addr)
 	if err != nil {
 		t.Fatal(err)
 	}

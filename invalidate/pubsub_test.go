@@ -16,6 +16,7 @@ import (
 
 	"github.com/coherentcache/coherent/cache"
 	"github.com/coherentcache/coherent/internal/faultproxy"
+	"github.com/coherentcache/coherent/internal/testenv"
 	"github.com/coherentcache/coherent/invalidate/invalidatetest"
 )
 
@@ -92,9 +93,9 @@ func TestPubSubSubscribeRejects(t *testing.T) {
 // TestPubSubCloseStopsGoroutines is not parallel: it compares the
 // goroutines before and after.
 func TestPubSubCloseStopsGoroutines(t *testing.T) {
-	redisOptions(t) // skip before taking the snapshot
+	testenv.RedisOptions(t) // skip before taking the snapshot
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
-	client := redis.NewClient(redisOptions(t))
+	client := redis.NewClient(testenv.RedisOptions(t))
 	defer client.Close()
 	b, err := NewPubSub(client, testOptions(uniqueName(t)))
 	if err != nil {
@@ -443,7 +444,7 @@ func TestPubSubKillSubscriber(t *testing.T) {
 // private server so as not to disturb other tests' subscribers.
 func TestPubSubKillTypePubsub(t *testing.T) {
 	t.Parallel()
-	srv := startRedisServer(t)
+	srv := testenv.StartRedisServer(t)
 	client := func() *redis.Client {
 		c := redis.NewClient(&redis.Options{Addr: srv.Addr()})
 		t.Cleanup(func() { _ = c.Close() })
@@ -472,7 +473,7 @@ func TestPubSubKillTypePubsub(t *testing.T) {
 // serve again when the link is back.
 func TestPubSubSilentLink(t *testing.T) {
 	t.Parallel()
-	opt := redisOptions(t)
+	opt := testenv.RedisOptions(t)
 	proxy, err := faultproxy.New(opt.Addr)
 	if err != nil {
 		t.Fatal(err)
@@ -506,7 +507,7 @@ func TestPubSubSilentLink(t *testing.T) {
 // link has never been proven serves nothing cached.
 func TestPubSubNotServingBeforeProof(t *testing.T) {
 	t.Parallel()
-	opt := redisOptions(t)
+	opt := testenv.RedisOptions(t)
 	proxy, err := faultproxy.New(opt.Addr)
 	if err != nil {
 		t.Fatal(err)
@@ -542,7 +543,7 @@ func TestPubSubNotServingBeforeProof(t *testing.T) {
 // error (race 9), and after the restart the reader flushes and serves again.
 func TestPubSubRedisRestart(t *testing.T) {
 	t.Parallel()
-	srv := startRedisServer(t)
+	srv := testenv.StartRedisServer(t)
 	client := func() *redis.Client {
 		c := redis.NewClient(&redis.Options{Addr: srv.Addr(), MaxRetries: -1, DialTimeout: 200 * time.Millisecond})
 		t.Cleanup(func() { _ = c.Close() })
@@ -585,7 +586,7 @@ func (b *blocking) Invalidate(keys []cache.Invalidation) {
 // for exceeding client-output-buffer-limit pubsub: a gap (race 4).
 func TestPubSubSlowSubscriber(t *testing.T) {
 	t.Parallel()
-	srv := startRedisServer(t, "--client-output-buffer-limit", "pubsub 32kb 16kb 1")
+	srv := testenv.StartRedisServer(t, "--client-output-buffer-limit", "pubsub 32kb 16kb 1")
 	client := func(name string) *redis.Client {
 		c := redis.NewClient(&redis.Options{Addr: srv.Addr(), ClientName: name})
 		t.Cleanup(func() { _ = c.Close() })

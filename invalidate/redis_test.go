@@ -5,10 +5,8 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"os"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -24,43 +22,11 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
-// redisURL is where the shared Redis of the tests lives.
-func redisURL() string { return testenv.RedisURL() }
-
-var redisCheck struct {
-	once sync.Once
-	err  error
-}
-
-// redisOptions returns options for the shared Redis. It skips t when Redis
-// is unreachable, or fails it when the environment variable CI is set.
-func redisOptions(t testing.TB) *redis.Options {
-	t.Helper()
-	opt, err := redis.ParseURL(redisURL())
-	if err != nil {
-		t.Fatalf("REDIS_URL %q: %v", redisURL(), err)
-	}
-	redisCheck.once.Do(func() {
-		c := redis.NewClient(opt)
-		defer c.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		redisCheck.err = c.Ping(ctx).Err()
-	})
-	if redisCheck.err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("Redis at %s is unreachable: %v", redisURL(), redisCheck.err)
-		}
-		t.Skipf("Redis at %s is unreachable: %v", redisURL(), redisCheck.err)
-	}
-	return opt
-}
-
 // newClient returns a client of the shared Redis, closed by t's cleanup.
 // edit, if not nil, adjusts its options.
 func newClient(t testing.TB, edit func(*redis.Options)) *redis.Client {
 	t.Helper()
-	opt := redisOptions(t)
+	opt := testenv.RedisOptions(t)
 	if edit != nil {
 		edit(opt)
 	}
@@ -91,13 +57,6 @@ func newPubSub(t testing.TB, client redis.UniversalClient, opts *PubSubOptions) 
 	}
 	t.Cleanup(func() { _ = b.Close() })
 	return b
-}
-
-// startRedisServer starts a private redis-server for faults that must not
-// disturb the shared one: restarts and configuration changes.
-func startRedisServer(t testing.TB, args ...string) *testenv.RedisServer {
-	t.Helper()
-	return testenv.StartRedisServer(t, args...)
 }
 
 // clientIDs returns the CLIENT IDs of the subscribed connections named name.

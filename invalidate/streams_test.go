@@ -12,6 +12,7 @@ import (
 
 	"github.com/coherentcache/coherent/cache"
 	"github.com/coherentcache/coherent/internal/faultproxy"
+	"github.com/coherentcache/coherent/internal/testenv"
 	"github.com/coherentcache/coherent/invalidate/invalidatetest"
 )
 
@@ -78,9 +79,9 @@ func TestNewStreamsRejects(t *testing.T) {
 // TestStreamsCloseStopsGoroutines is not parallel: it compares the
 // goroutines before and after.
 func TestStreamsCloseStopsGoroutines(t *testing.T) {
-	redisOptions(t)
+	testenv.RedisOptions(t)
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
-	client := redis.NewClient(redisOptions(t))
+	client := redis.NewClient(testenv.RedisOptions(t))
 	defer client.Close()
 	key := uniqueName(t)
 	defer client.Del(context.Background(), key)
@@ -101,7 +102,7 @@ func TestStreamsCloseStopsGoroutines(t *testing.T) {
 // proxied returns a client of the shared Redis through a fault proxy.
 func proxied(t *testing.T) (*redis.Client, *faultproxy.Proxy) {
 	t.Helper()
-	proxy, err := faultproxy.New(redisOptions(t).Addr)
+	proxy, err := faultproxy.New(testenv.RedisOptions(t).Addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -298,7 +299,7 @@ func TestStreamsRedisRestart(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			srv := startRedisServer(t, tt.args...)
+			srv := testenv.StartRedisServer(t, tt.args...)
 			client := func() *redis.Client {
 				c := redis.NewClient(&redis.Options{Addr: srv.Addr(), MaxRetries: -1, DialTimeout: 200 * time.Millisecond})
 				t.Cleanup(func() { _ = c.Close() })

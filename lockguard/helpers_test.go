@@ -5,7 +5,6 @@ import (
 	crand "crypto/rand"
 	"crypto/sha1"
 	"encoding/hex"
-	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -24,9 +23,6 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
-// redisURL returns REDIS_URL, or the local default.
-func redisURL() string { return testenv.RedisURL() }
-
 // tb is what the helpers need of a *testing.T or *testing.B.
 type tb interface {
 	Helper()
@@ -37,16 +33,10 @@ type tb interface {
 
 // newClient returns a client of the test Redis, closed at cleanup. mod, if
 // not nil, adjusts the options first. Without Redis the test is skipped,
-// unless CI is set, where it fails.
-func newClient(t tb, mod func(*redis.Options)) *redis.Client {
+// unless CI is set, where it fails (testenv.RedisOptions).
+func newClient(t testing.TB, mod func(*redis.Options)) *redis.Client {
 	t.Helper()
-	if err := redisReachable(); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("Redis at %s unreachable: %v", redisURL(), err)
-		}
-		t.Skipf("Redis at %s unreachable: %v", redisURL(), err)
-	}
-	opt, _ := redis.ParseURL(redisURL()) // checked by redisReachable
+	opt := testenv.RedisOptions(t)
 	if mod != nil {
 		mod(opt)
 	}
@@ -54,22 +44,6 @@ func newClient(t tb, mod func(*redis.Options)) *redis.Client {
 	t.Cleanup(func() { _ = c.Close() })
 	return c
 }
-
-// redisReachable pings the test Redis once per run, so that without Redis
-// every test skips (or fails) at once.
-var redisReachable = sync.OnceValue(func() error {
-	opt, err := redis.ParseURL(redisURL())
-	if err != nil {
-		return err
-	}
-	opt.MaxRetries = -1
-	opt.DialerRetries = 1
-	c := redis.NewClient(opt)
-	defer c.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-	defer cancel()
-	return c.Ping(ctx).Err()
-})
 
 // testPrefix returns a key prefix unique to this test and deletes every key
 // under it at cleanup, with a fresh context.

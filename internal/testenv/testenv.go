@@ -9,6 +9,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"os"
+	"sync"
 	"testing"
 	"time"
 
@@ -104,20 +105,39 @@ func Schema(t testing.TB, pool *pgxpool.Pool) string {
 	return name
 }
 
-// Redis returns a client for REDIS_URL, closed at the end of the test.
-func Redis(t testing.TB) *redis.Client {
+// RedisOptions returns the options of REDIS_URL. It skips t, or fails it
+// under CI, when that Redis does not answer; the check runs once per test
+// binary, so that without Redis every test stops at once.
+func RedisOptions(t testing.TB) *redis.Options {
 	t.Helper()
 	opt, err := redis.ParseURL(RedisURL())
 	if err != nil {
-		t.Fatalf("REDIS_URL: %v", err)
+		t.Fatalf("REDIS_URL %q: %v", RedisURL(), err)
 	}
+	if err := redisReachable(); err != nil {
+		Unavailable(t, "Redis at "+opt.Addr, err)
+	}
+	return opt
+}
+
+var redisReachable = sync.OnceValue(func() error {
+	opt, err := redis.ParseURL(RedisURL())
+	if err != nil {
+		return err
+	}
+	opt.MaxRetries = -1
+	opt.DialerRetries = 1
 	c := redis.NewClient(opt)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	if err := c.Ping(ctx).Err(); err != nil {
-		c.Close()
-		Unavailable(t, "Redis", err)
-	}
+	return c.Ping(ctx).Err()
+})
+
+// Redis returns a client for REDIS_URL, closed at the end of the test.
+func Redis(t testing.TB) *redis.Client {
+	t.Helper()
+	c := redis.NewClient(RedisOptions(t))
 	t.Cleanup(func() { c.Close() })
 	return c
 }
