@@ -314,8 +314,8 @@ func TestUpdate(t *testing.T) {
 	}
 	t.Run("installs without a version", func(t *testing.T) {
 		c, src, bus := setup(t)
-		err := c.Update(ctx, "k", func(ctx context.Context) (row, int64, error) {
-			return src.write("k", "v1"), 0, nil
+		err := c.Update(ctx, "k", func(ctx context.Context) (Change[row], error) {
+			return Change[row]{Value: src.write("k", "v1")}, nil
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -329,11 +329,11 @@ func TestUpdate(t *testing.T) {
 	})
 	t.Run("drops after an overlapping invalidation", func(t *testing.T) {
 		c, src, bus := setup(t)
-		err := c.Update(ctx, "k", func(ctx context.Context) (row, int64, error) {
+		err := c.Update(ctx, "k", func(ctx context.Context) (Change[row], error) {
 			r := src.write("k", "mine")
 			src.write("k", "theirs")                             // another writer commits after us...
 			bus.handler().Invalidate([]Invalidation{{Key: "k"}}) // ...and its invalidation overtakes our install
-			return r, 0, nil
+			return Change[row]{Value: r}, nil
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -344,9 +344,9 @@ func TestUpdate(t *testing.T) {
 	})
 	t.Run("deletion", func(t *testing.T) {
 		c, src, _ := setup(t)
-		err := c.Update(ctx, "k", func(ctx context.Context) (row, int64, error) {
+		err := c.Update(ctx, "k", func(ctx context.Context) (Change[row], error) {
 			src.remove("k")
-			return row{}, 7, ErrNotFound
+			return Change[row]{Version: 7, Deleted: true}, nil
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -355,11 +355,31 @@ func TestUpdate(t *testing.T) {
 			t.Errorf("Get after a deleting Update = %v with %d loads; want a cached ErrNotFound", err, src.loads.Load())
 		}
 	})
+	// Issue 11 item 7: a write that failed because it looked something up
+	// and found nothing is a failed write, not a deletion. Before Change
+	// had Deleted, an error wrapping ErrNotFound meant "deleted": Update
+	// cached a false absence, published it and returned nil.
+	t.Run("failed write wrapping ErrNotFound", func(t *testing.T) {
+		c, src, bus := setup(t)
+		src.write("k", "v1")
+		mustGet(t, c, "k")
+		lookupFailed := fmt.Errorf("look up the parent row: %w", ErrNotFound)
+		err := c.Update(ctx, "k", func(ctx context.Context) (Change[row], error) { return Change[row]{}, lookupFailed })
+		if !errors.Is(err, lookupFailed) {
+			t.Fatalf("Update = %v; want the write's error", err)
+		}
+		if r, err := c.Get(ctx, "k"); err != nil || r.Value != "v1" {
+			t.Errorf("Get after a failed write = %v, %v; want v1 (no cached absence)", r, err)
+		}
+		if len(bus.published) != 0 {
+			t.Errorf("published %v after a failed write; want nothing", bus.published)
+		}
+	})
 	t.Run("failed write", func(t *testing.T) {
 		c, src, bus := setup(t)
 		src.write("k", "v1")
 		mustGet(t, c, "k")
-		err := c.Update(ctx, "k", func(ctx context.Context) (row, int64, error) { return row{}, 0, errBoom })
+		err := c.Update(ctx, "k", func(ctx context.Context) (Change[row], error) { return Change[row]{}, errBoom })
 		if !errors.Is(err, errBoom) {
 			t.Fatalf("Update = %v; want errBoom", err)
 		}

@@ -486,25 +486,41 @@ func (c *Cache[K, V]) publish(ctx context.Context, invs []Invalidation) error {
 	return nil
 }
 
+// Change is what a write reports about the key it wrote: the value it
+// committed and its version, or its deletion.
+type Change[V any] struct {
+	// Value is the value as committed, typically from UPDATE ... RETURNING.
+	// It is ignored for a deletion.
+	Value V
+	// Version is the key's version after the write, or 0 if unknown. It
+	// must grow with every write of the key (see [Options.Version]); for a
+	// deletion of a row whose versions start over when it is created again,
+	// leave it 0.
+	Version int64
+	// Deleted reports that the write deleted the key.
+	Deleted bool
+}
+
 // Update runs write, which must commit a change of key to the source of
-// truth, and then makes every node see it. write returns the committed value
-// and its version (0 if unknown), or an error for which
-// errors.Is(err, ErrNotFound) is true if it deleted key, together with the
-// version of the deletion.
+// truth and report it, and then makes every node see it. A deletion is a
+// Change with Deleted set; an error from write always means the write
+// failed, whatever the error wraps (ErrNotFound included: a write that
+// looked up a missing row and gave up is a failed write, not a deletion).
 //
-// This node installs the result unless something that may be newer
-// reached it while write ran (race 13); it drops key otherwise. Either way
-// every later Get on this node sees the write or a newer one (G1). Then
-// Update publishes an invalidation, so that other nodes drop older copies
-// (G2). Unlike Set, Update is safe without versions: it knows when the
-// write began.
+// This node installs the result (a deletion as a cached absence, unless
+// [Options.DisableNegative]) unless something that may be newer reached it
+// while write ran (race 13); it drops key otherwise. Either way every later
+// Get on this node sees the write or a newer one (G1). Then Update
+// publishes an invalidation, so that other nodes drop older copies (G2).
+// Unlike Set, Update is safe without versions: it knows when the write
+// began.
 //
-// If write returns another error, Update drops key on this node (the write
-// may have committed without saying so), publishes nothing and returns the
+// If write returns an error, Update drops key on this node (the write may
+// have committed without saying so), publishes nothing and returns the
 // error. Otherwise it returns the publish error, if any; the local effect
 // has happened regardless. ctx is passed to write and bounds the
 // publication.
-func (c *Cache[K, V]) Update(ctx context.Context, key K, write func(ctx context.Context) (V, int64, error)) error {
+func (c *Cache[K, V]) Update(ctx context.Context, key K, write func(ctx context.Context) (Change[V], error)) error {
 	if c.closed.Load() {
 		return ErrClosed
 	}
@@ -514,22 +530,21 @@ func (c *Cache[K, V]) Update(ctx context.Context, key K, write func(ctx context.
 	}
 	h := c.hash(key)
 	tok := c.guard.token(h)
-	v, version, err := write(ctx)
-	var e entry[V]
-	switch {
-	case err == nil:
-		e = entry[V]{value: v, version: version}
-	case errors.Is(err, ErrNotFound) && !c.cfg.DisableNegative:
-		e = entry[V]{missing: true, version: version}
-	case errors.Is(err, ErrNotFound):
-		c.drop(h, key, version)
-		return c.publish(ctx, []Invalidation{{Key: skey, Version: version}})
-	default:
+	ch, err := write(ctx)
+	if err != nil {
 		c.drop(h, key, 0)
 		return err
 	}
-	c.install(h, key, e, &tok)
-	return c.publish(ctx, []Invalidation{{Key: skey, Version: version}})
+	inv := []Invalidation{{Key: skey, Version: ch.Version}}
+	switch {
+	case !ch.Deleted:
+		c.install(h, key, entry[V]{value: ch.Value, version: ch.Version}, &tok)
+	case c.cfg.DisableNegative:
+		c.drop(h, key, ch.Version)
+	default:
+		c.install(h, key, entry[V]{missing: true, version: ch.Version}, &tok)
+	}
+	return c.publish(ctx, inv)
 }
 
 // Set records on every node that a write committed value as key's value at

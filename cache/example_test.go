@@ -61,9 +61,9 @@ func Example() {
 
 	// Node A writes through its cache: the write commits, A installs the
 	// new value, and B drops its copy.
-	nodeA.Update(ctx, 42, func(ctx context.Context) (User, int64, error) {
+	nodeA.Update(ctx, 42, func(ctx context.Context) (cache.Change[User], error) {
 		u := db.rename(42, "Ada Lovelace")
-		return u, u.Version, nil
+		return cache.Change[User]{Value: u, Version: u.Version}, nil
 	})
 
 	u, _ = nodeB.Get(ctx, 42)
@@ -121,9 +121,9 @@ func ExampleCache_Update() {
 	users, _ := cache.New("users", 100, db.load, nil)
 	defer users.Close()
 
-	err := users.Update(ctx, 7, func(ctx context.Context) (User, int64, error) {
+	err := users.Update(ctx, 7, func(ctx context.Context) (cache.Change[User], error) {
 		u := db.rename(7, "Edsger W. Dijkstra") // UPDATE ... RETURNING *
-		return u, u.Version, nil
+		return cache.Change[User]{Value: u, Version: u.Version}, nil
 	})
 	u, _ := users.Get(ctx, 7)
 	fmt.Println(u.Name, u.Version, err, "loads:", users.Stats().Loads)

@@ -159,13 +159,13 @@ func TestRandomizedNodesStayConsistent(t *testing.T) {
 						raise(k, r.Version)
 					case p < 85:
 						var committed int64
-						err := c.Update(ctx, key, func(ctx context.Context) (versioned, int64, error) {
+						err := c.Update(ctx, key, func(ctx context.Context) (cache.Change[versioned], error) {
 							r := src.write(key)
 							committed = r.Version
 							if rng.IntN(2) == 0 {
-								return r, 0, nil // a writer that does not know versions
+								return cache.Change[versioned]{Value: r}, nil // a writer that does not know versions
 							}
-							return r, r.Version, nil
+							return cache.Change[versioned]{Value: r, Version: r.Version}, nil
 						})
 						if err != nil {
 							t.Error(err)

@@ -758,3 +758,54 @@ func TestPublishOutlivesTheCallersContext(t *testing.T) {
 		t.Errorf("b.Get = %v; want new, without waiting for the relay", it)
 	}
 }
+
+// TestFailedFnIsAFailedWrite guards issue 11 item 7: a TxFunc whose error
+// wraps cache.ErrNotFound (here: it looks up another row through the
+// library's own Loader, which reports a missing row that way) rolled back
+// its transaction, so the write failed. It must be reported as a failure,
+// leave no false "not found" cached for the key and announce nothing;
+// before the fix, Update took the error for a deletion and returned nil.
+func TestFailedFnIsAFailedWrite(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	s := e.store(nil)
+	a, b := e.node(s), e.node(s)
+	if _, err := Update(ctx, s, a, "k", e.put("k", "v1")); err != nil {
+		t.Fatal(err)
+	}
+	if it, err := b.Get(ctx, "k"); err != nil || it.Value != "v1" {
+		t.Fatalf("b.Get = %v, %v; want v1", it, err)
+	}
+	lookup := e.loader(s.pool)
+	for name, write := range map[string]func(TxFunc[item]) (Change[item], error){
+		"Update":           func(fn TxFunc[item]) (Change[item], error) { return Update(ctx, s, a, "k", fn) },
+		"UpdateOptimistic": func(fn TxFunc[item]) (Change[item], error) { return UpdateOptimistic(ctx, s, a, "k", fn) },
+	} {
+		received := b.Stats().InvalidationsReceived
+		ch, err := write(func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+			if _, err := e.put("k", "half-written")(ctx, tx); err != nil {
+				return Change[item]{}, err
+			}
+			// The row this write depends on does not exist.
+			other, err := lookup(ctx, "missing")
+			return Change[item]{Value: other}, err
+		})
+		if !errors.Is(err, cache.ErrNotFound) {
+			t.Errorf("%s with a failing fn = %+v, %v; want fn's error", name, ch, err)
+		}
+		if it, ok := e.read("k"); !ok || it.Value != "v1" {
+			t.Fatalf("%s: row after a failed fn = %+v, %v; want v1 (rolled back)", name, it, ok)
+		}
+		for node, c := range map[string]*cache.Cache[string, item]{"a": a, "b": b} {
+			if it, err := c.Get(ctx, "k"); err != nil || it.Value != "v1" {
+				t.Errorf("%s: %s.Get after a failed write = %+v, %v; want v1", name, node, it, err)
+			}
+		}
+		if got := b.Stats().InvalidationsReceived; got != received {
+			t.Errorf("%s: a failed write announced %d invalidations; want none", name, got-received)
+		}
+		if n, _ := s.Pending(ctx); n != 0 {
+			t.Errorf("%s: %d outbox rows after a failed write; want 0", name, n)
+		}
+	}
+}

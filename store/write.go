@@ -14,18 +14,9 @@ import (
 	"github.com/coherentcache/coherent/lockguard"
 )
 
-// Change is what a write function reports about the row it wrote.
-type Change[V any] struct {
-	// Value is the row as committed, typically from UPDATE ... RETURNING.
-	Value V
-	// Version is the row's version after the write, or 0 if unknown. It
-	// must grow with every write of the row (see cache.Options.Version);
-	// for a deletion of a row whose versions start over when it is created
-	// again, leave it 0.
-	Version int64
-	// Deleted reports that the write deleted the row.
-	Deleted bool
-}
+// Change is what a write function reports about the row it wrote; see
+// [cache.Change]. A deletion is a Change with Deleted set, never an error.
+type Change[V any] = cache.Change[V]
 
 // TxFunc writes one row inside tx and reports what it wrote. It must not
 // commit or roll back tx.
@@ -118,7 +109,7 @@ func writeThrough[K comparable, V any](ctx context.Context, s *Store, c *cache.C
 	// being lost may keep the other nodes waiting for the relay.
 	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), publishTimeout)
 	defer cancel()
-	err = c.Update(pctx, key, func(context.Context) (V, int64, error) {
+	err = c.Update(pctx, key, func(context.Context) (Change[V], error) {
 		var err error
 		seq, err = s.commit(ctx, ns, skey, l, func(ctx context.Context, tx pgx.Tx) (int64, error) {
 			var err error
@@ -126,13 +117,13 @@ func writeThrough[K comparable, V any](ctx context.Context, s *Store, c *cache.C
 			return ch.Version, err
 		})
 		if err != nil {
-			return ch.Value, 0, err
+			// fn's error, or the commit's: the transaction rolled back
+			// (or its outcome is unknown, which the outbox covers). Never
+			// a deletion, whatever the error wraps.
+			return Change[V]{}, err
 		}
 		committed = true
-		if ch.Deleted {
-			return ch.Value, ch.Version, cache.ErrNotFound
-		}
-		return ch.Value, ch.Version, nil
+		return ch, nil
 	})
 	if !committed {
 		return Change[V]{}, false, false, err

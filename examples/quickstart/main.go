@@ -115,10 +115,10 @@ func main() {
 			for ctx.Err() == nil {
 				id := rng.IntN(*keys)
 				var version int64
-				err := c.Update(ctx, id, func(ctx context.Context) (item, int64, error) {
+				err := c.Update(ctx, id, func(ctx context.Context) (cache.Change[item], error) {
 					it := db.add(id, 1)
 					version = it.Version
-					return it, it.Version, nil
+					return cache.Change[item]{Value: it, Version: it.Version}, nil
 				})
 				if err != nil && ctx.Err() == nil {
 					log.Fatal(err)
