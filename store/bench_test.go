@@ -367,9 +367,9 @@ func metricUnit(label string) string {
 //   - writes=outside/relay=inline: after each captured write, one
 //     Store.RelayOnce publishes and deletes its row, timed on its own
 //     (relay-p50-µs: the relay's cost for a lone row).
-//   - writes=skipped: transactions that turn capture off first, as the
-//     store's own writes do (BEGIN; set_config; UPDATE; COMMIT): what a
-//     captured table costs the library's writes.
+//   - writes=skipped: transactions that name their row in coherent.skip
+//     first, as the store's own writes do (BEGIN; set_config; UPDATE;
+//     COMMIT): what a captured table costs the library's writes.
 //
 // Each reports the p50 and p99 of both writes, the trigger's cost per write
 // (the difference of the p50s) and their ratio. relay=off also times one
@@ -433,7 +433,7 @@ func BenchmarkCaptureTrigger(b *testing.B) {
 				}
 				return func(ctx context.Context, key, value string) error {
 					return pgx.BeginFunc(ctx, outside, func(tx pgx.Tx) error {
-						if _, err := tx.Exec(ctx, `SELECT set_config('coherent.capture', 'off', true)`); err != nil {
+						if _, err := tx.Exec(ctx, `SELECT set_config('coherent.skip', $1, true)`, outboxKeyHex("items", key)); err != nil {
 							return err
 						}
 						tag, err := tx.Exec(ctx, sql, key, value)

@@ -21,25 +21,31 @@ func WithVersionColumn(column string) CaptureOption {
 // Capture installs triggers on table so that every INSERT, UPDATE, DELETE
 // and TRUNCATE, from any client (psql, another service, a migration),
 // records an outbox row for the key in keyColumn, which the relay then
-// publishes to namespace (G4). The key is the column's text form, which
-// must match the cache's key encoding (the default codecs: the string
-// itself, or base-10 integers). A TRUNCATE flushes the namespace. Writes
-// made through this package record their own outbox rows and are skipped by
-// the trigger.
+// publishes to namespace (G4). A TRUNCATE flushes the namespace.
+//
+// The key is the column's text form, keyColumn::text, printed with
+// DateStyle ISO, IntervalStyle postgres and TimeZone UTC whatever the
+// writing session has set: 42, a text as it is, 2024-01-02 03:04:05 for a
+// timestamp, 2024-01-02 01:04:05+00 for a timestamptz, a uuid in lower
+// case. It must match the cache's key encoding: the default codecs (the
+// string itself, or base-10 integers) match text and integer columns.
+//
+// A write through this package records its own outbox row for its key,
+// with its version; the trigger skips exactly that row. Every other row
+// the write's function changes, in this table or another captured one, is
+// captured like an outside write.
 //
 // Capture is idempotent: running it again replaces the triggers, so it can
 // change the namespace or the version column. table may be schema-qualified
 // and is resolved like any table name in SQL; every argument is passed as a
-// bind parameter.
+// bind parameter. Each captured table gets a trigger function of its own,
+// generated with its key and version columns (named capture_ and the
+// table's oid, in the library's schema).
 //
-// Cost: each row written runs the trigger, which converts the row to jsonb
-// to read the key (and version) columns and upserts one outbox row (two for
-// an UPDATE that changes the key); the relay later publishes and deletes
-// it. Measured on a 2-core machine against a local Postgres
-// (BenchmarkCaptureTrigger): 65 to 90 µs per single-row UPDATE, about 1.3
-// times the UPDATE alone, and about 110 to 125 µs with the relay running.
-// Writes through this package pay only the trigger's early return, a few
-// µs.
+// Cost: each row written runs the trigger, which reads the key (and
+// version) columns and upserts one outbox row (two for an UPDATE that
+// changes the key); the relay later publishes and deletes it.
+// BenchmarkCaptureTrigger measures it; BENCHMARKS.md has the figures.
 func (s *Store) Capture(ctx context.Context, table, keyColumn, namespace string, opts ...CaptureOption) error {
 	var cfg captureConfig
 	for _, o := range opts {

@@ -43,6 +43,51 @@ func TestMigrateIsIdempotentAndSafeConcurrently(t *testing.T) {
 	}
 }
 
+// TestMigrationMovesCapturedTables: a table captured before migration 0002
+// (one generic trigger function reading the row as JSON) is moved to the
+// second form by the migration itself, so that an upgrade does not wait
+// for the next Capture call to get text-form keys and exact skipping.
+func TestMigrationMovesCapturedTables(t *testing.T) {
+	pool := newPool(t, "coh_test_migrate")
+	schema := testenv.Name("coh_test_")
+	ident := pgx.Identifier{schema}.Sanitize()
+	t.Cleanup(func() { pool.Exec(context.Background(), `DROP SCHEMA IF EXISTS `+ident+` CASCADE`) })
+	ctx := context.Background()
+	first := mustMigrations(t, schema)[0]
+	for _, sql := range []string{
+		`CREATE SCHEMA ` + ident,
+		`CREATE TABLE ` + ident + `.migrations (version int PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())`,
+		first.sql,
+		`INSERT INTO ` + ident + `.migrations (version, name) VALUES (1, '` + first.name + `')`,
+		`CREATE TABLE ` + ident + `.events (at timestamp PRIMARY KEY, version bigint NOT NULL)`,
+		`SELECT ` + ident + `.install_capture('` + schema + `.events', 'events', 'at', 'version')`,
+	} {
+		if _, err := pool.Exec(ctx, sql); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+	}
+	if err := Migrate(ctx, pool, schema); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pool.Exec(ctx, `INSERT INTO `+ident+`.events VALUES ('2024-01-02 03:04:05', 7)`); err != nil {
+		t.Fatal(err)
+	}
+	var key string
+	var version int64
+	if err := pool.QueryRow(ctx, `SELECT convert_from(key, 'UTF8'), version FROM `+ident+`.outbox`).Scan(&key, &version); err != nil {
+		t.Fatal(err)
+	}
+	if key != "2024-01-02 03:04:05" || version != 7 {
+		t.Errorf("captured after the upgrade: key %q version %d; want 2024-01-02 03:04:05 at 7", key, version)
+	}
+	var fn string
+	pool.QueryRow(ctx, `SELECT tgfoid::regproc::text FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal AND tgtype & 4 = 4`,
+		schema+".events").Scan(&fn)
+	if !strings.Contains(fn, "capture_") || strings.Contains(fn, "capture_changes") {
+		t.Errorf("row trigger calls %s; want the table's own capture function", fn)
+	}
+}
+
 func mustMigrations(t *testing.T, schema string) []migration {
 	ms, err := migrations(schema)
 	if err != nil {
@@ -806,6 +851,139 @@ func TestFailedFnIsAFailedWrite(t *testing.T) {
 		}
 		if n, _ := s.Pending(ctx); n != 0 {
 			t.Errorf("%s: %d outbox rows after a failed write; want 0", name, n)
+		}
+	}
+}
+
+// TestCaptureInsideStoreTransactions guards issue 11 item 8: a store write
+// records its own outbox row for its key, and the capture trigger must skip
+// exactly that row, not every row of the transaction. Before the fix the
+// store switched capture off for the whole transaction, so a write of
+// items/a whose fn also changed items/b and orders/o1 announced only
+// items/a, and the other nodes kept the old b and o1 until TTL.
+func TestCaptureInsideStoreTransactions(t *testing.T) {
+	e := newEnv(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	orders := pgx.Identifier{e.schema, "orders"}.Sanitize()
+	if _, err := e.pool.Exec(ctx, `CREATE TABLE `+orders+` (id text PRIMARY KEY, value text NOT NULL, version bigint NOT NULL)`); err != nil {
+		t.Fatal(err)
+	}
+	s := e.store(&Options{RelayPoll: time.Hour}) // only the notification may wake the relay
+	if err := s.Capture(ctx, e.table, "id", "items", WithVersionColumn("version")); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Capture(ctx, orders, "id", "orders", WithVersionColumn("version")); err != nil {
+		t.Fatal(err)
+	}
+	relayDone := make(chan error)
+	go func() { relayDone <- s.RunRelay(ctx) }()
+	defer func() { cancel(); <-relayDone }()
+
+	writer, reader := e.node(s), e.node(e.store(nil))
+	orderCache, err := cache.New("orders", 100,
+		Loader[string](s.pool, `SELECT id, value, version FROM `+orders+` WHERE id = $1`, pgx.RowToStructByName[item]),
+		&cache.Options[string, item]{Bus: e.bus, Version: func(it item) int64 { return it.Version }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer orderCache.Close()
+	for _, sql := range []string{
+		`INSERT INTO ` + e.table + ` VALUES ('a', 'a1', 1), ('b', 'b1', 1)`,
+		`INSERT INTO ` + orders + ` VALUES ('o1', 'o1', 1)`,
+	} {
+		if _, err := e.pool.Exec(ctx, sql); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "the inserts to be relayed", func() bool { n, err := s.Pending(ctx); return err == nil && n == 0 })
+	for _, id := range []string{"a", "b"} {
+		if it, err := reader.Get(ctx, id); err != nil || it.Version != 1 {
+			t.Fatalf("reader.Get(%s) = %+v, %v; want version 1", id, it, err)
+		}
+	}
+	if it, err := orderCache.Get(ctx, "o1"); err != nil || it.Version != 1 {
+		t.Fatalf("orders.Get(o1) = %+v, %v; want version 1", it, err)
+	}
+
+	_, err = Update(ctx, s, writer, "a", func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+		for _, sql := range []string{
+			`UPDATE ` + e.table + ` SET value = 'b2', version = 2 WHERE id = 'b'`,
+			`UPDATE ` + orders + ` SET value = 'o2', version = 2 WHERE id = 'o1'`,
+		} {
+			if _, err := tx.Exec(ctx, sql); err != nil {
+				return Change[item]{}, err
+			}
+		}
+		return e.put("a", "a2")(ctx, tx)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "items/b and orders/o1 to be invalidated", func() bool {
+		b, errB := reader.Get(ctx, "b")
+		o, errO := orderCache.Get(ctx, "o1")
+		return errB == nil && b.Value == "b2" && errO == nil && o.Value == "o2"
+	})
+	if it, err := reader.Get(ctx, "a"); err != nil || it.Value != "a2" || it.Version != 2 {
+		t.Errorf("reader.Get(a) = %+v, %v; want a2 at version 2", it, err)
+	}
+	waitFor(t, "the outbox to empty", func() bool { n, err := s.Pending(ctx); return err == nil && n == 0 })
+}
+
+// TestCaptureKeysAreTheColumnTextForm guards issue 11 item 9: the key a
+// capture trigger records is the key column's text form (its ::text cast),
+// which is what a cache keyed by that column uses, and it does not depend
+// on the writing session's DateStyle or TimeZone. Before the fix the key
+// was the column's JSON form (a timestamp came out as 2024-01-02T03:04:05).
+func TestCaptureKeysAreTheColumnTextForm(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	s := e.store(nil) // no relay: the test reads the outbox
+	cases := []struct {
+		typ, value, want string
+	}{
+		{"bigint", "42", "42"},
+		{"text", "it's; a key", "it's; a key"},
+		{"timestamp", "2024-01-02 03:04:05.25", "2024-01-02 03:04:05.25"},
+		{"timestamptz", "2024-01-02 03:04:05+02", "2024-01-02 01:04:05+00"},
+		{"date", "2024-01-02", "2024-01-02"},
+		{"boolean", "true", "true"},
+		{"uuid", "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"},
+		{"numeric(6,2)", "1.5", "1.50"},
+		{"interval", "1 day 2 hours", "1 day 02:00:00"},
+	}
+	outside := newPool(t, "coh_test_outside")
+	for i, tc := range cases {
+		table := pgx.Identifier{e.schema, fmt.Sprintf("keys%d", i)}.Sanitize()
+		ns := fmt.Sprintf("keys%d", i)
+		if _, err := e.pool.Exec(ctx, `CREATE TABLE `+table+` (k `+tc.typ+` PRIMARY KEY)`); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Capture(ctx, table, "k", ns); err != nil {
+			t.Fatal(err)
+		}
+		// An outside session with settings unlike the server's defaults.
+		err := pgx.BeginFunc(ctx, outside, func(tx pgx.Tx) error {
+			for _, set := range []string{
+				`SET LOCAL DateStyle = 'SQL, DMY'`, `SET LOCAL TimeZone = 'America/New_York'`, `SET LOCAL IntervalStyle = 'sql_standard'`,
+			} {
+				if _, err := tx.Exec(ctx, set); err != nil {
+					return err
+				}
+			}
+			_, err := tx.Exec(ctx, `INSERT INTO `+table+` VALUES ($1::text::`+tc.typ+`)`, tc.value)
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var key []byte
+		err = e.pool.QueryRow(ctx, `SELECT key FROM `+pgx.Identifier{e.schema, "outbox"}.Sanitize()+` WHERE namespace = $1`, []byte(ns)).Scan(&key)
+		if err != nil {
+			t.Fatalf("%s: outbox row: %v", tc.typ, err)
+		}
+		if string(key) != tc.want {
+			t.Errorf("%s key %q captured as %q; want %q", tc.typ, tc.value, key, tc.want)
 		}
 	}
 }

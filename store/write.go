@@ -2,6 +2,9 @@ package store
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -224,9 +227,13 @@ func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, b
 		}
 		conn.Release()
 	}()
-	// The store records its own outbox row; the capture trigger of a
-	// captured table must not add one without a version.
-	tx, err := conn.BeginTx(ctx, pgx.TxOptions{BeginQuery: "BEGIN; SET LOCAL coherent.capture = 'off'"})
+	// The store records its own outbox row for (ns, key), with the
+	// version; the capture trigger of a captured table skips exactly that
+	// row, and captures every other row the transaction changes (see the
+	// migration 0002). The setting is the hex form of the row's key hash:
+	// 64 characters of [0-9a-f], computed here, so it can stand in the
+	// statement as a literal and BEGIN stays one round trip.
+	tx, err := conn.BeginTx(ctx, pgx.TxOptions{BeginQuery: "BEGIN; SET LOCAL coherent.skip = '" + outboxKeyHex(ns, key) + "'"})
 	if err != nil {
 		return 0, fmt.Errorf("store: begin: %w", translate(err))
 	}
@@ -266,6 +273,18 @@ func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, b
 		}
 	}
 	return seq, nil
+}
+
+// outboxKeyHex is the hex form of the outbox's key_hash of key in ns:
+// sha256(int4send(length(ns)) || ns || key), as outbox_key computes it.
+func outboxKeyHex(ns, key string) string {
+	h := sha256.New()
+	var n [4]byte
+	binary.BigEndian.PutUint32(n[:], uint32(len(ns)))
+	h.Write(n[:])
+	h.Write([]byte(ns))
+	h.Write([]byte(key))
+	return hex.EncodeToString(h.Sum(nil))
 }
 
 // fence checks and advances l's fencing token inside tx, in one round trip. The upsert locks the lock's fence row until
