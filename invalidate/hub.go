@@ -255,6 +255,12 @@ func (h *hub) prove(sentAt int64, lateFlush bool) {
 	h.stats.proofs.Add(1)
 }
 
+// proven reports whether the link was proven within MaxStaleness.
+func (h *hub) proven() bool {
+	p := h.proof.Load()
+	return p != noProof && h.now()-p <= int64(h.cfg.maxStaleness) && !h.closed.Load()
+}
+
 // close stops publication and delivery. The transport has stopped its
 // goroutines already.
 func (h *hub) close() {

@@ -63,6 +63,10 @@ func (b *InProcess) Publish(ctx context.Context, namespace string, keys []cache.
 	return nil
 }
 
+// Proven reports true: delivery is synchronous, so the link is proven at
+// every instant.
+func (b *InProcess) Proven() bool { return true }
+
 // peers returns the subscriptions of namespace other than from.
 func (b *InProcess) peers(namespace string, from *inProcessSub) []*inProcessSub {
 	b.mu.RLock()

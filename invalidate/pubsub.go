@@ -197,6 +197,10 @@ func (b *PubSub) Publish(ctx context.Context, namespace string, keys []cache.Inv
 // Stats returns a snapshot of the counters.
 func (b *PubSub) Stats() Stats { return b.stats.snapshot() }
 
+// Proven reports whether the bus's link was proven within MaxStaleness.
+// The outbox relay of package store claims rows only while it is true.
+func (b *PubSub) Proven() bool { return b.hub.proven() }
+
 // Close stops every goroutine of the bus and waits for them, closes its
 // subscribed connection (not the client) and fails pending and later
 // publications with ErrClosed. A publication or probe in progress is

@@ -125,6 +125,10 @@ func (b *Streams) Publish(ctx context.Context, namespace string, keys []cache.In
 // Stats returns a snapshot of the counters.
 func (b *Streams) Stats() Stats { return b.stats.snapshot() }
 
+// Proven reports whether the bus's link was proven within MaxStaleness;
+// see [PubSub.Proven].
+func (b *Streams) Proven() bool { return b.hub.proven() }
+
 // Close stops every goroutine of the bus and waits for them (up to
 // MaxStaleness for a read in progress, and the client's timeouts for a
 // publication in progress), and fails pending and later publications with

@@ -40,14 +40,19 @@
 //
 // # The outbox and the relay
 //
-// A writer that crashes between commit and publish, or whose publication
-// fails, leaves its outbox row behind. [Store.RunRelay], run on every node,
-// publishes rows older than [Options.Grace] and deletes them in the same
-// transaction (FOR UPDATE SKIP LOCKED lets relays share the work). The
-// outbox holds at most one row per key, so while the bus is down it grows
-// only with the number of distinct keys written, and the relay catches up
-// when the bus returns. Publishing twice is harmless: invalidations are
-// idempotent.
+// A writer that crashes between commit and publish leaves its outbox row
+// behind, due after [Options.Grace]; a writer whose publication fails
+// makes its row due at once before it returns. [Store.RunRelay], run on
+// every node, claims due rows with a short lease, publishes them outside
+// any transaction within [Options.PublishTimeout], and deletes them; a
+// relay that cannot publish hands its rows back at once, and one whose
+// link is not proven claims nothing, so a partitioned node never keeps
+// rows from the healthy ones (DESIGN race 17). A row that no cache can
+// hold becomes a flush of its namespace (race 18). The outbox holds at
+// most one row per key, so while the bus is down it grows only with the
+// number of distinct keys written, and the relay catches up when the bus
+// returns; [Store.OutboxLag] tells how long the oldest due row has waited.
+// Publishing twice is harmless: invalidations are idempotent.
 //
 // # Change capture
 //
@@ -56,8 +61,9 @@
 // the relay publishes at once (woken by NOTIFY): psql sessions, other
 // services and migrations invalidate the caches too (G4). Staleness after
 // such a write is bounded by the relay's latency, not by the bus's Δ.
-// Writes through this package are skipped by the trigger, since they record
-// their own versioned rows.
+// A write through this package records its own versioned row for its
+// key, which the trigger skips; every other row its function changes is
+// captured. Keys are the key column's text form (see [Store.Capture]).
 //
 // # Limits
 //

@@ -44,7 +44,7 @@ func Example() {
 		log.Fatal(err)
 	}
 	bus := invalidate.NewInProcess() // across processes: a Redis transport of package invalidate
-	s, err := store.New(pool, &store.Options{Locks: locks, Publisher: publisher{bus}})
+	s, err := store.New(pool, &store.Options{Locks: locks, Publisher: bus})
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -74,20 +74,3 @@ func Example() {
 	it, err := items.Get(ctx, "a") // served from memory: the write installed it
 	fmt.Println(it, err)
 }
-
-// publisher publishes on the in-process bus for the relay.
-type publisher struct{ bus *invalidate.InProcess }
-
-func (p publisher) Publish(ctx context.Context, ns string, keys []cache.Invalidation) error {
-	sub, err := p.bus.Subscribe(ns, nop{})
-	if err != nil {
-		return err
-	}
-	defer sub.Close()
-	return sub.Publish(ctx, keys)
-}
-
-type nop struct{}
-
-func (nop) Invalidate([]cache.Invalidation) {}
-func (nop) Flush()                          {}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -12,20 +13,38 @@ import (
 	"github.com/coherentcache/coherent/cache"
 )
 
-// RunRelay publishes the outbox rows nobody confirmed: changes of writers
-// that crashed between commit and publish, or whose publication failed
-// (after [Options.Grace]), and changes recorded by capture triggers
-// (at once). It deletes each row in the transaction that published it, so a
-// crash in between only publishes the row again, which is harmless:
-// invalidations are idempotent.
+// ErrUnproven is returned by [Store.RelayOnce] when the Publisher's link is
+// not proven (see [Publisher]): the relay claims nothing and leaves the
+// rows to the relays of nodes whose link is.
+var ErrUnproven = errors.New("store: the publisher's link is not proven")
+
+// RunRelay publishes the outbox rows nobody confirmed: changes recorded by
+// capture triggers (at once), changes whose writer's publication failed
+// (at once), and changes of writers that crashed between commit and
+// publish (after [Options.Grace]).
 //
-// Run it on every node: rows are claimed with FOR UPDATE SKIP LOCKED, so
-// relays share the work without waiting for each other. A relay wakes on a
-// notification from the outbox, and otherwise every [Options.RelayPoll].
-// Each round publishes at most [Options.RelayBatch] rows. While the bus is
-// down the rows wait; the outbox holds at most one row per key, so it stays
-// bounded by the keys written meanwhile, and the relay catches up when the
-// bus returns.
+// Run it on every node. A relay claims due rows with a short lease (twice
+// [Options.PublishTimeout]) in a statement of its own, publishes them
+// outside any transaction, each publication bounded by PublishTimeout, and
+// then deletes what it published, unless a newer change of the key
+// replaced the row meanwhile. No row lock is held across a publication, so
+// a relay whose link has gone silent keeps rows from the others for one
+// lease at most; when a publication fails it hands the rows back at once,
+// which wakes the other relays, and it backs off. A relay whose Publisher
+// is not [Publisher.Proven] claims nothing (DESIGN race 17). A crash
+// between publishing and deleting only publishes the rows again, which is
+// harmless: invalidations are idempotent.
+//
+// A row that no cache can hold does not stop the others: a key longer than
+// cache.MaxKeyLen is published as a flush of its namespace, and a row
+// whose namespace no cache can have is dropped; both are counted in
+// [Stats].PoisonRows and logged once per namespace.
+//
+// A relay wakes on a notification from the outbox, when the next row
+// becomes due, and otherwise every [Options.RelayPoll]. Each round claims
+// at most [Options.RelayBatch] rows. While the bus is down the rows wait;
+// the outbox holds at most one row per key, so it stays bounded by the
+// keys written meanwhile, and the relay catches up when the bus returns.
 //
 // RunRelay blocks until ctx ends and then returns ctx.Err(). It returns an
 // error at once if the Store has no [Options.Publisher]. It holds one pool
@@ -54,34 +73,67 @@ func (s *Store) RunRelay(ctx context.Context) error {
 	}()
 
 	failures := 0
+	unproven := false
 	for {
-		n, err := s.RelayOnce(ctx)
-		if err != nil && ctx.Err() == nil {
+		n, next, err := s.relay(ctx)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		var wait time.Duration
+		wakeable := true
+		switch {
+		case errors.Is(err, ErrUnproven):
+			s.relayUnproven.Add(1)
+			if !unproven {
+				s.log.Warn("store: relay paused: the publisher's link is not proven")
+			}
+			unproven = true
+			// Proofs come every ProofInterval; look again soon. A
+			// notification changes nothing while the link is unproven.
+			wait, wakeable = min(s.poll, unprovenRecheck), false
+		case err != nil:
 			failures++
 			s.relayErrors.Add(1)
 			s.log.Warn("store: relay", "err", err)
-		} else if err == nil {
-			failures = 0
-		}
-		var wait time.Duration
-		switch {
-		case failures > 0:
-			wait = backoff(failures, s.poll)
-		case n == s.batch:
-			continue // more rows are due
+			// The rows went back to the other relays, and the
+			// notification that woke them wakes this one too: ignore
+			// it, or a relay with a broken link would take the rows
+			// again at once.
+			wait, wakeable = backoff(failures, s.poll), false
 		default:
-			wait = s.poll
+			if unproven {
+				s.log.Info("store: relay resumed")
+			}
+			failures, unproven = 0, false
+			if n == s.batch {
+				continue // more rows are due
+			}
+			wait = min(s.poll, next)
 		}
-		t := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if !sleep(ctx, wait, wakeable, wake) {
 			return ctx.Err()
-		case <-wake:
-			t.Stop()
-		case <-t.C:
 		}
 	}
+}
+
+// unprovenRecheck is how often a relay whose link is unproven looks again.
+const unprovenRecheck = 50 * time.Millisecond
+
+// sleep waits for d, or for a wake-up if wakeable; it reports false if ctx
+// ended first.
+func sleep(ctx context.Context, d time.Duration, wakeable bool, wake <-chan struct{}) bool {
+	if !wakeable {
+		wake = nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-wake:
+	case <-t.C:
+	}
+	return true
 }
 
 // backoff is the wait after the n-th consecutive failure: exponential from
@@ -93,22 +145,19 @@ func backoff(n int, ceiling time.Duration) time.Duration {
 }
 
 // listen signals wake on every notification on the outbox's channel until
-// ctx ends, reconnecting as needed.
+// ctx ends, reconnecting as needed. The backoff between attempts starts
+// over after every LISTEN that succeeded: a connection that worked for a
+// while and then broke is a new failure, not the next of a streak.
 func (s *Store) listen(ctx context.Context, wake chan<- struct{}) {
-	failures := 0
 	for ctx.Err() == nil {
 		err := s.listenOnce(ctx, wake)
 		if ctx.Err() != nil {
 			return
 		}
-		failures++
+		failures := s.listenFailures.Add(1)
 		s.log.Warn("store: relay listen", "err", err)
-		t := time.NewTimer(backoff(failures, 5*time.Second))
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if !sleep(ctx, backoff(int(failures), 5*time.Second), false, nil) {
 			return
-		case <-t.C:
 		}
 	}
 }
@@ -123,12 +172,18 @@ func (s *Store) listenOnce(ctx context.Context, wake chan<- struct{}) error {
 	if _, err := conn.Exec(ctx, "LISTEN "+channel); err != nil {
 		return err
 	}
+	s.listenFailures.Store(0)
 	defer func() {
 		// Leave the pooled connection as we found it.
 		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		conn.Exec(uctx, "UNLISTEN "+channel)
 		cancel()
 	}()
+	// Rows may have become due while nobody listened.
+	select {
+	case wake <- struct{}{}:
+	default:
+	}
 	for {
 		if _, err := conn.Conn().WaitForNotification(ctx); err != nil {
 			return err
@@ -141,82 +196,232 @@ func (s *Store) listenOnce(ctx context.Context, wake chan<- struct{}) error {
 }
 
 // RelayOnce publishes one batch of due outbox rows and returns how many it
-// published. [Store.RunRelay] calls it in a loop; call it directly to drain
-// the outbox on demand (in tests, or before shutdown).
+// took care of (published, or dropped as poison). [Store.RunRelay] calls
+// it in a loop; call it directly to drain the outbox on demand (in tests,
+// or before shutdown). It returns ErrUnproven, claiming nothing, while the
+// Publisher's link is not proven, and the error of the first publication
+// that failed, after handing the rows it could not publish back.
 func (s *Store) RelayOnce(ctx context.Context) (int, error) {
 	if s.pub == nil {
 		return 0, fmt.Errorf("%w: the relay needs a Publisher", ErrInvalidOptions)
 	}
-	var n int
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		rows, err := tx.Query(ctx, `
-			SELECT key_hash, namespace, key, version FROM `+s.ident+`.outbox
-			WHERE relay_after <= now()
-			ORDER BY relay_after
-			LIMIT $1
-			FOR UPDATE SKIP LOCKED`, s.batch)
-		if err != nil {
-			return err
-		}
-		type row struct {
-			hash, ns, key []byte
-			version       int64
-		}
-		due, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (row, error) {
-			var x row
-			err := r.Scan(&x.hash, &x.ns, &x.key, &x.version)
-			return x, err
-		})
-		if err != nil || len(due) == 0 {
-			return err
-		}
-		// Group by namespace; an empty key (a TRUNCATE) flushes its
-		// namespace and makes its other keys moot.
-		byNS := make(map[string][]cache.Invalidation)
-		flush := make(map[string]bool)
-		var order []string
-		hashes := make([][]byte, 0, len(due))
-		for _, r := range due {
-			ns := string(r.ns)
-			if _, seen := byNS[ns]; !seen && !flush[ns] {
-				order = append(order, ns)
-			}
-			hashes = append(hashes, r.hash)
-			if len(r.key) == 0 {
-				flush[ns] = true
-				byNS[ns] = nil
-				continue
-			}
-			if !flush[ns] {
-				byNS[ns] = append(byNS[ns], cache.Invalidation{Key: string(r.key), Version: r.version})
-			}
-		}
-		// The rows stay locked while publishing; bound it so that a hung
-		// bus does not hold them (and writers of those keys) forever.
-		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		defer cancel()
-		for _, ns := range order {
-			if err := s.pub.Publish(pctx, ns, byNS[ns]); err != nil {
-				return fmt.Errorf("publish %d keys of %q: %w", len(byNS[ns]), ns, err)
-			}
-		}
-		// The rows are locked by this transaction: nobody changed them
-		// since the SELECT, so deleting them deletes exactly what was
-		// published.
-		if _, err := tx.Exec(ctx, `DELETE FROM `+s.ident+`.outbox WHERE key_hash = ANY($1)`, hashes); err != nil {
-			return err
-		}
-		n = len(due)
-		return nil
-	})
-	if err != nil {
-		if errors.Is(err, ctx.Err()) {
-			return 0, err
-		}
-		return 0, fmt.Errorf("store: relay: %w", translate(err))
+	n, _, err := s.relay(ctx)
+	return n, err
+}
+
+// outboxRow is a claimed outbox row.
+type outboxRow struct {
+	ns, key []byte
+	version int64
+	seq     int64
+	was     time.Time // relay_after before the claim
+}
+
+// relay runs one round: claim, publish, delete. It returns how many rows
+// it took care of and, when it claimed fewer than a batch, how long until
+// the next row becomes due (RelayPoll if none is waiting).
+func (s *Store) relay(ctx context.Context) (n int, next time.Duration, err error) {
+	if !s.pub.Proven() {
+		return 0, 0, ErrUnproven
 	}
-	s.relayed.Add(uint64(n))
-	return n, nil
+	rows, err := s.claim(ctx)
+	if err != nil {
+		return 0, 0, fmt.Errorf("store: relay: claim: %w", translate(err))
+	}
+	if len(rows) > 0 {
+		n, err = s.publishClaimed(ctx, rows)
+		s.relayed.Add(uint64(n))
+		if err != nil {
+			return n, 0, err
+		}
+	}
+	next = s.poll
+	if len(rows) < s.batch {
+		if d, err := s.nextDue(ctx); err == nil {
+			next = min(next, d)
+		}
+	}
+	return n, next, nil
+}
+
+// claim takes up to a batch of due rows for this relay: it moves their
+// relay_after one lease ahead, so that no other relay takes them
+// meanwhile, and returns them with the relay_after they had. The claim
+// commits at once; losing it in a crash only makes the rows due again.
+func (s *Store) claim(ctx context.Context) ([]outboxRow, error) {
+	rows, err := s.pool.Query(ctx, s.sql.claim, s.batch, (2 * s.pubTTL).Seconds())
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (outboxRow, error) {
+		var x outboxRow
+		var async string
+		err := r.Scan(&x.ns, &x.key, &x.version, &x.seq, &x.was, &async)
+		return x, err
+	})
+}
+
+// publishClaimed publishes claimed rows, one publication per namespace in
+// the order the rows became due, deletes those it published and hands the
+// others back. It returns how many rows it took care of.
+func (s *Store) publishClaimed(ctx context.Context, rows []outboxRow) (int, error) {
+	type nsBatch struct {
+		ns    string
+		keys  []cache.Invalidation
+		flush bool
+		rows  []outboxRow
+	}
+	var order []*nsBatch
+	byNS := make(map[string]*nsBatch)
+	var dropped []outboxRow
+	for _, r := range rows {
+		ns := string(r.ns)
+		if len(ns) == 0 || len(ns) > cache.MaxKeyLen {
+			// No cache can subscribe to this namespace.
+			s.poison(ns, "namespace", len(r.key))
+			dropped = append(dropped, r)
+			continue
+		}
+		b := byNS[ns]
+		if b == nil {
+			b = &nsBatch{ns: ns}
+			byNS[ns] = b
+			order = append(order, b)
+		}
+		b.rows = append(b.rows, r)
+		switch {
+		case len(r.key) == 0: // a TRUNCATE
+			b.flush = true
+		case len(r.key) > cache.MaxKeyLen:
+			// No cache holds this key, but one may hold a key that
+			// the row stands for (a cache keyed by a prefix, a codec
+			// that shortens): flush the namespace rather than guess.
+			s.poison(ns, "key", len(r.key))
+			b.flush = true
+		default:
+			b.keys = append(b.keys, cache.Invalidation{Key: string(r.key), Version: r.version})
+		}
+	}
+	done := dropped
+	var failed error
+	var back []outboxRow
+	for _, b := range order {
+		if failed != nil {
+			back = append(back, b.rows...)
+			continue
+		}
+		keys := b.keys
+		if b.flush {
+			keys = nil
+		}
+		pctx, cancel := context.WithTimeout(ctx, s.pubTTL)
+		err := s.pub.Publish(pctx, b.ns, keys)
+		cancel()
+		if err != nil {
+			// Most likely the link, which every later namespace goes
+			// through too: hand them all back.
+			failed = fmt.Errorf("store: relay: publish %d keys of %q: %w", len(keys), b.ns, err)
+			back = append(back, b.rows...)
+			continue
+		}
+		done = append(done, b.rows...)
+	}
+	// Deleting and handing back happen even if ctx ended meanwhile: the
+	// rows must not wait for the lease when this relay stops.
+	octx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if len(back) > 0 {
+		if err := s.handBack(octx, back); err != nil {
+			s.log.Warn("store: relay: hand rows back", "rows", len(back), "err", err)
+		}
+	}
+	if len(done) > 0 {
+		if err := s.deleteRows(octx, done); err != nil {
+			// They are published; the lease ends and they go out again.
+			s.log.Warn("store: relay: delete published rows", "rows", len(done), "err", err)
+		}
+	}
+	return len(done), failed
+}
+
+// deleteRows deletes rows that were published, unless a newer change of
+// their key replaced them since the claim (seq changed).
+func (s *Store) deleteRows(ctx context.Context, rows []outboxRow) error {
+	nss, keys, seqs := make([][]byte, len(rows)), make([][]byte, len(rows)), make([]int64, len(rows))
+	for i, r := range rows {
+		nss[i], keys[i], seqs[i] = r.ns, r.key, r.seq
+	}
+	_, err := s.pool.Exec(ctx, s.sql.confirm, nss, keys, seqs)
+	return err
+}
+
+// handBack ends the lease of rows this relay could not publish: they are
+// due again as they were, which notifies the other relays.
+func (s *Store) handBack(ctx context.Context, rows []outboxRow) error {
+	nss, keys, seqs, was := make([][]byte, len(rows)), make([][]byte, len(rows)), make([]int64, len(rows)), make([]time.Time, len(rows))
+	for i, r := range rows {
+		nss[i], keys[i], seqs[i], was[i] = r.ns, r.key, r.seq, r.was
+	}
+	_, err := s.pool.Exec(ctx, s.sql.handBack, nss, keys, seqs, was)
+	return err
+}
+
+// nextDue returns how long until the earliest row not yet due becomes due
+// (a writer's row after Grace, a lease that ends), or RelayPoll if none.
+func (s *Store) nextDue(ctx context.Context) (time.Duration, error) {
+	var secs *float64
+	if err := s.pool.QueryRow(ctx, s.sql.nextDue).Scan(&secs); err != nil {
+		return 0, err
+	}
+	if secs == nil {
+		return s.poll, nil
+	}
+	return max(time.Duration(*secs*float64(time.Second)), time.Millisecond), nil
+}
+
+// makeDue makes the outbox row of a change due now, unless a newer change
+// replaced it: its writer could not publish it. The notification wakes
+// the relays.
+func (s *Store) makeDue(ctx context.Context, ns, key string, seq int64) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	_, err := s.pool.Exec(ctx, s.sql.makeDue, []byte(ns), []byte(key), seq)
+	return err
+}
+
+// poison counts a row no cache can hold and logs it the first time its
+// namespace is seen.
+func (s *Store) poison(ns, what string, keyLen int) {
+	s.poisonRows.Add(1)
+	if s.poisonLog.first(ns) {
+		shown := ns
+		if len(shown) > 64 {
+			shown = shown[:64] + "…"
+		}
+		s.log.Error("store: relay: an outbox row no cache can hold", "namespace", shown, "invalid", what,
+			"namespace_bytes", len(ns), "key_bytes", keyLen,
+			"action", map[string]string{"namespace": "dropped", "key": "flushed its namespace"}[what])
+	}
+}
+
+// poisonLog remembers the namespaces whose poison rows were logged, up to
+// a bound; past it, poison rows are counted only.
+type poisonLog struct {
+	mu   sync.Mutex
+	seen map[string]struct{}
+}
+
+func (l *poisonLog) first(ns string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, ok := l.seen[ns]; ok || len(l.seen) >= 1024 {
+		return false
+	}
+	if l.seen == nil {
+		l.seen = make(map[string]struct{})
+	}
+	l.seen[ns] = struct{}{}
+	return true
 }
 
 // Pending returns the number of outbox rows not yet published, due or not.
@@ -224,4 +429,18 @@ func (s *Store) Pending(ctx context.Context) (int64, error) {
 	var n int64
 	err := s.pool.QueryRow(ctx, `SELECT count(*) FROM `+s.ident+`.outbox`).Scan(&n)
 	return n, err
+}
+
+// OutboxLag returns how long the oldest due outbox row has been waiting
+// for a relay: 0 when no row is due. Rows a relay has claimed are not due
+// until it hands them back or its lease ends. A lag of more than a few
+// seconds means that no relay runs, or none can publish; a health check
+// can report it.
+func (s *Store) OutboxLag(ctx context.Context) (time.Duration, error) {
+	var secs *float64
+	err := s.pool.QueryRow(ctx, `SELECT extract(epoch FROM now() - min(relay_after))::float8 FROM `+s.ident+`.outbox WHERE relay_after <= now()`).Scan(&secs)
+	if err != nil || secs == nil {
+		return 0, err
+	}
+	return time.Duration(*secs * float64(time.Second)), nil
 }

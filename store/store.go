@@ -58,7 +58,15 @@ func (e *FenceError) Is(target error) bool { return target == ErrFenced }
 // The Redis transports and the in-process bus of package invalidate
 // implement it. The relay needs one; so does [Store.Write].
 type Publisher interface {
+	// Publish announces that keys of namespace changed; an empty keys
+	// flushes the namespace. ctx bounds it.
 	Publish(ctx context.Context, namespace string, keys []cache.Invalidation) error
+	// Proven reports whether the publisher's link was proven live and in
+	// order recently enough that a publication through it reaches the
+	// other nodes (for a bus: within its MaxStaleness, and not lost since).
+	// The relay claims outbox rows only while it is true, so that rows
+	// are left to the relays of healthy nodes (DESIGN race 17).
+	Proven() bool
 }
 
 // Options configure a [Store]. A nil *Options, and every zero field, means
@@ -88,8 +96,16 @@ type Options struct {
 	RelayBatch int
 
 	// RelayPoll is how often the relay looks for due rows when no
-	// notification wakes it. Default 1s.
+	// notification wakes it and no row is about to become due. Default 1s.
 	RelayPoll time.Duration
+
+	// PublishTimeout bounds one publication: a writer's, after its
+	// commit, and each of the relay's. Keep it well under the caches'
+	// MaxStaleness: a relay that has claimed rows holds them from the
+	// other relays for about twice this long at most, and a writer whose
+	// publication fails hands its row to the relays only after it.
+	// Default 250ms.
+	PublishTimeout time.Duration
 
 	// Tracer observes writes, and the moment after each commit if it also
 	// implements [CommitTracer]. Default nil.
@@ -111,6 +127,7 @@ type Store struct {
 	grace  time.Duration
 	batch  int
 	poll   time.Duration
+	pubTTL time.Duration // Options.PublishTimeout
 	log    *slog.Logger
 	tracer WriteTracer
 
@@ -120,14 +137,20 @@ type Store struct {
 	afterCommit func() error
 
 	// sql holds the statements of the write path, built once.
-	sql struct{ fence, outboxPut, confirm string }
+	sql struct{ fence, outboxPut, confirm, claim, handBack, nextDue, makeDue string }
 
 	relays   atomic.Int32      // RunRelay calls running
 	confirms chan confirmation // to confirmLoop
 
+	// listenFailures counts the relay's consecutive failures to LISTEN.
+	listenFailures atomic.Int64
+	poisonLog      poisonLog
+
 	publishFailures atomic.Uint64
 	relayed         atomic.Uint64
 	relayErrors     atomic.Uint64
+	poisonRows      atomic.Uint64
+	relayUnproven   atomic.Uint64
 }
 
 // New returns a Store writing to the database of pool. It does not touch
@@ -151,6 +174,8 @@ func New(pool *pgxpool.Pool, opts *Options) (*Store, error) {
 		return nil, fmt.Errorf("%w: negative RelayBatch %d", ErrInvalidOptions, o.RelayBatch)
 	case o.RelayPoll < 0:
 		return nil, fmt.Errorf("%w: negative RelayPoll %v", ErrInvalidOptions, o.RelayPoll)
+	case o.PublishTimeout < 0:
+		return nil, fmt.Errorf("%w: negative PublishTimeout %v", ErrInvalidOptions, o.PublishTimeout)
 	}
 	s := &Store{
 		pool:   pool,
@@ -161,6 +186,7 @@ func New(pool *pgxpool.Pool, opts *Options) (*Store, error) {
 		grace:  o.Grace,
 		batch:  o.RelayBatch,
 		poll:   o.RelayPoll,
+		pubTTL: o.PublishTimeout,
 		log:    o.Logger,
 		tracer: o.Tracer,
 	}
@@ -172,6 +198,9 @@ func New(pool *pgxpool.Pool, opts *Options) (*Store, error) {
 	}
 	if s.poll == 0 {
 		s.poll = time.Second
+	}
+	if s.pubTTL == 0 {
+		s.pubTTL = 250 * time.Millisecond
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
@@ -205,6 +234,35 @@ func New(pool *pgxpool.Pool, opts *Options) (*Store, error) {
 			USING unnest($1::bytea[], $2::bytea[], $3::bigint[]) AS c(ns, key, seq)
 			WHERE o.key_hash = sha256(int4send(length(c.ns)) || c.ns || c.key) AND o.seq = c.seq)
 		SELECT set_config('synchronous_commit', 'off', true)`
+	// The relay's claim: due rows, oldest first, skipping those another
+	// relay is claiming, move one lease ahead. It returns relay_after as
+	// it was, for handing the rows back. Like the deletion of published
+	// rows, the claim needs no durable commit: a lost claim only makes the
+	// rows due again.
+	s.sql.claim = `
+		WITH due AS (
+			SELECT key_hash, relay_after FROM ` + s.ident + `.outbox
+			WHERE relay_after <= now()
+			ORDER BY relay_after
+			LIMIT $1
+			FOR UPDATE SKIP LOCKED),
+		claimed AS (
+			UPDATE ` + s.ident + `.outbox o SET relay_after = now() + make_interval(secs => $2)
+			FROM due WHERE o.key_hash = due.key_hash
+			RETURNING o.namespace, o.key, o.version, o.seq, due.relay_after AS was)
+		SELECT namespace, key, version, seq, was, set_config('synchronous_commit', 'off', true)
+		FROM claimed ORDER BY was`
+	// Rows a relay could not publish are due again as they were, unless a
+	// newer change replaced them (which set its own relay_after). The
+	// outbox's trigger notifies the relays.
+	s.sql.handBack = `
+		UPDATE ` + s.ident + `.outbox o SET relay_after = c.was
+		FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::timestamptz[]) AS c(ns, key, seq, was)
+		WHERE o.key_hash = sha256(int4send(length(c.ns)) || c.ns || c.key) AND o.seq = c.seq`
+	s.sql.nextDue = `SELECT extract(epoch FROM min(relay_after) - now())::float8 FROM ` + s.ident + `.outbox`
+	s.sql.makeDue = `
+		UPDATE ` + s.ident + `.outbox SET relay_after = now()
+		WHERE key_hash = sha256(int4send(length($1::bytea)) || $1::bytea || $2::bytea) AND seq = $3 AND relay_after > now()`
 	return s, nil
 }
 
@@ -217,6 +275,14 @@ type Stats struct {
 	Relayed uint64
 	// RelayErrors counts failed relay rounds.
 	RelayErrors uint64
+	// PoisonRows counts outbox rows no cache can hold: a key longer than
+	// cache.MaxKeyLen, published as a flush of its namespace instead, or a
+	// namespace no cache can have (empty or too long), dropped. Each is
+	// logged the first time its namespace is seen.
+	PoisonRows uint64
+	// RelayUnproven counts relay rounds that claimed nothing because the
+	// Publisher's link was not proven.
+	RelayUnproven uint64
 }
 
 // Stats returns a snapshot of the counters.
@@ -225,6 +291,8 @@ func (s *Store) Stats() Stats {
 		PublishFailures: s.publishFailures.Load(),
 		Relayed:         s.relayed.Load(),
 		RelayErrors:     s.relayErrors.Load(),
+		PoisonRows:      s.poisonRows.Load(),
+		RelayUnproven:   s.relayUnproven.Load(),
 	}
 }
 

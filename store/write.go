@@ -38,8 +38,10 @@ type TxFunc[V any] func(ctx context.Context, tx pgx.Tx) (Change[V], error)
 //
 // Writers of one key are serialised across nodes, and one whose lock
 // expired while it stalled cannot commit (G6). If the bus does not take the
-// invalidation after the commit, Update still succeeds: the outbox row
-// stays and the relay publishes it after [Options.Grace] (race 3). Losing
+// invalidation within [Options.PublishTimeout] after the commit, Update
+// still succeeds: it makes the outbox row due at once, and the relay of a
+// node whose link works publishes it, woken by the outbox's notification
+// (race 3; if the writer crashes instead, after [Options.Grace]). Losing
 // the lock after the commit does not fail Update either: the fence already
 // decided.
 //
@@ -110,11 +112,11 @@ func writeThrough[K comparable, V any](ctx context.Context, s *Store, c *cache.C
 	// elsewhere overtakes it (race 13). It publishes on pctx: once the
 	// transaction has committed, neither the caller giving up nor the lock
 	// being lost may keep the other nodes waiting for the relay.
-	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), publishTimeout)
+	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.pubTTL)
 	defer cancel()
 	err = c.Update(pctx, key, func(context.Context) (Change[V], error) {
 		var err error
-		seq, err = s.commit(ctx, ns, skey, l, func(ctx context.Context, tx pgx.Tx) (int64, error) {
+		seq, err = s.commit(ctx, ns, skey, l, s.grace, func(ctx context.Context, tx pgx.Tx) (int64, error) {
 			var err error
 			ch, err = fn(ctx, tx)
 			return ch.Version, err
@@ -131,14 +133,29 @@ func writeThrough[K comparable, V any](ctx context.Context, s *Store, c *cache.C
 	if !committed {
 		return Change[V]{}, false, false, err
 	}
-	if err != nil {
-		s.publishFailures.Add(1)
-		s.log.Warn("store: committed, but the invalidation was not published; the relay will publish it",
-			"namespace", ns, "err", err)
-		return ch, true, false, nil
+	return ch, true, s.afterPublish(ctx, ns, skey, seq, err), nil
+}
+
+// afterPublish ends a committed write: it confirms the change's outbox row
+// if the publication (whose error is err) succeeded, and otherwise makes
+// the row due at once, so that the relay of a node whose link works
+// publishes it within milliseconds, woken by the outbox's notification,
+// rather than after Grace (the write returns nil, so G2 covers it). It
+// reports whether the writer published.
+func (s *Store) afterPublish(ctx context.Context, ns, key string, seq int64, err error) bool {
+	if err == nil {
+		s.confirm(ctx, ns, key, seq)
+		return true
 	}
-	s.confirm(ctx, ns, skey, seq)
-	return ch, true, true, nil
+	s.publishFailures.Add(1)
+	if derr := s.makeDue(ctx, ns, key, seq); derr != nil {
+		s.log.Warn("store: committed, but neither published nor handed to the relays; a relay publishes it after Grace",
+			"namespace", ns, "err", err, "outbox_err", derr)
+		return false
+	}
+	s.log.Warn("store: committed, but the invalidation was not published; handed to the relays",
+		"namespace", ns, "err", err)
+	return false
 }
 
 // Write runs fn in a lock-guarded, fenced transaction for key of namespace,
@@ -149,8 +166,8 @@ func writeThrough[K comparable, V any](ctx context.Context, s *Store, c *cache.C
 //
 // ctx bounds the wait for the lock and the transaction, and is cancelled
 // for fn if the lock is lost; a committed write is published regardless. If
-// the publication fails, or there is no Publisher, Write still succeeds and
-// the relay publishes.
+// the publication fails, or there is no Publisher, Write still succeeds,
+// and the outbox row is due at once for the relays of other nodes.
 func (s *Store) Write(ctx context.Context, namespace, key string, fn func(ctx context.Context, tx pgx.Tx) error) error {
 	if s.locks == nil {
 		return ErrNoLocks
@@ -163,7 +180,13 @@ func (s *Store) Write(ctx context.Context, namespace, key string, fn func(ctx co
 	var committed, published bool
 	err := s.locks.WithLock(ctx, lockName(namespace, key), func(ctx context.Context, l *lockguard.Lock) error {
 		var err error
-		seq, err = s.commit(ctx, namespace, key, l, func(ctx context.Context, tx pgx.Tx) (int64, error) {
+		// Without a Publisher the row is due at once: another node's
+		// relay publishes it.
+		delay := s.grace
+		if s.pub == nil {
+			delay = 0
+		}
+		seq, err = s.commit(ctx, namespace, key, l, delay, func(ctx context.Context, tx pgx.Tx) (int64, error) {
 			return 0, fn(ctx, tx)
 		})
 		if err != nil {
@@ -174,16 +197,9 @@ func (s *Store) Write(ctx context.Context, namespace, key string, fn func(ctx co
 			return nil
 		}
 		// Committed: publish even if ctx ends now (see writeThrough).
-		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), publishTimeout)
+		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.pubTTL)
 		defer cancel()
-		if err := s.pub.Publish(pctx, namespace, []cache.Invalidation{{Key: key}}); err != nil {
-			s.publishFailures.Add(1)
-			s.log.Warn("store: committed, but the invalidation was not published; the relay will publish it",
-				"namespace", namespace, "err", err)
-			return nil
-		}
-		published = true
-		s.confirm(ctx, namespace, key, seq)
+		published = s.afterPublish(ctx, namespace, key, seq, s.pub.Publish(pctx, namespace, []cache.Invalidation{{Key: key}}))
 		return nil
 	})
 	if committed {
@@ -194,10 +210,6 @@ func (s *Store) Write(ctx context.Context, namespace, key string, fn func(ctx co
 	s.traceWriteEnd(ctx, false, false, err)
 	return err
 }
-
-// publishTimeout bounds the publication of a committed write, which no
-// longer depends on the caller's context.
-const publishTimeout = 5 * time.Second
 
 func checkName(namespace, key string) error {
 	if namespace == "" || len(namespace) > cache.MaxKeyLen || key == "" || len(key) > cache.MaxKeyLen {
@@ -211,7 +223,7 @@ func checkName(namespace, key string) error {
 // as it commits. It returns the outbox row's seq. Round trips: BEGIN (with
 // capture turned off), the fence, body's statements, and the outbox upsert
 // pipelined with COMMIT.
-func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, body func(ctx context.Context, tx pgx.Tx) (int64, error)) (seq int64, err error) {
+func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, delay time.Duration, body func(ctx context.Context, tx pgx.Tx) (int64, error)) (seq int64, err error) {
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
 		return 0, fmt.Errorf("store: %w", translate(err))
@@ -250,7 +262,7 @@ func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, b
 	// unfinished on purpose: the batch commits on the server, and
 	// tx.Commit would send a second COMMIT.
 	var batch pgx.Batch
-	batch.Queue(s.sql.outboxPut, []byte(ns), []byte(key), version, s.grace.Seconds()).QueryRow(func(r pgx.Row) error {
+	batch.Queue(s.sql.outboxPut, []byte(ns), []byte(key), version, delay.Seconds()).QueryRow(func(r pgx.Row) error {
 		return r.Scan(&seq)
 	})
 	var tag pgconn.CommandTag

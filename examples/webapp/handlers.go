@@ -21,6 +21,11 @@ import (
 // maxID is the longest id accepted, in bytes.
 const maxID = 256
 
+// maxOutboxLag is how long the oldest due outbox row may wait for a relay
+// before /healthz fails. A healthy relay publishes a due row within
+// milliseconds of the notification.
+const maxOutboxLag = 3 * time.Second
+
 func (a *app) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /items/{id}", a.getItem)
@@ -225,6 +230,17 @@ func (a *app) healthz(w http.ResponseWriter, r *http.Request) {
 	}
 	if !a.items.Proven() {
 		writeError(w, http.StatusServiceUnavailable, "bus link not proven within MaxStaleness: serving from Postgres")
+		return
+	}
+	// An outbox row that stays due means that no relay publishes: outside
+	// writes (and writes whose publication failed) are not announced.
+	lag, err := a.store.OutboxLag(ctx)
+	if err != nil {
+		writeError(w, http.StatusServiceUnavailable, "postgres: "+err.Error())
+		return
+	}
+	if lag > maxOutboxLag {
+		writeError(w, http.StatusServiceUnavailable, fmt.Sprintf("outbox: the oldest due row has waited %v for a relay", lag.Round(time.Millisecond)))
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})

@@ -13,7 +13,7 @@
 //	POST   /items/{id}/add    {"delta":N} → 200 with value = old value + N (a missing item counts as 0)
 //	GET    /stats             the cache's, bus's and store's counters
 //	GET    /metrics           the same, and load and write durations, for Prometheus
-//	GET    /healthz           200 when Postgres, Redis and a proven bus link are there, else 503
+//	GET    /healthz           200 when Postgres, Redis, a proven bus link and a relayed outbox are there, else 503
 //
 // Writes go through the lock guard and the outbox (package store); writes
 // to the table from any other client are captured and relayed.
