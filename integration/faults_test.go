@@ -106,6 +106,50 @@ func TestStalledRedisLink(t *testing.T) {
 	}
 }
 
+// TestStalledLinkWhileOutsideWritesLand freezes one node's Redis
+// connections (half-open: bytes held, nothing closed) for four seconds
+// while outside SQL writes land and every node reads (issue 11 item 1,
+// DESIGN race 17). The frozen node's relay hears the outbox's
+// notifications like the others; before the fix it claimed captured rows
+// FOR UPDATE and hung in Publish holding them, the healthy relays skipped
+// them, and the healthy nodes served replaced values for as long as the
+// freeze lasted. Now an unproven relay claims nothing and one that has not
+// noticed yet holds a claim for one publish timeout at most, so outside
+// writes reach every node within MaxStaleness plus that.
+func TestStalledLinkWhileOutsideWritesLand(t *testing.T) {
+	p, err := faultproxy.New(redisAddr(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	u, err := url.Parse(testenv.RedisURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.Host = p.Addr()
+	c := newCluster(t, clusterConfig{Nodes: 3, Extra: map[int][]string{0: {"-redis-url", u.String()}}})
+	w := workload{Workers: 3, SQLKeys: []string{"s1", "s2", "s3", "s4"}, SQLPace: 20 * time.Millisecond}
+	stop := c.drive(w)
+	time.Sleep(1500 * time.Millisecond)
+	p.Pause()
+	time.Sleep(4 * time.Second)
+	p.Resume()
+	time.Sleep(2 * time.Second)
+	stop()
+	// The webapp's store uses the default PublishTimeout, 250ms; a claim
+	// lasts until a failed publication hands the rows back.
+	c.check(t, w.keys(), w.AddKeys, Bounds{API: boundRelay, SQL: maxStaleness + 2*250*time.Millisecond + slack})
+	var relayed uint64
+	for _, n := range c.nodes[1:] {
+		if s, err := c.stats(n); err == nil {
+			relayed += s.Store.Relayed
+		}
+	}
+	if relayed == 0 {
+		t.Errorf("the healthy nodes' relays published nothing; want the captured writes")
+	}
+}
+
 // redisAddr is the host:port of REDIS_URL.
 func redisAddr(t testing.TB) string {
 	t.Helper()
