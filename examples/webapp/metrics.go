@@ -53,8 +53,8 @@ func init() {
 	for name, help := range map[string]string{
 		"publish_failures": "Committed writes whose invalidation the bus did not take.",
 		"relayed":          "Outbox rows published by the relay.", "relay_errors": "Failed relay rounds.",
-		"poison_rows":      "Outbox rows no cache can hold: flushed their namespace, or dropped.",
-		"relay_unproven":   "Relay rounds that claimed nothing because the bus link was unproven.",
+		"poison_rows":    "Outbox rows no cache can hold: flushed their namespace, or dropped.",
+		"relay_unproven": "Relay rounds that claimed nothing because the bus link was unproven.",
 	} {
 		descStore[name] = prometheus.NewDesc("coherent_store_"+name+"_total", help, nil, nil)
 	}
