@@ -214,6 +214,7 @@ type outboxRow struct {
 	ns, key []byte
 	version int64
 	seq     int64
+	flush   bool      // a flush of the namespace (a TRUNCATE, a broken capture)
 	was     time.Time // relay_after before the claim
 }
 
@@ -256,7 +257,7 @@ func (s *Store) claim(ctx context.Context) ([]outboxRow, error) {
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (outboxRow, error) {
 		var x outboxRow
 		var async string
-		err := r.Scan(&x.ns, &x.key, &x.version, &x.seq, &x.was, &async)
+		err := r.Scan(&x.ns, &x.key, &x.version, &x.seq, &x.flush, &x.was, &async)
 		return x, err
 	})
 }
@@ -273,15 +274,8 @@ func (s *Store) publishClaimed(ctx context.Context, rows []outboxRow) (int, erro
 	}
 	var order []*nsBatch
 	byNS := make(map[string]*nsBatch)
-	var dropped []outboxRow
-	for _, r := range rows {
+	batch := func(r outboxRow) *nsBatch {
 		ns := string(r.ns)
-		if len(ns) == 0 || len(ns) > cache.MaxKeyLen {
-			// No cache can subscribe to this namespace.
-			s.poison(ns, "namespace", len(r.key))
-			dropped = append(dropped, r)
-			continue
-		}
 		b := byNS[ns]
 		if b == nil {
 			b = &nsBatch{ns: ns}
@@ -289,16 +283,30 @@ func (s *Store) publishClaimed(ctx context.Context, rows []outboxRow) (int, erro
 			order = append(order, b)
 		}
 		b.rows = append(b.rows, r)
+		return b
+	}
+	var dropped []outboxRow
+	for _, r := range rows {
 		switch {
-		case len(r.key) == 0: // a TRUNCATE
-			b.flush = true
+		case len(r.ns) == 0 || len(r.ns) > cache.MaxKeyLen:
+			// No cache can subscribe to this namespace.
+			s.poison(string(r.ns), "namespace", len(r.key))
+			dropped = append(dropped, r)
+		case r.flush: // a TRUNCATE, or a capture that could not read its row
+			batch(r).flush = true
+		case len(r.key) == 0:
+			// A captured empty key: no cache holds one (an encoded key
+			// is never empty), so there is nothing to drop.
+			s.poison(string(r.ns), "key", 0)
+			dropped = append(dropped, r)
 		case len(r.key) > cache.MaxKeyLen:
-			// No cache holds this key, but one may hold a key that
-			// the row stands for (a cache keyed by a prefix, a codec
-			// that shortens): flush the namespace rather than guess.
-			s.poison(ns, "key", len(r.key))
-			b.flush = true
+			// No cache holds this key, but one may hold a key that the
+			// row stands for (a codec that shortens, say): flush the
+			// namespace rather than guess.
+			s.poison(string(r.ns), "key", len(r.key))
+			batch(r).flush = true
 		default:
+			b := batch(r)
 			b.keys = append(b.keys, cache.Invalidation{Key: string(r.key), Version: r.version})
 		}
 	}
@@ -400,8 +408,18 @@ func (s *Store) poison(ns, what string, keyLen int) {
 		}
 		s.log.Error("store: relay: an outbox row no cache can hold", "namespace", shown, "invalid", what,
 			"namespace_bytes", len(ns), "key_bytes", keyLen,
-			"action", map[string]string{"namespace": "dropped", "key": "flushed its namespace"}[what])
+			"action", poisonAction(what, keyLen))
 	}
+}
+
+func poisonAction(what string, keyLen int) string {
+	switch {
+	case what == "namespace":
+		return "dropped"
+	case keyLen == 0:
+		return "dropped: no cache holds an empty key"
+	}
+	return "flushed its namespace"
 }
 
 // poisonLog remembers the namespaces whose poison rows were logged, up to

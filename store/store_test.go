@@ -43,11 +43,11 @@ func TestMigrateIsIdempotentAndSafeConcurrently(t *testing.T) {
 	}
 }
 
-// TestMigrationMovesCapturedTables: a table captured before migration 0002
-// (one generic trigger function reading the row as JSON) is moved to the
-// second form by the migration itself, so that an upgrade does not wait
-// for the next Capture call to get text-form keys and exact skipping.
-func TestMigrationMovesCapturedTables(t *testing.T) {
+// TestMigrationKeepsCapturedTables: a table captured before migration 0002
+// (one generic trigger function that read the row as JSON) keeps its
+// triggers through the migration, which takes no lock on it, and already
+// records text-form keys; Capture then moves it to a function of its own.
+func TestMigrationKeepsCapturedTables(t *testing.T) {
 	pool := newPool(t, "coh_test_migrate")
 	schema := testenv.Name("coh_test_")
 	ident := pgx.Identifier{schema}.Sanitize()
@@ -61,6 +61,8 @@ func TestMigrationMovesCapturedTables(t *testing.T) {
 		`INSERT INTO ` + ident + `.migrations (version, name) VALUES (1, '` + first.name + `')`,
 		`CREATE TABLE ` + ident + `.events (at timestamp PRIMARY KEY, version bigint NOT NULL)`,
 		`SELECT ` + ident + `.install_capture('` + schema + `.events', 'events', 'at', 'version')`,
+		`INSERT INTO ` + ident + `.events VALUES ('2024-01-01 00:00:00', 1)`,
+		`TRUNCATE ` + ident + `.events`, // an empty key, in the first form
 	} {
 		if _, err := pool.Exec(ctx, sql); err != nil {
 			t.Fatalf("%s: %v", sql, err)
@@ -69,23 +71,51 @@ func TestMigrationMovesCapturedTables(t *testing.T) {
 	if err := Migrate(ctx, pool, schema); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := pool.Exec(ctx, `INSERT INTO `+ident+`.events VALUES ('2024-01-02 03:04:05', 7)`); err != nil {
+	var pendingFlush bool
+	if err := pool.QueryRow(ctx, `SELECT flush FROM `+ident+`.outbox WHERE key = ''`).Scan(&pendingFlush); err != nil || !pendingFlush {
+		t.Errorf("a pending TRUNCATE after the migration: flush = %v, %v; want true", pendingFlush, err)
+	}
+	rowTrigger := func() string {
+		var fn string
+		pool.QueryRow(ctx, `SELECT tgfoid::regproc::text FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal AND tgtype & 4 = 4`,
+			schema+".events").Scan(&fn)
+		return fn
+	}
+	captured := func(when string, version int64) {
+		t.Helper()
+		if _, err := pool.Exec(ctx, `DELETE FROM `+ident+`.outbox`); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := pool.Exec(ctx, `INSERT INTO `+ident+`.events VALUES ('2024-01-02 03:04:05', $1)`, version); err != nil {
+			t.Fatal(err)
+		}
+		var key string
+		var got int64
+		if err := pool.QueryRow(ctx, `SELECT convert_from(key, 'UTF8'), version FROM `+ident+`.outbox`).Scan(&key, &got); err != nil {
+			t.Fatalf("%s: %v", when, err)
+		}
+		if key != "2024-01-02 03:04:05" || got != version {
+			t.Errorf("captured %s: key %q version %d; want 2024-01-02 03:04:05 at %d", when, key, got, version)
+		}
+		if _, err := pool.Exec(ctx, `DELETE FROM `+ident+`.events`); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if fn := rowTrigger(); !strings.HasSuffix(fn, ".capture_changes") {
+		t.Errorf("row trigger after the migration calls %s; want the first form's, untouched", fn)
+	}
+	captured("after the migration", 7)
+	s, err := New(pool, &Options{Schema: schema})
+	if err != nil {
 		t.Fatal(err)
 	}
-	var key string
-	var version int64
-	if err := pool.QueryRow(ctx, `SELECT convert_from(key, 'UTF8'), version FROM `+ident+`.outbox`).Scan(&key, &version); err != nil {
+	if err := s.Capture(ctx, schema+".events", "at", "events", WithVersionColumn("version")); err != nil {
 		t.Fatal(err)
 	}
-	if key != "2024-01-02 03:04:05" || version != 7 {
-		t.Errorf("captured after the upgrade: key %q version %d; want 2024-01-02 03:04:05 at 7", key, version)
+	if fn := rowTrigger(); !strings.Contains(fn, ".capture_") || strings.HasSuffix(fn, ".capture_changes") {
+		t.Errorf("row trigger after Capture calls %s; want the table's own capture function", fn)
 	}
-	var fn string
-	pool.QueryRow(ctx, `SELECT tgfoid::regproc::text FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal AND tgtype & 4 = 4`,
-		schema+".events").Scan(&fn)
-	if !strings.Contains(fn, "capture_") || strings.Contains(fn, "capture_changes") {
-		t.Errorf("row trigger calls %s; want the table's own capture function", fn)
-	}
+	captured("after Capture", 8)
 }
 
 func mustMigrations(t *testing.T, schema string) []migration {
