@@ -32,8 +32,12 @@
 //     memory bound and a safety net, never the consistency mechanism.
 //   - G5, one load per miss: concurrent misses of a key on a node share one
 //     load. The load belongs to no single caller: one caller's cancelled
-//     context does not fail it for the others, and a loader panic becomes a
-//     [*PanicError] for every waiter.
+//     context does not fail it for the others. A panic in the code the load
+//     runs (the loader, [Options.LoadMany], [Options.Version], a
+//     [LoadTracer]) becomes a [*PanicError] for every waiter, and a call of
+//     runtime.Goexit (t.FailNow in a test's loader) an error wrapping
+//     [ErrGoexit]; the process survives, no waiter hangs, and nothing of
+//     that load is cached.
 //
 // # How loads and invalidations are ordered
 //

@@ -119,7 +119,9 @@ func (c *Cache[K, V]) loadBatch(ctx context.Context, keys []K, now int64, bypass
 	led := new(bool)
 	ch := c.flights.DoChan(fk.String(), func() (any, error) {
 		*led = true
-		return c.runBatch(ctx, keys, skeys, hashes, toks, !bypass)
+		return c.contain(func(at *string) (any, error) {
+			return c.runBatch(ctx, keys, skeys, hashes, toks, !bypass, at)
+		})
 	})
 	val, err := c.wait(ctx, flight{ch: ch, led: led}, len(keys))
 	if err != nil {
@@ -134,33 +136,55 @@ func (c *Cache[K, V]) loadBatch(ctx context.Context, keys []K, now int64, bypass
 	return nil
 }
 
-// runBatch is the body of a shared LoadMany. It returns the found values of
-// keys only, whatever else LoadMany returned.
-func (c *Cache[K, V]) runBatch(ctx context.Context, keys []K, skeys []string, hashes []uint64, toks []token, store bool) (any, error) {
+// runBatch is the body of a shared LoadMany; it runs inside contain. It
+// returns the found values of keys only, whatever else LoadMany returned.
+func (c *Cache[K, V]) runBatch(ctx context.Context, keys []K, skeys []string, hashes []uint64, toks []token, store bool, at *string) (any, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.LoadTimeout)
 	defer cancel()
-	ctx = c.traceLoadStart(ctx, skeys, !store)
-	var got map[K]V
-	err := c.protect(func() (err error) {
-		got, err = c.cfg.LoadMany(ctx, keys)
-		return err
-	})
-	c.traceLoadEnd(ctx, err)
-	c.stats.loads.Add(1)
+	ctx, err := c.traceStart(ctx, skeys, !store, at)
+	var found map[K]V
+	var versions []int64
+	if err == nil {
+		c.stats.loads.Add(1)
+		var got map[K]V
+		err = c.protect(at, "LoadMany", func() (err error) {
+			got, err = c.cfg.LoadMany(ctx, keys)
+			return err
+		})
+		if err == nil {
+			found = make(map[K]V, len(got))
+			if store && c.cfg.Version != nil {
+				versions = make([]int64, len(keys))
+			}
+		}
+		// Every version is taken before anything is stored, so that a
+		// Version that panics for one key leaves the whole batch unstored.
+		for i := 0; err == nil && i < len(keys); i++ {
+			v, ok := got[keys[i]]
+			if !ok {
+				continue
+			}
+			found[keys[i]] = v
+			if versions != nil {
+				versions[i], err = c.version(v, at)
+			}
+		}
+		err = c.traceEnd(ctx, err, at)
+	}
 	if err != nil {
 		c.stats.loadErrors.Add(1)
 		return nil, err
 	}
-	found := make(map[K]V, len(got))
 	for i, k := range keys {
-		v, ok := got[k]
-		if ok {
-			found[k] = v
-		}
+		v, ok := found[k]
 		switch {
 		case !store:
 		case ok:
-			c.fill(hashes[i], k, entry[V]{value: v, version: c.version(v)}, toks[i])
+			var version int64
+			if versions != nil {
+				version = versions[i]
+			}
+			c.fill(hashes[i], k, entry[V]{value: v, version: version}, toks[i])
 		case !c.cfg.DisableNegative:
 			c.fill(hashes[i], k, entry[V]{missing: true}, toks[i])
 		}

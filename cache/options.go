@@ -65,8 +65,10 @@ type Options[K comparable, V any] struct {
 	// cached value of a higher version. Versions must grow with every write
 	// of a key, deletions and re-creations included: where a re-created
 	// row starts over at 1, report its deletion with version 0 (unknown),
-	// or the deletion would outrank the new row. Default nil: loaded values
-	// have version 0.
+	// or the deletion would outrank the new row. Version runs on the
+	// goroutine of the shared load; if it panics, the load fails with a
+	// [*PanicError] and stores nothing. Default nil: loaded values have
+	// version 0.
 	Version func(V) int64
 
 	// LoadTimeout bounds one shared load. A load runs on behalf of every
@@ -78,7 +80,8 @@ type Options[K comparable, V any] struct {
 	Logger *slog.Logger
 
 	// Tracer observes loads, and invalidations if it also implements
-	// [InvalidationTracer]. Default nil.
+	// [InvalidationTracer]. A panic in TraceLoadStart or TraceLoadEnd
+	// fails the load it traces with a [*PanicError]. Default nil.
 	Tracer LoadTracer
 
 	// Clock replaces the default clock, for tests. The Bus's LastProof must
