@@ -292,8 +292,7 @@ func (c *Cache[K, V]) load(ctx context.Context, key K, h uint64, now int64, bypa
 	if err != nil {
 		return zero, err
 	}
-	v, _ := val.(V) // val is nil for a nil interface V
-	return v, nil
+	return c.loaded(val)
 }
 
 // runLoad is the body of a shared load of one key; it runs inside contain.
@@ -313,7 +312,7 @@ func (c *Cache[K, V]) runLoad(ctx context.Context, key K, skey string, h uint64,
 			if e.missing {
 				return nil, ErrNotFound
 			}
-			return e.value, nil
+			return one[V]{e.value}, nil
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.LoadTimeout)
@@ -339,7 +338,7 @@ func (c *Cache[K, V]) runLoad(ctx context.Context, key K, skey string, h uint64,
 		if store {
 			c.fill(h, key, entry[V]{value: v, version: version}, tok)
 		}
-		return v, nil
+		return one[V]{v}, nil
 	case errors.Is(err, ErrNotFound):
 		if store && !c.cfg.DisableNegative {
 			c.fill(h, key, entry[V]{missing: true}, tok)

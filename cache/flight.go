@@ -7,6 +7,22 @@ import (
 	"sync"
 )
 
+// one is the result of a shared load of one key. Its type differs from a
+// batch's, map[K]V, so that a result delivered to the wrong kind of caller
+// is detected rather than converted to a zero value; and unlike a bare V, it
+// is never nil, even when V is an interface type and the value is nil.
+type one[V any] struct{ v V }
+
+// loaded returns the value of a shared load of one key, whose val is a one[V].
+func (c *Cache[K, V]) loaded(val any) (V, error) {
+	r, ok := val.(one[V])
+	if !ok {
+		// A flight key shared by loads of different kinds; see flightKey.
+		return r.v, fmt.Errorf("cache: internal error: a load of one key returned %T, not %T", val, r)
+	}
+	return r.v, nil
+}
+
 // contain runs body, the work of a shared load, on a goroutine of its own,
 // and returns its result.
 //
