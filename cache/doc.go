@@ -71,6 +71,9 @@
 //
 // An entry costs about 200 bytes with small keys and values (golang-lru
 // alone: about 110), for the LRU's node, the index's node and its bucket.
-// The generation table holds 16 bytes per slot, between 1,024 and 65,536
-// slots depending on capacity; [Stats] reports its size.
+// Memory follows the entries, not the capacity: each shard's index starts
+// small and doubles as the shard fills, and a flush shrinks it again, so
+// a capacity far above what will ever be held (math.MaxInt, say) costs
+// nothing up front. The generation table holds 16 bytes per slot, between
+// 1,024 and 65,536 slots depending on capacity; [Stats] reports its size.
 package cache

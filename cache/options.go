@@ -47,8 +47,10 @@ type Options[K comparable, V any] struct {
 
 	// Shards is the number of independently locked LRU segments (hits
 	// take no lock; fills, writes and invalidations lock one). Capacity
-	// is split among them. Default: 8 per GOMAXPROCS, rounded up to a power
-	// of two, but at most one per 64 entries of capacity.
+	// is split among them. It must not exceed capacity, nor 65,536: each
+	// shard costs a few hundred bytes however few entries it holds.
+	// Default: 8 per GOMAXPROCS, rounded up to a power of two, but at most
+	// one per 64 entries of capacity.
 	Shards int
 
 	// Keys encodes keys for the bus. Default: the identity for string keys
@@ -88,6 +90,9 @@ type Options[K comparable, V any] struct {
 	// read the same clock. Default nil: the monotonic clock.
 	Clock Clock
 }
+
+// maxShards bounds Options.Shards: New allocates every shard up front.
+const maxShards = 1 << 16
 
 // config is the validated, defaulted form of the arguments of New.
 type config[K comparable, V any] struct {
@@ -136,6 +141,8 @@ func (c *config[K, V]) validate() error {
 		return bad("Shards must not be negative, got %d", c.Shards)
 	case c.Shards > c.capacity:
 		return bad("Shards (%d) exceeds capacity (%d)", c.Shards, c.capacity)
+	case c.Shards > maxShards:
+		return bad("Shards (%d) exceeds %d", c.Shards, maxShards)
 	}
 	return nil
 }
@@ -161,7 +168,7 @@ func (c *config[K, V]) setDefaults() {
 		for n < 8*runtime.GOMAXPROCS(0) {
 			n <<= 1
 		}
-		c.Shards = max(1, min(n, c.capacity/64))
+		c.Shards = max(1, min(n, c.capacity/64, maxShards))
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
