@@ -9,7 +9,6 @@ import (
 	"math"
 	"math/bits"
 	"math/rand/v2"
-	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -173,8 +172,10 @@ func (c *Cache[K, V]) Proven() bool { return c.proven(c.now()) }
 //
 // ctx bounds how long this caller waits; it does not cancel the shared
 // load, which runs until it finishes or [Options.LoadTimeout] passes. Get
-// returns the loader's error, a [*PanicError] if the loader panicked,
-// ctx.Err(), ErrInvalidKey, or ErrClosed.
+// returns the loader's error, a [*PanicError] if the loader or another
+// callback of the load ([Options.Version], the [LoadTracer]) panicked, an
+// error wrapping ErrGoexit if one called runtime.Goexit, ctx.Err(),
+// ErrInvalidKey, or ErrClosed.
 func (c *Cache[K, V]) Get(ctx context.Context, key K) (V, error) {
 	now := c.now()
 	if now < c.provenUntil.Load() {
@@ -274,7 +275,9 @@ func (c *Cache[K, V]) startLoad(ctx context.Context, key K, h uint64, now int64,
 	led := new(bool)
 	ch := c.flights.DoChan(flightKey(kind, tok, c.bucket(now, bypass), skey), func() (any, error) {
 		*led = true
-		return c.runLoad(ctx, key, skey, h, tok, !bypass)
+		return c.contain(func(at *string) (any, error) {
+			return c.runLoad(ctx, key, skey, h, tok, !bypass, at)
+		})
 	})
 	return flight{ch: ch, led: led}, nil
 }
@@ -289,12 +292,11 @@ func (c *Cache[K, V]) load(ctx context.Context, key K, h uint64, now int64, bypa
 	if err != nil {
 		return zero, err
 	}
-	v, _ := val.(V) // val is nil for a nil interface V
-	return v, nil
+	return c.loaded(val)
 }
 
-// runLoad is the body of a shared load of one key.
-func (c *Cache[K, V]) runLoad(ctx context.Context, key K, skey string, h uint64, tok token, store bool) (any, error) {
+// runLoad is the body of a shared load of one key; it runs inside contain.
+func (c *Cache[K, V]) runLoad(ctx context.Context, key K, skey string, h uint64, tok token, store bool, at *string) (any, error) {
 	// The load belongs to every caller waiting for it, not to the one whose
 	// ctx it inherits values from.
 	if store {
@@ -310,25 +312,33 @@ func (c *Cache[K, V]) runLoad(ctx context.Context, key K, skey string, h uint64,
 			if e.missing {
 				return nil, ErrNotFound
 			}
-			return e.value, nil
+			return one[V]{e.value}, nil
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.LoadTimeout)
 	defer cancel()
-	ctx = c.traceLoadStart(ctx, []string{skey}, !store)
+	ctx, err := c.traceStart(ctx, []string{skey}, !store, at)
 	var v V
-	err := c.protect(func() (err error) {
-		v, err = c.cfg.load(ctx, key)
-		return err
-	})
-	c.traceLoadEnd(ctx, err)
-	c.stats.loads.Add(1)
+	var version int64
+	if err == nil {
+		c.stats.loads.Add(1)
+		err = c.protect(at, "loader", func() (err error) {
+			v, err = c.cfg.load(ctx, key)
+			return err
+		})
+		// The version is taken before the tracer ends the load, so that
+		// the tracer sees a panic in Version as the load's error.
+		if err == nil && store {
+			version, err = c.version(v, at)
+		}
+		err = c.traceEnd(ctx, err, at)
+	}
 	switch {
 	case err == nil:
 		if store {
-			c.fill(h, key, entry[V]{value: v, version: c.version(v)}, tok)
+			c.fill(h, key, entry[V]{value: v, version: version}, tok)
 		}
-		return v, nil
+		return one[V]{v}, nil
 	case errors.Is(err, ErrNotFound):
 		if store && !c.cfg.DisableNegative {
 			c.fill(h, key, entry[V]{missing: true}, tok)
@@ -340,24 +350,31 @@ func (c *Cache[K, V]) runLoad(ctx context.Context, key K, skey string, h uint64,
 	}
 }
 
-// protect runs the user's loader, turning a panic into a *PanicError:
-// singleflight would otherwise re-panic it on a fresh goroutine and crash the
-// process (race 8).
-func (c *Cache[K, V]) protect(fn func() error) (err error) {
+// protect runs fn, which calls the user's callback named what, turning a
+// panic into a *PanicError; see contain. While fn runs, *at is what.
+func (c *Cache[K, V]) protect(at *string, what string, fn func() error) (err error) {
+	*at = what
 	defer func() {
 		if r := recover(); r != nil {
-			err = &PanicError{Value: r, Stack: debug.Stack()}
-			c.log.Error("cache: loader panicked", "panic", r)
+			err = c.panicked(what, r)
+			*at = ""
 		}
 	}()
-	return fn()
+	err = fn()
+	*at = ""
+	return err
 }
 
-func (c *Cache[K, V]) version(v V) int64 {
+// version returns the version of v, a loaded value.
+func (c *Cache[K, V]) version(v V, at *string) (version int64, err error) {
 	if c.cfg.Version == nil {
-		return 0
+		return 0, nil
 	}
-	return c.cfg.Version(v)
+	err = c.protect(at, "Options.Version", func() error {
+		version = c.cfg.Version(v)
+		return nil
+	})
+	return version, err
 }
 
 // lifetime returns the jittered lifetime of a new entry.

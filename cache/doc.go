@@ -32,8 +32,12 @@
 //     memory bound and a safety net, never the consistency mechanism.
 //   - G5, one load per miss: concurrent misses of a key on a node share one
 //     load. The load belongs to no single caller: one caller's cancelled
-//     context does not fail it for the others, and a loader panic becomes a
-//     [*PanicError] for every waiter.
+//     context does not fail it for the others. A panic in the code the load
+//     runs (the loader, [Options.LoadMany], [Options.Version], a
+//     [LoadTracer]) becomes a [*PanicError] for every waiter, and a call of
+//     runtime.Goexit (t.FailNow in a test's loader) an error wrapping
+//     [ErrGoexit]; the process survives, no waiter hangs, and nothing of
+//     that load is cached.
 //
 // # How loads and invalidations are ordered
 //
@@ -67,6 +71,9 @@
 //
 // An entry costs about 200 bytes with small keys and values (golang-lru
 // alone: about 110), for the LRU's node, the index's node and its bucket.
-// The generation table holds 16 bytes per slot, between 1,024 and 65,536
-// slots depending on capacity; [Stats] reports its size.
+// Memory follows the entries, not the capacity: each shard's index starts
+// small and doubles as the shard fills, and a flush shrinks it again, so
+// a capacity far above what will ever be held (math.MaxInt, say) costs
+// nothing up front. The generation table holds 16 bytes per slot, between
+// 1,024 and 65,536 slots depending on capacity; [Stats] reports its size.
 package cache

@@ -21,19 +21,36 @@ var (
 
 	// ErrInvalidOptions is returned by [New] for arguments it cannot use.
 	ErrInvalidOptions = errors.New("cache: invalid options")
+
+	// ErrGoexit is wrapped by the error every caller waiting on a load
+	// receives when code run by the load called runtime.Goexit, as
+	// t.FailNow does in a test's loader. The cache keeps working; nothing
+	// is stored for the load's keys.
+	ErrGoexit = errors.New("cache: shared load called runtime.Goexit")
 )
 
-// PanicError is the error every caller waiting on a load receives when the
-// loader panicked. The cache keeps working; nothing is stored for the key.
+// PanicError is the error every caller waiting on a load receives when code
+// run by the load panicked: the loader, [Options.LoadMany],
+// [Options.Version], or a [LoadTracer]. The cache keeps working; nothing is
+// stored for the load's keys.
 type PanicError struct {
-	// Value is what the loader passed to panic.
+	// Func names what panicked: "loader", "LoadMany", "Options.Version",
+	// "LoadTracer.TraceLoadStart" or "LoadTracer.TraceLoadEnd". It is empty
+	// for a panic elsewhere on the load's goroutine, such as in a Clock, in
+	// the Bus's Subscription or in the Logger's handler.
+	Func string
+	// Value is what was passed to panic.
 	Value any
-	// Stack is the loader goroutine's stack at the time of the panic.
+	// Stack is the panicking goroutine's stack at the time of the panic.
 	Stack []byte
 }
 
 func (e *PanicError) Error() string {
-	return fmt.Sprintf("cache: loader panicked: %v", e.Value)
+	what := e.Func
+	if what == "" {
+		what = "shared load"
+	}
+	return fmt.Sprintf("cache: %s panicked: %v", what, e.Value)
 }
 
 // Unwrap returns Value when it is an error.

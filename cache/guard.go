@@ -100,17 +100,26 @@ func (g *guard) everFlushed() bool { return g.epoch.Load() != 0 }
 // bytes reports the memory held by the table.
 func (g *guard) bytes() int { return len(g.slots) * 16 }
 
-// Flight kinds, the first byte of a flight key.
+// Flight kinds, the first byte of a flight key. Each kind of load has its
+// own, because loads of different kinds return results of different types
+// (one[V], map[K]V) and different things (stored or not): a caller must
+// never join a load of another kind, whatever its keys.
 const (
-	flightLoad   = 'l' // one key, result stored
-	flightBypass = 'b' // one key, link unproven: result not stored
-	flightBatch  = 'm' // several keys through Options.LoadMany
+	flightLoad        = 'l' // one key, result stored
+	flightBypass      = 'b' // one key, link unproven: result not stored
+	flightBatch       = 'm' // several keys through Options.LoadMany
+	flightBatchBypass = 'n' // several keys through LoadMany, link unproven
 )
 
-// flightKey builds the singleflight key of a load. It carries the guard
-// token, so a Get that starts after an invalidation computes a different key
-// and cannot join a load that began before it (race 2). A bypass flight also
-// carries a time bucket so that it is joined only while its result is young.
+// flightKey builds the singleflight key of a load of one key. It carries
+// the guard token, so a Get that starts after an invalidation computes a
+// different key and cannot join a load that began before it (race 2). A
+// bypass flight also carries a time bucket so that it is joined only while
+// its result is young.
+//
+// The key is kind, then 24 bytes of fixed length (epoch, generation,
+// bucket), then skey: within a kind, two keys are equal only if all their
+// parts are.
 func flightKey(kind byte, tok token, bucket int64, skey string) string {
 	var b strings.Builder
 	b.Grow(25 + len(skey))
@@ -121,5 +130,34 @@ func flightKey(kind byte, tok token, bucket int64, skey string) string {
 	binary.LittleEndian.PutUint64(n[16:], uint64(bucket))
 	b.Write(n[:])
 	b.WriteString(skey)
+	return b.String()
+}
+
+// batchFlightKey builds the singleflight key of a LoadMany of skeys, whose
+// guard tokens are toks, taken after the flush epoch epoch was read. It
+// lists every key with its generation, so a GetMany that starts after an
+// invalidation of any of them starts a new load (race 2).
+//
+// The key is kind, the epoch and the bucket (8 bytes each), then for each
+// key its generation and its length (8 bytes each) and the key: within a
+// kind, two keys are equal only if all their parts are, keys included.
+func batchFlightKey(kind byte, epoch uint64, bucket int64, toks []token, skeys []string) string {
+	size := 17
+	for _, k := range skeys {
+		size += 16 + len(k)
+	}
+	var b strings.Builder
+	b.Grow(size)
+	b.WriteByte(kind)
+	var n [16]byte
+	binary.LittleEndian.PutUint64(n[0:], epoch)
+	binary.LittleEndian.PutUint64(n[8:], uint64(bucket))
+	b.Write(n[:])
+	for i, k := range skeys {
+		binary.LittleEndian.PutUint64(n[0:], toks[i].gen)
+		binary.LittleEndian.PutUint64(n[8:], uint64(len(k)))
+		b.Write(n[:])
+		b.WriteString(k)
+	}
 	return b.String()
 }

@@ -2,10 +2,8 @@ package cache
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"strings"
 )
 
 // GetMany returns the values of keys that exist; keys that do not are
@@ -72,9 +70,12 @@ func (c *Cache[K, V]) loadEach(ctx context.Context, keys []K, now int64, bypass 
 	}
 	for i, k := range keys {
 		val, err := c.wait(ctx, flights[i], 1)
+		var v V
+		if err == nil {
+			v, err = c.loaded(val)
+		}
 		switch {
 		case err == nil:
-			v, _ := val.(V)
 			res[k] = v
 		case errors.Is(err, ErrNotFound):
 		case errors.Is(err, ctx.Err()):
@@ -91,18 +92,11 @@ func (c *Cache[K, V]) loadBatch(ctx context.Context, keys []K, now int64, bypass
 	hashes := make([]uint64, len(keys))
 	toks := make([]token, len(keys))
 	skeys := make([]string, len(keys))
-	// The flight key lists every key with its guard token, so a GetMany
-	// that starts after an invalidation of any of them starts a new load.
-	var fk strings.Builder
 	kind := byte(flightBatch)
 	if bypass {
-		kind = flightBypass
+		kind = flightBatchBypass
 	}
-	fk.WriteByte(kind)
-	var n [16]byte
-	binary.LittleEndian.PutUint64(n[0:], c.guard.epoch.Load())
-	binary.LittleEndian.PutUint64(n[8:], uint64(c.bucket(now, bypass)))
-	fk.Write(n[:])
+	epoch := c.guard.epoch.Load()
 	for i, k := range keys {
 		skey, err := c.encode(k)
 		if err != nil {
@@ -111,15 +105,14 @@ func (c *Cache[K, V]) loadBatch(ctx context.Context, keys []K, now int64, bypass
 		skeys[i] = skey
 		hashes[i] = c.hash(k)
 		toks[i] = c.guard.token(hashes[i])
-		binary.LittleEndian.PutUint64(n[0:], toks[i].gen)
-		binary.LittleEndian.PutUint64(n[8:], uint64(len(skey)))
-		fk.Write(n[:])
-		fk.WriteString(skey)
 	}
+	fk := batchFlightKey(kind, epoch, c.bucket(now, bypass), toks, skeys)
 	led := new(bool)
-	ch := c.flights.DoChan(fk.String(), func() (any, error) {
+	ch := c.flights.DoChan(fk, func() (any, error) {
 		*led = true
-		return c.runBatch(ctx, keys, skeys, hashes, toks, !bypass)
+		return c.contain(func(at *string) (any, error) {
+			return c.runBatch(ctx, keys, skeys, hashes, toks, !bypass, at)
+		})
 	})
 	val, err := c.wait(ctx, flight{ch: ch, led: led}, len(keys))
 	if err != nil {
@@ -128,39 +121,66 @@ func (c *Cache[K, V]) loadBatch(ctx context.Context, keys []K, now int64, bypass
 		}
 		return fmt.Errorf("cache: load %d keys: %w", len(keys), err)
 	}
-	for k, v := range val.(map[K]V) {
+	found, ok := val.(map[K]V)
+	if !ok {
+		// A flight key shared by loads of different kinds; see flightKey.
+		return fmt.Errorf("cache: internal error: a load of %d keys returned %T, not %T", len(keys), val, found)
+	}
+	for k, v := range found {
 		res[k] = v
 	}
 	return nil
 }
 
-// runBatch is the body of a shared LoadMany. It returns the found values of
-// keys only, whatever else LoadMany returned.
-func (c *Cache[K, V]) runBatch(ctx context.Context, keys []K, skeys []string, hashes []uint64, toks []token, store bool) (any, error) {
+// runBatch is the body of a shared LoadMany; it runs inside contain. It
+// returns the found values of keys only, whatever else LoadMany returned.
+func (c *Cache[K, V]) runBatch(ctx context.Context, keys []K, skeys []string, hashes []uint64, toks []token, store bool, at *string) (any, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.LoadTimeout)
 	defer cancel()
-	ctx = c.traceLoadStart(ctx, skeys, !store)
-	var got map[K]V
-	err := c.protect(func() (err error) {
-		got, err = c.cfg.LoadMany(ctx, keys)
-		return err
-	})
-	c.traceLoadEnd(ctx, err)
-	c.stats.loads.Add(1)
+	ctx, err := c.traceStart(ctx, skeys, !store, at)
+	var found map[K]V
+	var versions []int64
+	if err == nil {
+		c.stats.loads.Add(1)
+		var got map[K]V
+		err = c.protect(at, "LoadMany", func() (err error) {
+			got, err = c.cfg.LoadMany(ctx, keys)
+			return err
+		})
+		if err == nil {
+			found = make(map[K]V, len(got))
+			if store && c.cfg.Version != nil {
+				versions = make([]int64, len(keys))
+			}
+		}
+		// Every version is taken before anything is stored, so that a
+		// Version that panics for one key leaves the whole batch unstored.
+		for i := 0; err == nil && i < len(keys); i++ {
+			v, ok := got[keys[i]]
+			if !ok {
+				continue
+			}
+			found[keys[i]] = v
+			if versions != nil {
+				versions[i], err = c.version(v, at)
+			}
+		}
+		err = c.traceEnd(ctx, err, at)
+	}
 	if err != nil {
 		c.stats.loadErrors.Add(1)
 		return nil, err
 	}
-	found := make(map[K]V, len(got))
 	for i, k := range keys {
-		v, ok := got[k]
-		if ok {
-			found[k] = v
-		}
+		v, ok := found[k]
 		switch {
 		case !store:
 		case ok:
-			c.fill(hashes[i], k, entry[V]{value: v, version: c.version(v)}, toks[i])
+			var version int64
+			if versions != nil {
+				version = versions[i]
+			}
+			c.fill(hashes[i], k, entry[V]{value: v, version: version}, toks[i])
 		case !c.cfg.DisableNegative:
 			c.fill(hashes[i], k, entry[V]{missing: true}, toks[i])
 		}

@@ -47,8 +47,10 @@ type Options[K comparable, V any] struct {
 
 	// Shards is the number of independently locked LRU segments (hits
 	// take no lock; fills, writes and invalidations lock one). Capacity
-	// is split among them. Default: 8 per GOMAXPROCS, rounded up to a power
-	// of two, but at most one per 64 entries of capacity.
+	// is split among them. It must not exceed capacity, nor 65,536: each
+	// shard costs a few hundred bytes however few entries it holds.
+	// Default: 8 per GOMAXPROCS, rounded up to a power of two, but at most
+	// one per 64 entries of capacity.
 	Shards int
 
 	// Keys encodes keys for the bus. Default: the identity for string keys
@@ -65,8 +67,10 @@ type Options[K comparable, V any] struct {
 	// cached value of a higher version. Versions must grow with every write
 	// of a key, deletions and re-creations included: where a re-created
 	// row starts over at 1, report its deletion with version 0 (unknown),
-	// or the deletion would outrank the new row. Default nil: loaded values
-	// have version 0.
+	// or the deletion would outrank the new row. Version runs on the
+	// goroutine of the shared load; if it panics, the load fails with a
+	// [*PanicError] and stores nothing. Default nil: loaded values have
+	// version 0.
 	Version func(V) int64
 
 	// LoadTimeout bounds one shared load. A load runs on behalf of every
@@ -78,13 +82,17 @@ type Options[K comparable, V any] struct {
 	Logger *slog.Logger
 
 	// Tracer observes loads, and invalidations if it also implements
-	// [InvalidationTracer]. Default nil.
+	// [InvalidationTracer]. A panic in TraceLoadStart or TraceLoadEnd
+	// fails the load it traces with a [*PanicError]. Default nil.
 	Tracer LoadTracer
 
 	// Clock replaces the default clock, for tests. The Bus's LastProof must
 	// read the same clock. Default nil: the monotonic clock.
 	Clock Clock
 }
+
+// maxShards bounds Options.Shards: New allocates every shard up front.
+const maxShards = 1 << 16
 
 // config is the validated, defaulted form of the arguments of New.
 type config[K comparable, V any] struct {
@@ -133,6 +141,8 @@ func (c *config[K, V]) validate() error {
 		return bad("Shards must not be negative, got %d", c.Shards)
 	case c.Shards > c.capacity:
 		return bad("Shards (%d) exceeds capacity (%d)", c.Shards, c.capacity)
+	case c.Shards > maxShards:
+		return bad("Shards (%d) exceeds %d", c.Shards, maxShards)
 	}
 	return nil
 }
@@ -158,7 +168,7 @@ func (c *config[K, V]) setDefaults() {
 		for n < 8*runtime.GOMAXPROCS(0) {
 			n <<= 1
 		}
-		c.Shards = max(1, min(n, c.capacity/64))
+		c.Shards = max(1, min(n, c.capacity/64, maxShards))
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)

@@ -57,8 +57,8 @@ type shard[K comparable, V any] struct {
 	// the hit path reads: 56 bytes, padded to 128 (two lines, for the
 	// adjacent-line prefetcher).
 	_ [72]byte
-	// index is replaced (by a flush) and changed only under mu; read
-	// without it.
+	// index is replaced (by a flush, or to grow it) and changed only under
+	// mu; read without it.
 	index atomic.Pointer[table[K, V]]
 	// tick counts the nodes that went to the front; length is lru.Len().
 	// Both are written under mu and read without it.
@@ -75,14 +75,14 @@ func (s *shard[K, V]) init(size int) {
 
 // reset empties the shard and gives it room for size entries, under mu (or
 // before the shard is shared); size is s.size but when closing. A fresh LRU
-// and index are O(1) under the lock, where emptying them is O(entries).
-// Hits in flight on the old index may still return its nodes, as they
-// would have had they taken the lock first.
+// and a small index are O(1) under the lock, in time and in memory, where
+// emptying them is O(entries). Hits in flight on the old index may still
+// return its nodes, as they would have had they taken the lock first.
 func (s *shard[K, V]) reset(size int) {
-	idx := newTable[K, V](size)
-	// NewLRU fails only for size <= 0, which New rules out.
-	s.lru, _ = simplelru.NewLRU(size, func(_ K, n *node[K, V]) { idx.remove(n) })
-	s.index.Store(idx)
+	s.index.Store(newTable[K, V](min(size, minBuckets)))
+	// NewLRU fails only for size <= 0, which New rules out. The eviction
+	// callback runs under mu, on the current index.
+	s.lru, _ = simplelru.NewLRU(size, func(_ K, n *node[K, V]) { s.index.Load().remove(n) })
 	s.length.Store(0)
 }
 
@@ -162,7 +162,14 @@ func (s *shard[K, V]) add(key K, h uint64, e entry[V]) {
 	// Add replaced an older node of key in place, without the eviction
 	// callback; insert unlinks it.
 	idx.insert(n)
-	s.length.Store(uint64(s.lru.Len()))
+	l := s.lru.Len()
+	s.length.Store(uint64(l))
+	// Keep the index at most half full, up to a bucket per entry the
+	// shard can hold: memory follows the entries, not the capacity, and
+	// doubling keeps the cost of growing O(1) per add.
+	if l > len(idx.buckets)/2 && len(idx.buckets) < s.size {
+		s.index.Store(idx.grow())
+	}
 }
 
 // remove drops key, under mu.
@@ -174,22 +181,86 @@ func (s *shard[K, V]) remove(key K) {
 
 // table is a hash table of nodes that one writer (the holder of the
 // shard's lock) changes while any number of readers read it without
-// locks. It never grows: it has a bucket for every entry the shard can
-// hold. Readers follow atomic pointers only; a writer links a node in
-// completely before publishing it, and unlinks a node by pointing its
-// predecessor past it, leaving the node's own next intact, so that a reader
-// standing on it still reaches the rest of the chain.
+// locks. It starts with minBuckets buckets and grows by doubling as the
+// shard fills (see shard.add), up to a bucket per entry the shard can hold.
+//
+// Readers follow atomic pointers only. The writer keeps three properties
+// on which their correctness rests:
+//
+//   - Chains are in newest-first order, and every next pointer points from
+//     a node to an older one, or is nil: insert links a new node to the
+//     head, and unlinking and grow only ever point a node further down its
+//     chain. So no walk visits a node twice: a reader always gets to the
+//     end of a chain.
+//   - A node's next is only ever set to a node that is in the shard at
+//     that moment, and a node unlinked from the index (evicted, removed,
+//     replaced) is never written again, so that a reader standing on it
+//     still reaches the rest of the chain as it was. With the first
+//     property, every node a reader reaches was in the shard at some
+//     instant after the reader loaded the index: a hit returns a value
+//     that was current during the lookup, never one dropped before it
+//     began.
+//   - A new node is linked completely (its next set) before it is
+//     published, and a grown table is filled completely before it
+//     replaces the old one.
+//
+// A reader may miss a node that is in the shard: one linked after it
+// passed the chain's head, one whose chain grow split under it, or any
+// node after the reader loaded an index that a flush or a growth then
+// replaced (the old table's heads no longer change). Such a false miss is
+// harmless: lookup then takes the lock and finds the entry in the LRU.
 type table[K comparable, V any] struct {
 	buckets []atomic.Pointer[node[K, V]]
 	mask    uint64
 }
 
+// minBuckets is the size of a new or flushed shard's index.
+const minBuckets = 8
+
+// newTable returns a table of at least size buckets, a power of two;
+// size is at most minBuckets.
 func newTable[K comparable, V any](size int) *table[K, V] {
 	n := 1
 	for n < size {
 		n <<= 1
 	}
 	return &table[K, V]{buckets: make([]atomic.Pointer[node[K, V]], n), mask: uint64(n - 1)}
+}
+
+// grow returns a table of twice as many buckets, holding t's nodes, under
+// the shard's lock. Bucket i of t splits into buckets i and i+len(t.buckets)
+// of the new table, by the next bit of the hash: each node of chain i is
+// linked after the previous node of its new chain, which keeps the
+// newest-first order and only ever points a node further down chain i.
+// Readers of t meanwhile see chain i lose the nodes of the other half (a
+// false miss), never a node outside the shard, and never a cycle. The new
+// table is published only when complete, by the caller.
+func (t *table[K, V]) grow() *table[K, V] {
+	n := len(t.buckets)
+	g := &table[K, V]{buckets: make([]atomic.Pointer[node[K, V]], 2*n), mask: uint64(2*n - 1)}
+	for i := range t.buckets {
+		var tails [2]*node[K, V] // the last node of chains i and i+n of g
+		// o.next still leads down chain i when the loop follows it: it
+		// is rewritten only when the next node of o's half is found.
+		for o := t.buckets[i].Load(); o != nil; o = o.next.Load() {
+			b, half := g.bucket(o.hash), 0
+			if b != &g.buckets[i] {
+				half = 1
+			}
+			if tails[half] == nil {
+				b.Store(o)
+			} else {
+				tails[half].next.Store(o)
+			}
+			tails[half] = o
+		}
+		for _, tail := range tails {
+			if tail != nil {
+				tail.next.Store(nil)
+			}
+		}
+	}
+	return g
 }
 
 // bucket picks h's chain. The high bits of h pick the shard and the low

@@ -34,6 +34,17 @@ func checkShards[K comparable, V any](t *testing.T, c *Cache[K, V]) {
 		if l := s.lru.Len(); linked != l || s.length.Load() != uint64(l) {
 			t.Errorf("shard %d: index holds %d nodes, length says %d, the LRU %d", i, linked, s.length.Load(), l)
 		}
+		// The index grows with the entries: at most half full until it
+		// has a bucket per entry the shard can hold, and never larger.
+		nb := len(idx.buckets)
+		switch l := s.lru.Len(); {
+		case nb&(nb-1) != 0 || idx.mask != uint64(nb-1):
+			t.Errorf("shard %d: index of %d buckets, mask %#x; want a power of two", i, nb, idx.mask)
+		case l > nb/2 && nb < s.size:
+			t.Errorf("shard %d: index of %d buckets holds %d entries; want it grown", i, nb, l)
+		case nb > minBuckets && nb/2 >= s.size:
+			t.Errorf("shard %d: index of %d buckets for a shard of %d entries; want at most a bucket per entry, rounded up", i, nb, s.size)
+		}
 		s.mu.Unlock()
 	}
 }
@@ -90,6 +101,85 @@ func TestIndexMatchesLRU(t *testing.T) {
 		}
 	}
 	close(stop)
+	wg.Wait()
+	checkShards(t, c)
+}
+
+// TestIndexGrowsUnderHits fills a shard from empty, over and over (a
+// flush shrinks its index back to minBuckets buckets), with local writes and
+// invalidations of remote ones, while readers hit it: the index doubles
+// nine times per round under the readers' feet. Every Get that starts after
+// a write of its key returned must see that write or a newer one (neither a
+// growth nor a removal after one may leave a replaced or dropped node where
+// a reader finds it), no Get may hang (a cycle in a chain), and after every
+// round the index must hold exactly the LRU's nodes (a growth must not lose
+// or duplicate one).
+func TestIndexGrowsUnderHits(t *testing.T) {
+	ctx := context.Background()
+	const keys = 2048
+	src := newSource()
+	var completed [keys]atomic.Int64 // the version of the last write of each key that returned
+	for i := range keys {
+		completed[i].Store(src.write(strconv.Itoa(i), "v").Version)
+	}
+	bus := &fakeBus{proof: forever}
+	c := newTestCache(t, 2*keys, src.load, &Options[string, row]{Bus: bus, Version: rowVersion, Shards: 1})
+	var done atomic.Bool
+	var wg sync.WaitGroup
+	defer func() { // before the cache is closed, also after a Fatal
+		done.Store(true)
+		wg.Wait()
+	}()
+	for r := range 2 {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(r), 3))
+			for !done.Load() {
+				i := rng.IntN(keys)
+				want := completed[i].Load()
+				got, err := c.Get(ctx, strconv.Itoa(i))
+				if err != nil || got.Version < want {
+					t.Errorf("Get(%d) = %v, %v after the write of version %d returned", i, got, err, want)
+					return
+				}
+			}
+		})
+	}
+	for round := range 20 {
+		for i := range keys {
+			k := strconv.Itoa(i)
+			if i%3 == 0 {
+				// A write elsewhere: the invalidation drops the key, and
+				// the next Get must load the new row.
+				r := src.write(k, "x"+strconv.Itoa(round))
+				bus.handler().Invalidate([]Invalidation{{Key: k, Version: r.Version}})
+				completed[i].Store(r.Version)
+				continue
+			}
+			var version int64
+			// Update installs its write (nothing overlaps it), where Set
+			// would drop the key after a flush.
+			err := c.Update(ctx, k, func(context.Context) (row, int64, error) {
+				r := src.write(k, "w"+strconv.Itoa(round))
+				version = r.Version
+				return r, r.Version, nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			completed[i].Store(version)
+		}
+		checkShards(t, c)
+		if st, n := c.Stats(), len(c.shards[0].index.Load().buckets); n != 2*keys {
+			t.Fatalf("%d entries in an index of %d buckets; want %d buckets", st.Entries, n, 2*keys)
+		}
+		// The readers refill the shard at once, so that what the flush
+		// left is checked by TestHugeCapacity, not here.
+		bus.handler().Flush()
+		if t.Failed() {
+			break
+		}
+	}
+	done.Store(true)
 	wg.Wait()
 	checkShards(t, c)
 }
