@@ -158,10 +158,10 @@ func TestIndexGrowsUnderHits(t *testing.T) {
 			var version int64
 			// Update installs its write (nothing overlaps it), where Set
 			// would drop the key after a flush.
-			err := c.Update(ctx, k, func(context.Context) (row, int64, error) {
+			err := c.Update(ctx, k, func(context.Context) (Change[row], error) {
 				r := src.write(k, "w"+strconv.Itoa(round))
 				version = r.Version
-				return r, r.Version, nil
+				return Change[row]{Value: r, Version: r.Version}, nil
 			})
 			if err != nil {
 				t.Fatal(err)
