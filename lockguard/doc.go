@@ -134,6 +134,14 @@
 // keys in one slot. Keep other writers out of the prefix: a SET on a lock
 // key, or a DEL of a fence counter, breaks the lock.
 //
+// A name is 1 to [MaxNameLen] (16 KiB) bytes of any kind. Escaping can
+// triple it, so each key of a lock is at most len(P) + 3*MaxNameLen + 10
+// bytes; longer names would cost Redis memory and bandwidth out of
+// proportion, so every method that takes a name refuses an empty or
+// longer one with [ErrInvalidName] before it allocates keys or sends
+// anything. An error quotes at most the first 64 bytes of the name of its
+// lock, followed by the name's length when that is cut short.
+//
 // # Goroutines and contexts
 //
 // A lock with a watchdog has one goroutine, which Release stops and waits

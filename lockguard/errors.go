@@ -17,7 +17,8 @@ var (
 	// run by [Guard.WithLock], is such an error too.
 	ErrNotHeld = errors.New("lockguard: lock not held")
 
-	// ErrInvalidName is returned for an empty lock name.
+	// ErrInvalidName is returned for an empty lock name or one longer than
+	// [MaxNameLen], before anything is sent to Redis.
 	ErrInvalidName = errors.New("lockguard: invalid lock name")
 
 	// ErrInvalidTTL is returned by [Lock.Extend] for a ttl shorter than a

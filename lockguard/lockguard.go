@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -22,6 +23,14 @@ const (
 	DefaultMinBackoff = 8 * time.Millisecond
 	DefaultMaxBackoff = 256 * time.Millisecond
 )
+
+// MaxNameLen is the length in bytes of the longest lock name a [Guard]
+// accepts; an empty name is refused too. The limit admits the longest name
+// package store derives (a namespace and a key of up to 4096 bytes each,
+// with a length prefix) and bounds what one name can cost Redis: escaping
+// can triple a name (see Keys in the package documentation), so
+// every key of a lock is at most len(Prefix) + 3*MaxNameLen + 10 bytes.
+const MaxNameLen = 16 << 10
 
 // Options configure a [Guard]. A nil *Options, and every zero field, means
 // the default. [New] copies the Options; changing them afterwards has no
@@ -205,8 +214,8 @@ type lockKeys struct {
 // the others in ":fence" or ":waiters", so no key of one name is a key of
 // another.
 func (g *Guard) keys(name string) (lockKeys, error) {
-	if name == "" {
-		return lockKeys{}, ErrInvalidName
+	if err := checkName(name); err != nil {
+		return lockKeys{}, err
 	}
 	tag := name
 	if strings.ContainsAny(name, "%{}") {
@@ -217,6 +226,20 @@ func (g *Guard) keys(name string) (lockKeys, error) {
 }
 
 var nameEscaper = strings.NewReplacer("%", "%25", "{", "%7B", "}", "%7D")
+
+// checkName returns an error for which errors.Is(err, ErrInvalidName) is
+// true if name is empty or longer than [MaxNameLen]. It runs before a name
+// is escaped or sent, so that a huge name costs neither memory nor a round
+// trip, and its error gives the length, not the name.
+func checkName(name string) error {
+	switch {
+	case name == "":
+		return fmt.Errorf("%w: empty", ErrInvalidName)
+	case len(name) > MaxNameLen:
+		return fmt.Errorf("%w: %d bytes, over MaxNameLen (%d)", ErrInvalidName, len(name), MaxNameLen)
+	}
+	return nil
+}
 
 // Acquire takes the lock name, waiting while another owner holds it. It
 // retries with capped exponential backoff and jitter ([Options.MinBackoff],
@@ -248,7 +271,7 @@ func (g *Guard) acquire(ctx context.Context, name string, wait bool) (*Lock, err
 		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("lockguard: acquire %q: %w", name, err)
+		return nil, fmt.Errorf("lockguard: acquire %s: %w", quoteName(name), err)
 	}
 	// One random value per acquisition, reused by its attempts: a lost
 	// reply to one attempt is then recognised by the next (see
@@ -263,7 +286,7 @@ func (g *Guard) acquire(ctx context.Context, name string, wait bool) (*Lock, err
 	var wake <-chan struct{}
 	for attempt := 0; ; attempt++ {
 		if g.closed.Load() {
-			return nil, fmt.Errorf("%w: acquire %q", ErrClosed, name)
+			return nil, fmt.Errorf("%w: acquire %s", ErrClosed, quoteName(name))
 		}
 		// The lease is counted from before the request is sent: Redis
 		// starts its own count later, so our deadline is never late.
@@ -273,12 +296,12 @@ func (g *Guard) acquire(ctx context.Context, name string, wait bool) (*Lock, err
 			if wait && attempt > 0 && ctx.Err() != nil {
 				// ctx ended during a retry: report it like an end
 				// during the wait.
-				return nil, fmt.Errorf("lockguard: acquire %q: %w (%w)", name, ctx.Err(), ErrNotAcquired)
+				return nil, fmt.Errorf("lockguard: acquire %s: %w (%w)", quoteName(name), ctx.Err(), ErrNotAcquired)
 			}
-			return nil, fmt.Errorf("lockguard: acquire %q: %w", name, err)
+			return nil, fmt.Errorf("lockguard: acquire %s: %w", quoteName(name), err)
 		}
 		if len(res) != 2 {
-			return nil, fmt.Errorf("lockguard: acquire %q: unexpected reply %v", name, res)
+			return nil, fmt.Errorf("lockguard: acquire %s: unexpected reply %v", quoteName(name), res)
 		}
 		if res[0] == 1 {
 			if timer != nil {
@@ -287,7 +310,7 @@ func (g *Guard) acquire(ctx context.Context, name string, wait bool) (*Lock, err
 			return g.newLock(name, k, value, res[1], begin), nil
 		}
 		if !wait {
-			return nil, fmt.Errorf("%w: %q", ErrNotAcquired, name)
+			return nil, fmt.Errorf("%w: %s", ErrNotAcquired, quoteName(name))
 		}
 		d := g.backoff(attempt)
 		if pttl := time.Duration(res[1]) * time.Millisecond; pttl > 0 && pttl < d {
@@ -313,7 +336,7 @@ func (g *Guard) acquire(ctx context.Context, name string, wait bool) (*Lock, err
 		select {
 		case <-ctx.Done():
 			timer.Stop()
-			return nil, fmt.Errorf("lockguard: acquire %q: %w (%w)", name, ctx.Err(), ErrNotAcquired)
+			return nil, fmt.Errorf("lockguard: acquire %s: %w (%w)", quoteName(name), ctx.Err(), ErrNotAcquired)
 		case <-timer.C:
 		case <-wake:
 			timer.Stop()
@@ -402,10 +425,10 @@ func (g *Guard) AdvanceFence(ctx context.Context, name string, atLeast int64) er
 		return err
 	}
 	if g.closed.Load() {
-		return fmt.Errorf("%w: advance fence of %q", ErrClosed, name)
+		return fmt.Errorf("%w: advance fence of %s", ErrClosed, quoteName(name))
 	}
 	if err := advanceFenceScript.Run(ctx, g.client, []string{k.fence}, atLeast).Err(); err != nil {
-		return fmt.Errorf("lockguard: advance fence of %q: %w", name, err)
+		return fmt.Errorf("lockguard: advance fence of %s: %w", quoteName(name), err)
 	}
 	return nil
 }
@@ -414,4 +437,31 @@ func (g *Guard) AdvanceFence(ctx context.Context, name string, atLeast int64) er
 // argument: Redis keeps the key at least d.
 func milliseconds(d time.Duration) string {
 	return strconv.FormatInt(int64((d+time.Millisecond-1)/time.Millisecond), 10)
+}
+
+// quoteName returns name quoted for an error message: whole if that takes
+// at most 66 characters, else a quoted prefix of it followed by its length.
+// Every error about a lock names it, and a name may be up to MaxNameLen
+// bytes, four times as many once quoted: a message must identify the lock,
+// not copy it. The prefix is cut at a rune boundary, and shortened further
+// while escapes make it too long.
+func quoteName(name string) string {
+	const limit = 64 + 2 // characters of the quoted form, quotes included
+	if len(name) < limit {
+		if q := strconv.Quote(name); len(q) <= limit {
+			return q
+		}
+	}
+	cut := min(len(name), limit-2)
+	for {
+		for cut > 0 && cut < len(name) && !utf8.RuneStart(name[cut]) {
+			cut--
+		}
+		q := strconv.Quote(name[:cut])
+		if len(q) <= limit {
+			return q + "… (" + strconv.Itoa(len(name)) + " bytes)"
+		}
+		// An escape takes at most 4 characters per byte (\xff).
+		cut -= (len(q) - limit + 3) / 4
+	}
 }
