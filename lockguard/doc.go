@@ -62,6 +62,21 @@
 //     read the token it stored and pass it to [Guard.AdvanceFence], after
 //     which the next acquisition gets a greater one.
 //
+// Tokens are exact over the whole int64 range: the scripts read the counter
+// as a string of digits and compare such strings, because Lua's numbers
+// are doubles that round integers above 2^53. The counter's two ends are
+// typed errors, never raw Redis replies, and leave the lock free:
+//
+//   - At math.MaxInt64 no greater token exists: acquisitions fail with
+//     [ErrFenceExhausted] (its documentation says how to reset the fence),
+//     and so does AdvanceFence(math.MaxInt64). INCR alone would take 2^63
+//     acquisitions to get there, so in practice the counter was set by
+//     hand or advanced to a bogus value.
+//   - A counter holding anything but a decimal int64 (as INCR reads it)
+//     makes acquisitions and AdvanceFence fail with [ErrFenceCorrupt]; it
+//     is left for an operator to delete, after which the counter heals as
+//     after any loss.
+//
 // # Why not Redlock
 //
 // Redlock takes the lock on a majority of independent Redis masters. It

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"strconv"
 	"strings"
@@ -253,14 +254,22 @@ func checkName(name string) error {
 // the wait at once; go-redis has already retried the command by then. The
 // error names the lock. (If Redis ran an attempt whose reply was then
 // lost, the lock stays taken, by nobody, until its lease runs out: that
-// delays other owners but cannot give the lock to two of them.)
+// delays other owners but cannot give the lock to two of them.) So does a
+// fence counter that cannot issue a token: Acquire returns an error for
+// which errors.Is(err, ErrFenceExhausted) or errors.Is(err,
+// ErrFenceCorrupt) is true, and leaves the lock free, since waiting would
+// not repair the counter.
+//
+// name must be 1 to [MaxNameLen] bytes; otherwise Acquire returns an error
+// for which errors.Is(err, ErrInvalidName) is true and sends nothing.
 func (g *Guard) Acquire(ctx context.Context, name string) (*Lock, error) {
 	return g.acquire(ctx, name, true)
 }
 
 // TryAcquire takes the lock name if it is free, and does not wait. When
 // another owner holds the lock it returns an error for which errors.Is(err,
-// ErrNotAcquired) is true. ctx bounds the round trip to Redis.
+// ErrNotAcquired) is true. It fails on a name or a fence counter it cannot
+// use as [Guard.Acquire] does. ctx bounds the round trip to Redis.
 func (g *Guard) TryAcquire(ctx context.Context, name string) (*Lock, error) {
 	return g.acquire(ctx, name, false)
 }
@@ -291,7 +300,7 @@ func (g *Guard) acquire(ctx context.Context, name string, wait bool) (*Lock, err
 		// The lease is counted from before the request is sent: Redis
 		// starts its own count later, so our deadline is never late.
 		begin := time.Now()
-		res, err := acquireScript.Run(ctx, g.client, keys, value, g.ttlMS, flagMS).Int64Slice()
+		res, err := acquireScript.Run(ctx, g.client, keys, value, g.ttlMS, flagMS).Slice()
 		if err != nil {
 			if wait && attempt > 0 && ctx.Err() != nil {
 				// ctx ended during a retry: report it like an end
@@ -300,20 +309,28 @@ func (g *Guard) acquire(ctx context.Context, name string, wait bool) (*Lock, err
 			}
 			return nil, fmt.Errorf("lockguard: acquire %s: %w", quoteName(name), err)
 		}
-		if len(res) != 2 {
+		status, n, ok := acquireReply(res)
+		if !ok {
 			return nil, fmt.Errorf("lockguard: acquire %s: unexpected reply %v", quoteName(name), res)
 		}
-		if res[0] == 1 {
+		switch status {
+		case lockGranted:
 			if timer != nil {
 				timer.Stop()
 			}
-			return g.newLock(name, k, value, res[1], begin), nil
+			return g.newLock(name, k, value, n, begin), nil
+		case fenceCorrupt:
+			return nil, fmt.Errorf("%w: acquire %s: key %s", ErrFenceCorrupt, quoteName(name), quoteName(k.fence))
+		case fenceExhausted:
+			// Waiting would not help: the lock is free, and no
+			// attempt can fence it.
+			return nil, fmt.Errorf("%w: acquire %s", ErrFenceExhausted, quoteName(name))
 		}
 		if !wait {
 			return nil, fmt.Errorf("%w: %s", ErrNotAcquired, quoteName(name))
 		}
 		d := g.backoff(attempt)
-		if pttl := time.Duration(res[1]) * time.Millisecond; pttl > 0 && pttl < d {
+		if pttl := time.Duration(n) * time.Millisecond; pttl > 0 && pttl < d {
 			// The lease runs out before our next poll would come: try
 			// right then. A holder that crashed costs waiters its
 			// remaining lease and no more.
@@ -342,6 +359,38 @@ func (g *Guard) acquire(ctx context.Context, name string, wait bool) (*Lock, err
 			timer.Stop()
 		}
 	}
+}
+
+// acquireReply decodes a reply of acquireScript into its status and its
+// number: the token, as a string of digits so that it stays exact, or the
+// holder's remaining lease. ok is false for a reply of another shape.
+func acquireReply(res []any) (status, n int64, ok bool) {
+	if len(res) != 2 {
+		return 0, 0, false
+	}
+	status, ok = res[0].(int64)
+	if !ok {
+		return 0, 0, false
+	}
+	switch v := res[1].(type) {
+	case int64:
+		n = v
+	case string:
+		var err error
+		if n, err = strconv.ParseInt(v, 10, 64); err != nil {
+			return 0, 0, false
+		}
+	default:
+		return 0, 0, false
+	}
+	switch status {
+	case lockTaken, fenceCorrupt, fenceExhausted:
+		return status, n, true
+	case lockGranted:
+		_, isString := res[1].(string)
+		return status, n, isString
+	}
+	return 0, 0, false
 }
 
 // backoff returns the wait after the given failed attempt (0-based): a
@@ -419,16 +468,30 @@ func (g *Guard) WithLock(ctx context.Context, name string, fn func(ctx context.C
 // the latest increments): the resource then rejects every new token as not
 // greater than the one it stored, until the counter is advanced past that
 // stored token. ctx bounds the round trip to Redis.
+//
+// The comparison is exact over all of int64, also above 2^53, where Lua's
+// numbers are not. AdvanceFence returns an error for which errors.Is(err,
+// ErrFenceExhausted) is true for atLeast math.MaxInt64, since no token can
+// be greater, and one for which errors.Is(err, ErrFenceCorrupt) is true if
+// the counter holds no integer; in both cases it changes nothing. It
+// returns ErrInvalidName as [Guard.Acquire] does.
 func (g *Guard) AdvanceFence(ctx context.Context, name string, atLeast int64) error {
 	k, err := g.keys(name)
 	if err != nil {
 		return err
 	}
+	if atLeast == math.MaxInt64 {
+		return fmt.Errorf("%w: advance fence of %s to MaxInt64", ErrFenceExhausted, quoteName(name))
+	}
 	if g.closed.Load() {
 		return fmt.Errorf("%w: advance fence of %s", ErrClosed, quoteName(name))
 	}
-	if err := advanceFenceScript.Run(ctx, g.client, []string{k.fence}, atLeast).Err(); err != nil {
+	status, err := advanceFenceScript.Run(ctx, g.client, []string{k.fence}, strconv.FormatInt(atLeast, 10)).Int64()
+	if err != nil {
 		return fmt.Errorf("lockguard: advance fence of %s: %w", quoteName(name), err)
+	}
+	if status == fenceCorrupt {
+		return fmt.Errorf("%w: advance fence of %s: key %s", ErrFenceCorrupt, quoteName(name), quoteName(k.fence))
 	}
 	return nil
 }
