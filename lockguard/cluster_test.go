@@ -92,6 +92,7 @@ func runLockSuite(t *testing.T, env func() lockEnv) {
 		{"MutualExclusion", suiteMutualExclusion},
 		{"Expiry", suiteExpiry},
 		{"FencingTokens", suiteFencingTokens},
+		{"FenceCounterEdges", suiteFenceCounterEdges},
 		{"Watchdog", suiteWatchdog},
 		{"WatchdogLostLock", suiteWatchdogLostLock},
 		{"NotifyWakesWaiter", suiteNotifyWakesWaiter},

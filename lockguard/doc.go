@@ -62,6 +62,21 @@
 //     read the token it stored and pass it to [Guard.AdvanceFence], after
 //     which the next acquisition gets a greater one.
 //
+// Tokens are exact over the whole int64 range: the scripts read the counter
+// as a string of digits and compare such strings, because Lua's numbers
+// are doubles that round integers above 2^53. The counter's two ends are
+// typed errors, never raw Redis replies, and leave the lock free:
+//
+//   - At math.MaxInt64 no greater token exists: acquisitions fail with
+//     [ErrFenceExhausted] (its documentation says how to reset the fence),
+//     and so does AdvanceFence(math.MaxInt64). INCR alone would take 2^63
+//     acquisitions to get there, so in practice the counter was set by
+//     hand or advanced to a bogus value.
+//   - A counter holding anything but a decimal int64 (as INCR reads it)
+//     makes acquisitions and AdvanceFence fail with [ErrFenceCorrupt]; it
+//     is left for an operator to delete, after which the counter heals as
+//     after any loss.
+//
 // # Why not Redlock
 //
 // Redlock takes the lock on a majority of independent Redis masters. It
@@ -133,6 +148,14 @@
 // %7B, %7D and %25, so that every name, whatever its bytes, gets its own
 // keys in one slot. Keep other writers out of the prefix: a SET on a lock
 // key, or a DEL of a fence counter, breaks the lock.
+//
+// A name is 1 to [MaxNameLen] (16 KiB) bytes of any kind. Escaping can
+// triple it, so each key of a lock is at most len(P) + 3*MaxNameLen + 10
+// bytes; longer names would cost Redis memory and bandwidth out of
+// proportion, so every method that takes a name refuses an empty or
+// longer one with [ErrInvalidName] before it allocates keys or sends
+// anything. An error quotes at most the first 64 bytes of the name of its
+// lock, followed by the name's length when that is cut short.
 //
 // # Goroutines and contexts
 //

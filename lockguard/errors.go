@@ -17,7 +17,8 @@ var (
 	// run by [Guard.WithLock], is such an error too.
 	ErrNotHeld = errors.New("lockguard: lock not held")
 
-	// ErrInvalidName is returned for an empty lock name.
+	// ErrInvalidName is returned for an empty lock name or one longer than
+	// [MaxNameLen], before anything is sent to Redis.
 	ErrInvalidName = errors.New("lockguard: invalid lock name")
 
 	// ErrInvalidTTL is returned by [Lock.Extend] for a ttl shorter than a
@@ -31,4 +32,29 @@ var (
 	// [Guard.Close], and by an Acquire that was waiting when Close was
 	// called.
 	ErrClosed = errors.New("lockguard: guard closed")
+
+	// ErrFenceExhausted reports that the fence counter of a lock name is
+	// at math.MaxInt64, so no greater token can be issued. Every
+	// acquisition of the name fails with it, at once and leaving the lock
+	// free, and so does [Guard.AdvanceFence] with atLeast MaxInt64. INCR
+	// alone would take 2^63 acquisitions to get there: the counter was set
+	// by hand or advanced to a bogus value. Recovery needs an operator,
+	// because both sides of the fence must move down together: stop every
+	// writer of the name, then delete the counter (see Keys in the package
+	// documentation) and the token the resource stored for the name (in
+	// package store, its row in the table fences). Lowering only the counter
+	// stalls every write; lowering only the stored token would let a
+	// stalled holder of an old, higher token through.
+	ErrFenceExhausted = errors.New("lockguard: fence counter exhausted at MaxInt64; reset it and the stored token together")
+
+	// ErrFenceCorrupt reports that the fence counter key of a lock name
+	// holds something other than an int64 in decimal (text, a float, a
+	// value of another type): something other than lockguard wrote under
+	// its prefix. Every acquisition of the name fails with it, leaving the
+	// lock free, and so does [Guard.AdvanceFence], which leaves the key
+	// alone: only an operator can tell what it held. To recover, delete
+	// the key; tokens then restart from 1, which the resource rejects until
+	// the counter is advanced past the token it stored, as after any loss
+	// of the counter (package store does so on the first rejected write).
+	ErrFenceCorrupt = errors.New("lockguard: fence counter is not an integer; delete it, then advance the fence")
 )

@@ -148,9 +148,9 @@ func (l *Lock) extend(ctx context.Context, ttl time.Duration) error {
 		if end := leaseEnd(begin, ttl); end.Before(l.deadline) && l.notHeldLocked() == nil {
 			l.setDeadlineLocked(end)
 		}
-		err = fmt.Errorf("lockguard: extend %q: %w", l.name, err)
+		err = fmt.Errorf("lockguard: extend %s: %w", quoteName(l.name), err)
 	case n == 0:
-		lostNow = l.loseLocked(fmt.Errorf("%w: %q: extend found the lock gone or taken by another owner", ErrNotHeld, l.name))
+		lostNow = l.loseLocked(fmt.Errorf("%w: %s: extend found the lock gone or taken by another owner", ErrNotHeld, quoteName(l.name)))
 		err = l.notHeldLocked()
 	default:
 		if err = l.notHeldLocked(); err == nil {
@@ -195,7 +195,7 @@ func (l *Lock) Release(ctx context.Context) error {
 	l.mu.Lock()
 	if l.releasedOK {
 		l.mu.Unlock()
-		return fmt.Errorf("%w: %q: already released", ErrNotHeld, l.name)
+		return fmt.Errorf("%w: %s: already released", ErrNotHeld, quoteName(l.name))
 	}
 	l.released = true
 	l.lease.Stop()
@@ -208,13 +208,13 @@ func (l *Lock) Release(ctx context.Context) error {
 	// safe when it is not ours.
 	n, err := releaseScript.Run(ctx, l.g.client, []string{l.keys.lock, l.keys.waiters}, l.value).Int64()
 	if err != nil {
-		return fmt.Errorf("lockguard: release %q: %w", l.name, err)
+		return fmt.Errorf("lockguard: release %s: %w", quoteName(l.name), err)
 	}
 	l.mu.Lock()
 	l.releasedOK = true
 	l.mu.Unlock()
 	if n == 0 {
-		return fmt.Errorf("%w: %q: at release the lock was gone or taken by another owner", ErrNotHeld, l.name)
+		return fmt.Errorf("%w: %s: at release the lock was gone or taken by another owner", ErrNotHeld, quoteName(l.name))
 	}
 	return nil
 }
@@ -263,7 +263,7 @@ func (l *Lock) leaseRanOut() {
 	lostNow := false
 	// A renewal may have moved the deadline after the timer fired.
 	if !time.Now().Before(l.deadline) {
-		lostNow = l.loseLocked(fmt.Errorf("%w: %q: the lease ran out without renewal", ErrNotHeld, l.name))
+		lostNow = l.loseLocked(fmt.Errorf("%w: %s: the lease ran out without renewal", ErrNotHeld, quoteName(l.name)))
 	}
 	l.mu.Unlock()
 	if lostNow {
@@ -290,7 +290,7 @@ func (l *Lock) notHeldLocked() error {
 	case l.cause != nil:
 		return l.cause
 	case l.released:
-		return fmt.Errorf("%w: %q: released", ErrNotHeld, l.name)
+		return fmt.Errorf("%w: %s: released", ErrNotHeld, quoteName(l.name))
 	}
 	return nil
 }

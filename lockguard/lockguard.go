@@ -6,11 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -22,6 +24,14 @@ const (
 	DefaultMinBackoff = 8 * time.Millisecond
 	DefaultMaxBackoff = 256 * time.Millisecond
 )
+
+// MaxNameLen is the length in bytes of the longest lock name a [Guard]
+// accepts; an empty name is refused too. The limit admits the longest name
+// package store derives (a namespace and a key of up to 4096 bytes each,
+// with a length prefix) and bounds what one name can cost Redis: escaping
+// can triple a name (see Keys in the package documentation), so
+// every key of a lock is at most len(Prefix) + 3*MaxNameLen + 10 bytes.
+const MaxNameLen = 16 << 10
 
 // Options configure a [Guard]. A nil *Options, and every zero field, means
 // the default. [New] copies the Options; changing them afterwards has no
@@ -205,8 +215,8 @@ type lockKeys struct {
 // the others in ":fence" or ":waiters", so no key of one name is a key of
 // another.
 func (g *Guard) keys(name string) (lockKeys, error) {
-	if name == "" {
-		return lockKeys{}, ErrInvalidName
+	if err := checkName(name); err != nil {
+		return lockKeys{}, err
 	}
 	tag := name
 	if strings.ContainsAny(name, "%{}") {
@@ -217,6 +227,20 @@ func (g *Guard) keys(name string) (lockKeys, error) {
 }
 
 var nameEscaper = strings.NewReplacer("%", "%25", "{", "%7B", "}", "%7D")
+
+// checkName returns an error for which errors.Is(err, ErrInvalidName) is
+// true if name is empty or longer than [MaxNameLen]. It runs before a name
+// is escaped or sent, so that a huge name costs neither memory nor a round
+// trip, and its error gives the length, not the name.
+func checkName(name string) error {
+	switch {
+	case name == "":
+		return fmt.Errorf("%w: empty", ErrInvalidName)
+	case len(name) > MaxNameLen:
+		return fmt.Errorf("%w: %d bytes, over MaxNameLen (%d)", ErrInvalidName, len(name), MaxNameLen)
+	}
+	return nil
+}
 
 // Acquire takes the lock name, waiting while another owner holds it. It
 // retries with capped exponential backoff and jitter ([Options.MinBackoff],
@@ -230,14 +254,22 @@ var nameEscaper = strings.NewReplacer("%", "%25", "{", "%7B", "}", "%7D")
 // the wait at once; go-redis has already retried the command by then. The
 // error names the lock. (If Redis ran an attempt whose reply was then
 // lost, the lock stays taken, by nobody, until its lease runs out: that
-// delays other owners but cannot give the lock to two of them.)
+// delays other owners but cannot give the lock to two of them.) So does a
+// fence counter that cannot issue a token: Acquire returns an error for
+// which errors.Is(err, ErrFenceExhausted) or errors.Is(err,
+// ErrFenceCorrupt) is true, and leaves the lock free, since waiting would
+// not repair the counter.
+//
+// name must be 1 to [MaxNameLen] bytes; otherwise Acquire returns an error
+// for which errors.Is(err, ErrInvalidName) is true and sends nothing.
 func (g *Guard) Acquire(ctx context.Context, name string) (*Lock, error) {
 	return g.acquire(ctx, name, true)
 }
 
 // TryAcquire takes the lock name if it is free, and does not wait. When
 // another owner holds the lock it returns an error for which errors.Is(err,
-// ErrNotAcquired) is true. ctx bounds the round trip to Redis.
+// ErrNotAcquired) is true. It fails on a name or a fence counter it cannot
+// use as [Guard.Acquire] does. ctx bounds the round trip to Redis.
 func (g *Guard) TryAcquire(ctx context.Context, name string) (*Lock, error) {
 	return g.acquire(ctx, name, false)
 }
@@ -248,7 +280,7 @@ func (g *Guard) acquire(ctx context.Context, name string, wait bool) (*Lock, err
 		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, fmt.Errorf("lockguard: acquire %q: %w", name, err)
+		return nil, fmt.Errorf("lockguard: acquire %s: %w", quoteName(name), err)
 	}
 	// One random value per acquisition, reused by its attempts: a lost
 	// reply to one attempt is then recognised by the next (see
@@ -263,34 +295,42 @@ func (g *Guard) acquire(ctx context.Context, name string, wait bool) (*Lock, err
 	var wake <-chan struct{}
 	for attempt := 0; ; attempt++ {
 		if g.closed.Load() {
-			return nil, fmt.Errorf("%w: acquire %q", ErrClosed, name)
+			return nil, fmt.Errorf("%w: acquire %s", ErrClosed, quoteName(name))
 		}
 		// The lease is counted from before the request is sent: Redis
 		// starts its own count later, so our deadline is never late.
 		begin := time.Now()
-		res, err := acquireScript.Run(ctx, g.client, keys, value, g.ttlMS, flagMS).Int64Slice()
+		res, err := acquireScript.Run(ctx, g.client, keys, value, g.ttlMS, flagMS).Slice()
 		if err != nil {
 			if wait && attempt > 0 && ctx.Err() != nil {
 				// ctx ended during a retry: report it like an end
 				// during the wait.
-				return nil, fmt.Errorf("lockguard: acquire %q: %w (%w)", name, ctx.Err(), ErrNotAcquired)
+				return nil, fmt.Errorf("lockguard: acquire %s: %w (%w)", quoteName(name), ctx.Err(), ErrNotAcquired)
 			}
-			return nil, fmt.Errorf("lockguard: acquire %q: %w", name, err)
+			return nil, fmt.Errorf("lockguard: acquire %s: %w", quoteName(name), err)
 		}
-		if len(res) != 2 {
-			return nil, fmt.Errorf("lockguard: acquire %q: unexpected reply %v", name, res)
+		status, n, ok := acquireReply(res)
+		if !ok {
+			return nil, fmt.Errorf("lockguard: acquire %s: unexpected reply %v", quoteName(name), res)
 		}
-		if res[0] == 1 {
+		switch status {
+		case lockGranted:
 			if timer != nil {
 				timer.Stop()
 			}
-			return g.newLock(name, k, value, res[1], begin), nil
+			return g.newLock(name, k, value, n, begin), nil
+		case fenceCorrupt:
+			return nil, fmt.Errorf("%w: acquire %s: key %s", ErrFenceCorrupt, quoteName(name), quoteName(k.fence))
+		case fenceExhausted:
+			// Waiting would not help: the lock is free, and no
+			// attempt can fence it.
+			return nil, fmt.Errorf("%w: acquire %s", ErrFenceExhausted, quoteName(name))
 		}
 		if !wait {
-			return nil, fmt.Errorf("%w: %q", ErrNotAcquired, name)
+			return nil, fmt.Errorf("%w: %s", ErrNotAcquired, quoteName(name))
 		}
 		d := g.backoff(attempt)
-		if pttl := time.Duration(res[1]) * time.Millisecond; pttl > 0 && pttl < d {
+		if pttl := time.Duration(n) * time.Millisecond; pttl > 0 && pttl < d {
 			// The lease runs out before our next poll would come: try
 			// right then. A holder that crashed costs waiters its
 			// remaining lease and no more.
@@ -313,12 +353,44 @@ func (g *Guard) acquire(ctx context.Context, name string, wait bool) (*Lock, err
 		select {
 		case <-ctx.Done():
 			timer.Stop()
-			return nil, fmt.Errorf("lockguard: acquire %q: %w (%w)", name, ctx.Err(), ErrNotAcquired)
+			return nil, fmt.Errorf("lockguard: acquire %s: %w (%w)", quoteName(name), ctx.Err(), ErrNotAcquired)
 		case <-timer.C:
 		case <-wake:
 			timer.Stop()
 		}
 	}
+}
+
+// acquireReply decodes a reply of acquireScript into its status and its
+// number: the token, as a string of digits so that it stays exact, or the
+// holder's remaining lease. ok is false for a reply of another shape.
+func acquireReply(res []any) (status, n int64, ok bool) {
+	if len(res) != 2 {
+		return 0, 0, false
+	}
+	status, ok = res[0].(int64)
+	if !ok {
+		return 0, 0, false
+	}
+	switch v := res[1].(type) {
+	case int64:
+		n = v
+	case string:
+		var err error
+		if n, err = strconv.ParseInt(v, 10, 64); err != nil {
+			return 0, 0, false
+		}
+	default:
+		return 0, 0, false
+	}
+	switch status {
+	case lockTaken, fenceCorrupt, fenceExhausted:
+		return status, n, true
+	case lockGranted:
+		_, isString := res[1].(string)
+		return status, n, isString
+	}
+	return 0, 0, false
 }
 
 // backoff returns the wait after the given failed attempt (0-based): a
@@ -396,16 +468,30 @@ func (g *Guard) WithLock(ctx context.Context, name string, fn func(ctx context.C
 // the latest increments): the resource then rejects every new token as not
 // greater than the one it stored, until the counter is advanced past that
 // stored token. ctx bounds the round trip to Redis.
+//
+// The comparison is exact over all of int64, also above 2^53, where Lua's
+// numbers are not. AdvanceFence returns an error for which errors.Is(err,
+// ErrFenceExhausted) is true for atLeast math.MaxInt64, since no token can
+// be greater, and one for which errors.Is(err, ErrFenceCorrupt) is true if
+// the counter holds no integer; in both cases it changes nothing. It
+// returns ErrInvalidName as [Guard.Acquire] does.
 func (g *Guard) AdvanceFence(ctx context.Context, name string, atLeast int64) error {
 	k, err := g.keys(name)
 	if err != nil {
 		return err
 	}
-	if g.closed.Load() {
-		return fmt.Errorf("%w: advance fence of %q", ErrClosed, name)
+	if atLeast == math.MaxInt64 {
+		return fmt.Errorf("%w: advance fence of %s to MaxInt64", ErrFenceExhausted, quoteName(name))
 	}
-	if err := advanceFenceScript.Run(ctx, g.client, []string{k.fence}, atLeast).Err(); err != nil {
-		return fmt.Errorf("lockguard: advance fence of %q: %w", name, err)
+	if g.closed.Load() {
+		return fmt.Errorf("%w: advance fence of %s", ErrClosed, quoteName(name))
+	}
+	status, err := advanceFenceScript.Run(ctx, g.client, []string{k.fence}, strconv.FormatInt(atLeast, 10)).Int64()
+	if err != nil {
+		return fmt.Errorf("lockguard: advance fence of %s: %w", quoteName(name), err)
+	}
+	if status == fenceCorrupt {
+		return fmt.Errorf("%w: advance fence of %s: key %s", ErrFenceCorrupt, quoteName(name), quoteName(k.fence))
 	}
 	return nil
 }
@@ -414,4 +500,31 @@ func (g *Guard) AdvanceFence(ctx context.Context, name string, atLeast int64) er
 // argument: Redis keeps the key at least d.
 func milliseconds(d time.Duration) string {
 	return strconv.FormatInt(int64((d+time.Millisecond-1)/time.Millisecond), 10)
+}
+
+// quoteName returns name quoted for an error message: whole if that takes
+// at most 66 characters, else a quoted prefix of it followed by its length.
+// Every error about a lock names it, and a name may be up to MaxNameLen
+// bytes, four times as many once quoted: a message must identify the lock,
+// not copy it. The prefix is cut at a rune boundary, and shortened further
+// while escapes make it too long.
+func quoteName(name string) string {
+	const limit = 64 + 2 // characters of the quoted form, quotes included
+	if len(name) < limit {
+		if q := strconv.Quote(name); len(q) <= limit {
+			return q
+		}
+	}
+	cut := min(len(name), limit-2)
+	for {
+		for cut > 0 && cut < len(name) && !utf8.RuneStart(name[cut]) {
+			cut--
+		}
+		q := strconv.Quote(name[:cut])
+		if len(q) <= limit {
+			return q + "… (" + strconv.Itoa(len(name)) + " bytes)"
+		}
+		// An escape takes at most 4 characters per byte (\xff).
+		cut -= (len(q) - limit + 3) / 4
+	}
 }

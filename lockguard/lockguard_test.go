@@ -201,7 +201,8 @@ func TestRedisErrorNamesTheLock(t *testing.T) {
 		}
 	}
 	// The scripts themselves can fail too: a counter that is not an
-	// integer makes INCR fail, and the lock must not be left taken.
+	// integer cannot issue a token, which is a typed error that still
+	// names the lock, and the lock must not be left taken.
 	rdb := newClient(t, nil)
 	prefix := testPrefix(t, rdb)
 	g = newGuard(t, rdb, prefix, nil)
@@ -209,8 +210,8 @@ func TestRedisErrorNamesTheLock(t *testing.T) {
 	if err := rdb.Set(ctx, k.fence, "not a number", 0).Err(); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := g.TryAcquire(ctx, "broken"); err == nil || errors.Is(err, ErrNotAcquired) || !strings.Contains(err.Error(), `"broken"`) {
-		t.Errorf("TryAcquire with a corrupt counter = %v; want a Redis error naming the lock", err)
+	if _, err := g.TryAcquire(ctx, "broken"); !errors.Is(err, ErrFenceCorrupt) || !strings.Contains(err.Error(), `"broken"`) {
+		t.Errorf("TryAcquire with a corrupt counter = %v; want ErrFenceCorrupt naming the lock", err)
 	}
 	if n := rdb.Exists(ctx, k.lock).Val(); n != 0 {
 		t.Errorf("after a failed acquire the lock key exists")
