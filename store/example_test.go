@@ -91,3 +91,4 @@ type nop struct{}
 
 func (nop) Invalidate([]cache.Invalidation) {}
 func (nop) Flush()                          {}
+func (nop) LinkLost()                       {}

@@ -58,8 +58,9 @@ func WaitFor(t testing.TB, what string, cond func() bool) {
 
 // Event is one call of a [Recorder]'s Handler methods.
 type Event struct {
-	Flush bool
-	Keys  []cache.Invalidation // a copy; nil for a flush
+	Flush    bool
+	LinkLost bool
+	Keys     []cache.Invalidation // a copy; nil for a flush or a lost link
 }
 
 // Recorder is a [cache.Handler] that records what it is given. It is safe
@@ -80,6 +81,13 @@ func (r *Recorder) Invalidate(keys []cache.Invalidation) {
 func (r *Recorder) Flush() {
 	r.mu.Lock()
 	r.events = append(r.events, Event{Flush: true})
+	r.mu.Unlock()
+}
+
+// LinkLost implements [cache.Handler].
+func (r *Recorder) LinkLost() {
+	r.mu.Lock()
+	r.events = append(r.events, Event{LinkLost: true})
 	r.mu.Unlock()
 }
 
@@ -109,6 +117,17 @@ func (r *Recorder) Flushes() int {
 	n := 0
 	for _, e := range r.Events() {
 		if e.Flush {
+			n++
+		}
+	}
+	return n
+}
+
+// LinksLost counts LinkLost calls.
+func (r *Recorder) LinksLost() int {
+	n := 0
+	for _, e := range r.Events() {
+		if e.LinkLost {
 			n++
 		}
 	}
