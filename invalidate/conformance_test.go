@@ -41,10 +41,13 @@ func TestPubSubConformance(t *testing.T) {
 	}
 }
 
-// namespacePublisher is what package store's relay needs of a bus.
+// namespacePublisher is what package store's relay needs of a bus: it
+// publishes by namespace, and claims outbox rows only while Proven (race
+// 17).
 type namespacePublisher interface {
 	cache.Bus
 	Publish(ctx context.Context, namespace string, keys []cache.Invalidation) error
+	Proven() bool
 }
 
 var (

@@ -197,6 +197,17 @@ func (b *PubSub) Publish(ctx context.Context, namespace string, keys []cache.Inv
 // Stats returns a snapshot of the counters.
 func (b *PubSub) Stats() Stats { return b.stats.snapshot() }
 
+// Proven reports whether the bus's link was proven within MaxStaleness and
+// has not been detected lost since: whether a cache on this bus, with the
+// same MaxStaleness, serves cached values now. It is false before the
+// first proof, from the moment the bus notices a failed connection, a
+// server-side unsubscribe or a probe that did not come back until the next
+// proof, once MaxStaleness has passed since the last proof (a silent
+// link), and after Close. A publisher that must not act on an unproven
+// link, such as package store's outbox relay (DESIGN race 17), checks it;
+// so can a health check. It is cheap: two atomic loads and a clock read.
+func (b *PubSub) Proven() bool { return b.hub.proven() }
+
 // Close stops every goroutine of the bus and waits for them, closes its
 // subscribed connection (not the client) and fails pending and later
 // publications with ErrClosed. A publication or probe in progress is
@@ -287,6 +298,14 @@ func (b *PubSub) readLoop() {
 		ps, err := b.open()
 		if err == nil {
 			err = b.receiveLoop(ps, &confirmed, &attempt)
+		}
+		if b.ctx.Err() == nil {
+			// The link failed, or never came up: end the proof now.
+			// Until this node subscribes again, whatever the others
+			// publish goes past it.
+			b.linkLost()
+		}
+		if ps != nil {
 			_ = ps.Close()
 		}
 		if b.ctx.Err() != nil {

@@ -28,6 +28,13 @@ type Stats struct {
 	// abandoned connection: resubscriptions (pub/sub), reads and position
 	// checks retried (Streams).
 	Reconnects uint64
+	// LinksLost counts failures of the link that the bus detected while
+	// it was proven (a killed or failed connection, a probe that did not
+	// come back, a server-side unsubscribe, a failed read or position
+	// check, a position the stream no longer held). Each made every
+	// subscription report no proof, and told its Handler (LinkLost), until
+	// the next proof.
+	LinksLost uint64
 	// FlushesResubscribe counts flushes of every local subscription because
 	// the bus subscribed again after its first subscription: whatever was
 	// published in between is lost (pub/sub).
@@ -58,6 +65,7 @@ type Stats struct {
 type counters struct {
 	messagesSent, keysSent, messagesReceived, keysReceived atomic.Uint64
 	publishErrors, proofs, proofTimeouts, reconnects       atomic.Uint64
+	linksLost                                              atomic.Uint64
 	flushes                                                [numCauses]atomic.Uint64
 	flushesRequested, handlerPanics                        atomic.Uint64
 }
@@ -88,6 +96,7 @@ func (c *counters) snapshot() Stats {
 		Proofs:              c.proofs.Load(),
 		ProofTimeouts:       c.proofTimeouts.Load(),
 		Reconnects:          c.reconnects.Load(),
+		LinksLost:           c.linksLost.Load(),
 		FlushesResubscribe:  c.flushes[causeResubscribe].Load(),
 		FlushesGap:          c.flushes[causeGap].Load(),
 		FlushesMalformed:    c.flushes[causeMalformed].Load(),

@@ -125,6 +125,15 @@ func (b *Streams) Publish(ctx context.Context, namespace string, keys []cache.In
 // Stats returns a snapshot of the counters.
 func (b *Streams) Stats() Stats { return b.stats.snapshot() }
 
+// Proven reports whether the bus's link was proven within MaxStaleness and
+// has not been detected lost since: whether a cache on this bus, with the
+// same MaxStaleness, serves cached values now. It is false before the
+// first read of the stream, from the moment a read, a marker or a position
+// check fails, or the stream no longer holds the reader's position, until
+// the next read that proves the link, once MaxStaleness has passed since
+// the last proof (a silent link), and after Close. See [PubSub.Proven].
+func (b *Streams) Proven() bool { return b.hub.proven() }
+
 // Close stops every goroutine of the bus and waits for them (up to
 // MaxStaleness for a read in progress, and the client's timeouts for a
 // publication in progress), and fails pending and later publications with
@@ -177,6 +186,9 @@ func (b *Streams) readLoop() {
 		if b.ctx.Err() != nil {
 			return false
 		}
+		// Entries are added meanwhile that this node has not read: end
+		// the proof now. No flush: the next read resumes from pos.
+		b.linkLost()
 		b.stats.reconnects.Add(1)
 		d := backoff(attempt, b.cfg.maxBackoff)
 		attempt++
@@ -244,7 +256,11 @@ func (b *Streams) readLoop() {
 			continue
 		}
 		if !ok {
+			// Entries this node has not read are gone: end the proof now,
+			// not after the marker's round trip (or its retries), and
+			// flush once the marker is in.
 			b.log.Warn("invalidate: the stream no longer holds this node's position", "position", anchor)
+			b.linkLost()
 			anchor = ""
 			continue
 		}
