@@ -91,6 +91,8 @@ func TestPublishNamespace(t *testing.T) {
 			}
 			defer rs.Close()
 			invalidatetest.WaitProven(t, ls, rs)
+			local.Reset()
+			remote.Reset()
 			ctx := context.Background()
 			if err := pub.Publish(ctx, "ns", []cache.Invalidation{{Key: "k", Version: 3}}); err != nil {
 				t.Fatalf("Publish error = %v", err)

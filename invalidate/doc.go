@@ -60,10 +60,13 @@
 //     cached before the first proof after it subscribed (race 12).
 //   - Gaps flush (race 4). Whenever a node may have missed an invalidation
 //     it flushes every local subscription, before it reports a newer
-//     proof: after every subscription but the bus's first (go-redis
-//     resubscribes by itself after a reconnection, and what was published
-//     meanwhile is lost), after a message it cannot decode, and after a
-//     message that does not follow its origin's previous one.
+//     proof: after every subscription (go-redis resubscribes by itself
+//     after a reconnection, and what was published meanwhile is lost), the
+//     bus's first included, and after Streams' first position marker (a
+//     cache may hold a value it wrote through before the bus was
+//     listening, which a write published meanwhile overwrote: race 19);
+//     after a message it cannot decode; and after a message that does not
+//     follow its origin's previous one.
 //   - Lost links end the proof at once. The moment a bus notices that its
 //     link failed (a connection error, a server-side unsubscribe, a probe
 //     that did not come back, a failed read or position check, a position

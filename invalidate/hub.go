@@ -235,12 +235,16 @@ func (h *hub) all() []*subscription {
 func (h *hub) flushAll(c cause) {
 	h.stats.flushes[c].Add(1)
 	h.flushedSinceProof = true
-	if c == causeResubscribe || c == causeTrimmed {
+	if c == causeResubscribe || c == causeTrimmed || c == causeFirstSubscription {
 		// Every origin may have lost messages: restart their sequences
 		// here instead of flushing again at the next message of each.
 		h.origins.reset()
 	}
-	if c != causeMalformed {
+	switch c {
+	case causeMalformed: // logged by receive, rate-limited
+	case causeFirstSubscription: // every start: not worth a warning
+		h.log.Debug("invalidate: flushing every namespace", "cause", c.String())
+	default:
 		h.log.Warn("invalidate: flushing every namespace", "cause", c.String())
 	}
 	for _, s := range h.all() {

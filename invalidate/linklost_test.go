@@ -121,6 +121,7 @@ func TestLinkLostEndsProofAtOnce(t *testing.T) {
 			}
 			defer sub.Close()
 			invalidatetest.WaitProven(t, sub)
+			rec.Reset() // the first subscription's flush
 			ctx := context.Background()
 			invalidatetest.WaitFor(t, "a hit", func() bool {
 				_, _ = c.Get(ctx, "k")
@@ -213,6 +214,108 @@ func TestProven(t *testing.T) {
 			t.Errorf("InProcess Proven() after Close = true; want false")
 		}
 	})
+}
+
+// TestWriteThroughBeforeFirstSubscription reproduces DESIGN race 19: node
+// A starts while Redis is unreachable, writes k=v1 and installs it
+// locally (its publication fails); node B writes k=v2 and publishes, which
+// A, not yet subscribed, never hears; then A's bus subscribes and proves
+// its link. Unless the bus flushes at its first subscription as at any
+// other, A serves v1 until its TTL. B is a second bus of this process,
+// connected throughout: a bus's first subscription is its own, whatever
+// other buses of the process do.
+func TestWriteThroughBeforeFirstSubscription(t *testing.T) {
+	t.Parallel()
+	for _, tr := range transports {
+		t.Run(tr.name, func(t *testing.T) {
+			t.Parallel()
+			addr, direct := privateRedis(t)
+			client, proxy := proxiedClient(t, addr)
+			proxy.Refuse(true) // Redis is unreachable from A
+			busA := tr.newBus(t, client, "coherent", 300*time.Millisecond)
+			busB := tr.newBus(t, direct, "coherent", 300*time.Millisecond)
+			src := &versioned{rows: map[string]int64{}}
+			a, err := cache.New("users", 10, src.load, &cache.Options[string, int64]{
+				Bus: busA, Version: func(v int64) int64 { return v }, MaxStaleness: 300 * time.Millisecond, TTL: time.Hour,
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer a.Close()
+			ctx := context.Background()
+
+			v1 := src.write("k")
+			if err := a.Set(ctx, "k", v1, v1); err == nil {
+				t.Fatalf("A's Set published through a proxy that refuses every connection")
+			}
+			probeB, _ := busB.Subscribe("probe", new(invalidatetest.Recorder))
+			defer probeB.Close()
+			invalidatetest.WaitProven(t, probeB)
+			v2 := src.write("k")
+			if err := busB.Publish(ctx, "users", []cache.Invalidation{{Key: "k", Version: v2}}); err != nil {
+				t.Fatalf("B's Publish error = %v", err)
+			}
+
+			proxy.Refuse(false)
+			invalidatetest.WaitFor(t, "A's cache to be proven", a.Proven)
+			if got, err := a.Get(ctx, "k"); err != nil || got != v2 {
+				t.Errorf("A's Get(k) once proven = %d, %v; want %d, written by B before A's bus subscribed", got, err, v2)
+			}
+			if st := busA.Stats(); st.FlushesFirstSubscription != 1 {
+				t.Errorf("A's FlushesFirstSubscription = %d; want 1", st.FlushesFirstSubscription)
+			}
+		})
+	}
+}
+
+// TestWriteThroughWhileReconnecting checks the other way a cache can meet
+// an unlistening bus: it subscribes, and writes through, while the bus's
+// link is down after having been up. The reconnection covers it, by a
+// flush (PubSub) or by reading what B added meanwhile (Streams).
+func TestWriteThroughWhileReconnecting(t *testing.T) {
+	t.Parallel()
+	for _, tr := range transports {
+		t.Run(tr.name, func(t *testing.T) {
+			t.Parallel()
+			addr, direct := privateRedis(t)
+			client, proxy := proxiedClient(t, addr)
+			busA := tr.newBus(t, client, "coherent", 300*time.Millisecond)
+			busB := tr.newBus(t, direct, "coherent", 300*time.Millisecond)
+			probeA, _ := busA.Subscribe("probe", new(invalidatetest.Recorder))
+			defer probeA.Close()
+			probeB, _ := busB.Subscribe("probe", new(invalidatetest.Recorder))
+			defer probeB.Close()
+			invalidatetest.WaitProven(t, probeA, probeB)
+
+			before := busA.Stats().Reconnects
+			proxy.Refuse(true)
+			proxy.KillAll()
+			invalidatetest.WaitFor(t, "A's bus to notice the failed link", func() bool { return busA.Stats().Reconnects > before })
+
+			src := &versioned{rows: map[string]int64{}}
+			a, err := cache.New("users", 10, src.load, &cache.Options[string, int64]{
+				Bus: busA, Version: func(v int64) int64 { return v }, MaxStaleness: 300 * time.Millisecond, TTL: time.Hour,
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer a.Close()
+			ctx := context.Background()
+			v1 := src.write("k")
+			if err := a.Set(ctx, "k", v1, v1); err == nil {
+				t.Fatalf("A's Set published through a proxy that refuses every connection")
+			}
+			v2 := src.write("k")
+			if err := busB.Publish(ctx, "users", []cache.Invalidation{{Key: "k", Version: v2}}); err != nil {
+				t.Fatalf("B's Publish error = %v", err)
+			}
+			proxy.Refuse(false)
+			invalidatetest.WaitFor(t, "A's cache to be proven", a.Proven)
+			if got, err := a.Get(ctx, "k"); err != nil || got != v2 {
+				t.Errorf("A's Get(k) once proven = %d, %v; want %d, written by B while A's link was down", got, err, v2)
+			}
+		})
+	}
 }
 
 // TestInProcessClose checks that closing an InProcess bus ends the proof

@@ -24,7 +24,8 @@ import (
 //     write error (isBadConn in error.go). Nothing tells the caller except
 //     the *Subscription replies that the new SUBSCRIBE produces, one per
 //     channel (newMessage), so every subscribe confirmation of the
-//     invalidation channel after the first is a gap here.
+//     invalidation channel is a gap here (the first as well: what was
+//     published before it is lost too).
 //   - ReceiveTimeout with a timeout keeps the connection after a read
 //     timeout (releaseConn passes allowTimeout; isBadConn in error.go then
 //     returns false), even if the timeout struck in the middle of a reply.
@@ -397,12 +398,19 @@ func (b *PubSub) receiveLoop(ps *redis.PubSub, confirmed *bool, attempt *int) er
 					continue
 				}
 				// Whatever was published between the loss of the previous
-				// connection and this confirmation is lost (race 4). The
+				// connection and this confirmation is lost (race 4); at
+				// the first confirmation, whatever was published before
+				// it, which may overwrite a value a cache installed by a
+				// local write before the bus was listening (race 19). The
 				// flush comes after the SUBSCRIBE took effect: a load that
 				// starts after it reads a source that already holds every
-				// write whose invalidation was lost.
+				// write whose invalidation was lost, and a write-through
+				// that began before it is not installed (the cache's guard
+				// sees the flush).
 				if *confirmed {
 					b.flushAll(causeResubscribe)
+				} else {
+					b.flushAll(causeFirstSubscription)
 				}
 				*confirmed = true
 				*attempt = 0

@@ -35,6 +35,12 @@ type Stats struct {
 	// subscription report no proof, and told its Handler (LinkLost), until
 	// the next proof.
 	LinksLost uint64
+	// FlushesFirstSubscription counts the flush of every local subscription
+	// when the bus first subscribed (pub/sub) or added its first position
+	// marker (Streams): a value a cache installed by a local write before
+	// then may have been overwritten by a write whose invalidation was
+	// published before the bus was listening (race 19). At most 1.
+	FlushesFirstSubscription uint64
 	// FlushesResubscribe counts flushes of every local subscription because
 	// the bus subscribed again after its first subscription: whatever was
 	// published in between is lost (pub/sub).
@@ -79,30 +85,32 @@ const (
 	causeMalformed
 	causeProofTimeout
 	causeTrimmed
+	causeFirstSubscription
 	numCauses
 )
 
 func (c cause) String() string {
-	return [...]string{"resubscribe", "sequence gap", "malformed message", "proof timeout", "stream position lost"}[c]
+	return [...]string{"resubscribe", "sequence gap", "malformed message", "proof timeout", "stream position lost", "first subscription"}[c]
 }
 
 func (c *counters) snapshot() Stats {
 	return Stats{
-		MessagesSent:        c.messagesSent.Load(),
-		KeysSent:            c.keysSent.Load(),
-		MessagesReceived:    c.messagesReceived.Load(),
-		KeysReceived:        c.keysReceived.Load(),
-		PublishErrors:       c.publishErrors.Load(),
-		Proofs:              c.proofs.Load(),
-		ProofTimeouts:       c.proofTimeouts.Load(),
-		Reconnects:          c.reconnects.Load(),
-		LinksLost:           c.linksLost.Load(),
-		FlushesResubscribe:  c.flushes[causeResubscribe].Load(),
-		FlushesGap:          c.flushes[causeGap].Load(),
-		FlushesMalformed:    c.flushes[causeMalformed].Load(),
-		FlushesProofTimeout: c.flushes[causeProofTimeout].Load(),
-		FlushesTrimmed:      c.flushes[causeTrimmed].Load(),
-		FlushesRequested:    c.flushesRequested.Load(),
-		HandlerPanics:       c.handlerPanics.Load(),
+		MessagesSent:             c.messagesSent.Load(),
+		KeysSent:                 c.keysSent.Load(),
+		MessagesReceived:         c.messagesReceived.Load(),
+		KeysReceived:             c.keysReceived.Load(),
+		PublishErrors:            c.publishErrors.Load(),
+		Proofs:                   c.proofs.Load(),
+		ProofTimeouts:            c.proofTimeouts.Load(),
+		Reconnects:               c.reconnects.Load(),
+		LinksLost:                c.linksLost.Load(),
+		FlushesFirstSubscription: c.flushes[causeFirstSubscription].Load(),
+		FlushesResubscribe:       c.flushes[causeResubscribe].Load(),
+		FlushesGap:               c.flushes[causeGap].Load(),
+		FlushesMalformed:         c.flushes[causeMalformed].Load(),
+		FlushesProofTimeout:      c.flushes[causeProofTimeout].Load(),
+		FlushesTrimmed:           c.flushes[causeTrimmed].Load(),
+		FlushesRequested:         c.flushesRequested.Load(),
+		HandlerPanics:            c.handlerPanics.Load(),
 	}
 }

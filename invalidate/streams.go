@@ -205,8 +205,10 @@ func (b *Streams) readLoop() {
 			// The marker is added before the flush: whatever was added
 			// before the marker, and is now skipped, comes from writes that
 			// committed before the flush, so a load after the flush sees
-			// them. On the first pass there is nothing to flush: nothing
-			// was cached without a proof.
+			// them. The first pass flushes too (race 19): nothing was
+			// loaded into a cache without a proof, but a local write may
+			// have installed a value that an entry before the marker,
+			// never to be read here, overwrote.
 			ctx, cancel := context.WithTimeout(b.ctx, b.cfg.maxStaleness)
 			id, err := b.xadd(b.reader, ctx, fieldMarker, b.cfg.node.String()).Result()
 			cancel()
@@ -216,7 +218,9 @@ func (b *Streams) readLoop() {
 				}
 				continue
 			}
-			if !first {
+			if first {
+				b.flushAll(causeFirstSubscription)
+			} else {
 				b.flushAll(causeTrimmed)
 			}
 			first = false

@@ -86,6 +86,7 @@ func (c statsCollector) Collect(ch chan<- prometheus.Metric) {
 	for cause, v := range map[string]uint64{
 		"resubscribe": bs.FlushesResubscribe, "gap": bs.FlushesGap, "malformed": bs.FlushesMalformed,
 		"proof_timeout": bs.FlushesProofTimeout, "trimmed": bs.FlushesTrimmed, "requested": bs.FlushesRequested,
+		"first_subscription": bs.FlushesFirstSubscription,
 	} {
 		counter(descFlush, v, cause)
 	}
