@@ -150,7 +150,14 @@
 //     asynchronously; a resubscription that still reaches the old owner
 //     costs one more reconnection and flush). Streams' stream lives
 //     in one slot. A ClusterClient that reads from replicas (ReadOnly,
-//     RouteByLatency, RouteRandomly) is rejected.
+//     RouteByLatency, RouteRandomly) is rejected. The proofs rely on one
+//     master at a time running the scripts of the channel's slot, which
+//     Redis Cluster ensures outside a network partition (while a slot
+//     migrates, the MIGRATING source redirects with ASK every script that
+//     names the channel, never a key it holds). A master cut off from the
+//     majority goes on serving its side until cluster-node-timeout: a
+//     node subscribed there can prove its link while writers publish at
+//     the new master, and serves stale values that long.
 //   - *redis.Ring is rejected: its shards can disagree about who owns the
 //     channel.
 //
