@@ -85,8 +85,9 @@ func (b *InProcess) Proven() bool { return !b.closed.Load() }
 // no proof, and its Handler is told that the link is lost
 // ([cache.Handler.LinkLost]), so that a cache still on the bus stops
 // serving at once (its proof would otherwise run into the far future).
-// Later calls of Subscribe and Publish return ErrClosed. Close is safe to
-// call more than once and always returns nil.
+// Later calls of Subscribe and Publish return ErrClosed. Close waits for
+// deliveries in progress, so it must not be called from a Handler. It is
+// safe to call more than once and always returns nil.
 func (b *InProcess) Close() error {
 	b.mu.Lock()
 	if b.closed.Load() {
@@ -161,10 +162,12 @@ func (s *inProcessSub) deliver(keys []cache.Invalidation) {
 	s.h.Invalidate(keys)
 }
 
-// linkLost tells the Handler that the bus closed.
+// linkLost tells the Handler that the bus closed, once deliveries in
+// progress have returned: later ones see the bus closed and deliver
+// nothing.
 func (s *inProcessSub) linkLost() {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if !s.closed {
 		s.h.LinkLost()
 	}
