@@ -53,9 +53,10 @@ func TestLinkLostBypassesAtOnce(t *testing.T) {
 	}
 }
 
-// TestLinkLostKeepsOtherEntries checks that LinkLost drops nothing: a
-// Streams bus that resumes from its position delivers what it missed, and
-// the entries it does not name stay good.
+// TestLinkLostKeepsOtherEntries guards against LinkLost turning into a
+// flush: a Streams bus that resumes from its position delivers what it
+// missed, and the entries it does not name stay good; dropping them would
+// throw away what Streams exists to keep.
 func TestLinkLostKeepsOtherEntries(t *testing.T) {
 	clock := newFakeClock()
 	bus := &fakeBus{}
@@ -151,8 +152,9 @@ func TestLinkLostBeatsAConcurrentProof(t *testing.T) {
 	}
 }
 
-// TestLinkLostAfterCloseKeepsClosed checks that a revocation arriving
-// after Close cannot reopen the cache: Close's value is kept.
+// TestLinkLostAfterCloseKeepsClosed guards against a revocation that
+// arrives after Close overwriting Close's math.MinInt64 with a value that
+// proven would then try to extend.
 func TestLinkLostAfterCloseKeepsClosed(t *testing.T) {
 	bus := &fakeBus{}
 	c := newTestCache(t, 10, newSource().load, &Options[string, row]{Bus: bus})

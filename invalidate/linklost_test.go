@@ -171,10 +171,11 @@ func TestLinkLostEndsProofAtOnce(t *testing.T) {
 	}
 }
 
-// TestProven checks Proven, which package store's relay consults before it
-// claims outbox rows (race 17): false before the first proof, true once
-// proven, false again once a silent link has gone MaxStaleness without a
-// proof, true after it recovers, and false after Close. That it turns
+// TestProven guards against a relay that claims outbox rows over a link
+// it cannot prove (race 17): Proven, which package store's relay consults,
+// must be false before the first proof, true once proven, false again once
+// a silent link has gone MaxStaleness without a proof, true after it
+// recovers, and false after Close. That it turns
 // false at once when the bus detects a loss is checked by
 // TestLinkLostEndsProofAtOnce, with a MaxStaleness long enough for the
 // check to tell.
@@ -268,10 +269,11 @@ func TestWriteThroughBeforeFirstSubscription(t *testing.T) {
 	}
 }
 
-// TestWriteThroughWhileReconnecting checks the other way a cache can meet
-// an unlistening bus: it subscribes, and writes through, while the bus's
-// link is down after having been up. The reconnection covers it, by a
-// flush (PubSub) or by reading what B added meanwhile (Streams).
+// TestWriteThroughWhileReconnecting guards against the other way a cache
+// can meet a bus that is not listening: it subscribes, and writes through,
+// while the bus's link is down after having been up, and must not keep its
+// own write over a newer one published meanwhile. The reconnection covers
+// it, by a flush (PubSub) or by reading what B added meanwhile (Streams).
 func TestWriteThroughWhileReconnecting(t *testing.T) {
 	t.Parallel()
 	for _, tr := range transports {
