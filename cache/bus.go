@@ -42,10 +42,17 @@ type Subscription interface {
 	// LastProof reports the latest time T at which the link was proven live
 	// and in order: every invalidation published anywhere before T has been
 	// delivered to the Handler, or the Handler has been flushed since. The
-	// zero Time means the link has never been proven. A Subscription that
-	// loses its link must call [Handler.Flush] before LastProof advances
-	// again. A link that cannot lose a message (in-process delivery) may
-	// return a time in the far future. LastProof must be cheap; a Cache calls it at most a few times
+	// zero Time means the link is not proven: it never was, or the
+	// Subscription has detected since its last proof that the link failed.
+	//
+	// A Subscription that detects the loss of its link (a connection error,
+	// a missed proof, a read it had to abandon) reports the zero Time from
+	// then on and then calls [Handler.LinkLost], in that order, and reports
+	// a time again only after a proof made after it regained the link. If
+	// it may have missed invalidations that it cannot replay, it calls
+	// [Handler.Flush] before LastProof advances again. A link that cannot
+	// lose a message (in-process delivery) may return a time in the far
+	// future. LastProof must be cheap; a Cache calls it at most a few times
 	// per proof interval. The Time must come from the same clock as the
 	// Cache's [Options.Clock] (time.Now when that is nil).
 	LastProof() time.Time
@@ -65,4 +72,14 @@ type Handler interface {
 	// have missed an invalidation (a resubscription, an out-of-sequence or
 	// malformed message) and when a publisher asked for it.
 	Flush()
+	// LinkLost tells the handler that the bus has detected that its link
+	// failed, and already reports the zero Time from
+	// [Subscription.LastProof]. From the moment LinkLost returns until
+	// LastProof advances again, the cache serves nothing cached: without
+	// it, a cache would go on serving until [Options.MaxStaleness] after
+	// the last proof, while invalidations may be going past it. LinkLost
+	// drops nothing: a bus that resumes where it stopped (Redis Streams)
+	// delivers what it missed and keeps the cache's entries; a bus that
+	// cannot replay calls Flush before it proves its link again.
+	LinkLost()
 }

@@ -21,8 +21,14 @@ import (
 type Cache[K comparable, V any] struct {
 	// provenUntil is read by every Get: the time (in now's base) until
 	// which cached values may be served, from the bus's last proof plus
-	// MaxStaleness. math.MinInt64 once closed.
+	// MaxStaleness. Otherwise it holds a value below any time:
+	// math.MinInt64 once closed; revokedBase+n while the link is unproven,
+	// before the first proof (n = 0) and after the n-th [Handler.LinkLost].
+	// Each revocation stores a value never stored before, so that proven
+	// can tell that one came between its load and its CompareAndSwap.
 	provenUntil atomic.Int64
+	// revocations counts the LinkLost calls so far; see provenUntil.
+	revocations atomic.Int64
 	clock       Clock     // nil: the monotonic clock
 	epoch       time.Time // origin of now's time base
 	seed        maphash.Seed
@@ -124,12 +130,30 @@ func (c *Cache[K, V]) lookup(key K, h uint64, now int64) (entry[V], bool) {
 	return e, ok
 }
 
-// proven reports whether cached values may be served at now (G2).
+// revokedBase is provenUntil before the first proof, as New stores it: the
+// first of the values that mean "unproven" (see Cache.provenUntil), far
+// below any time and above math.MinInt64, which means closed.
+const revokedBase = math.MinInt64 + 1
+
+// proven reports whether cached values may be served at now (G2). When the
+// cached proof has run out, it asks the bus for a newer one and extends
+// provenUntil.
 func (c *Cache[K, V]) proven(now int64) bool {
-	if now < c.provenUntil.Load() {
+	// provenUntil is read before the bus is asked, and extended only from
+	// that very value. Were it extended from whatever it holds at the end,
+	// this interleaving would undo a revocation:
+	//
+	//	proven: LastProof() = T ....................... provenUntil = T+MaxStaleness
+	//	bus:                    link fails; LastProof() = 0; LinkLost: provenUntil = revoked
+	//
+	// and the cache would serve until T+MaxStaleness on a proof the bus has
+	// withdrawn. Every revocation stores a new value, so the
+	// CompareAndSwap below fails after one, however many came between.
+	pu := c.provenUntil.Load()
+	if now < pu {
 		return true
 	}
-	if c.sub == nil || c.closed.Load() {
+	if c.sub == nil || pu == math.MinInt64 || c.closed.Load() {
 		return false
 	}
 	lp := c.sub.LastProof()
@@ -140,16 +164,27 @@ func (c *Cache[K, V]) proven(now int64) bool {
 	if d := lp.Sub(c.epoch); d < time.Duration(math.MaxInt64)-c.cfg.MaxStaleness {
 		until = int64(d + c.cfg.MaxStaleness)
 	}
+	if now >= until {
+		return false
+	}
+	if c.provenUntil.CompareAndSwap(pu, until) {
+		return !c.closed.Load()
+	}
+	// Another call changed provenUntil first: a proven that read the bus no
+	// earlier than this one, a revocation or Close. Go by what it holds now.
+	return now < c.provenUntil.Load() && !c.closed.Load()
+}
+
+// revoke ends the cached proof at once, so that the next Get asks the bus
+// (see proven). Close's math.MinInt64 stays.
+func (c *Cache[K, V]) revoke() {
+	r := revokedBase + c.revocations.Add(1)
 	for {
 		old := c.provenUntil.Load()
-		if old == math.MinInt64 || until <= old {
-			break
-		}
-		if c.provenUntil.CompareAndSwap(old, until) {
-			break
+		if old == math.MinInt64 || c.provenUntil.CompareAndSwap(old, r) {
+			return
 		}
 	}
-	return now < until && !c.closed.Load()
 }
 
 // Proven reports whether the Cache serves cached values now: it is open,
@@ -703,3 +738,8 @@ func (h handler[K, V]) Flush() {
 	h.c.flush()
 	h.c.traceInvalidation(nil, true)
 }
+
+// LinkLost revokes the cached proof: the next Get falls to getUnproven,
+// whose proven asks the bus, which reports no proof until it has proven
+// its link again. The entries stay; see [Handler.LinkLost].
+func (h handler[K, V]) LinkLost() { h.c.revoke() }

@@ -24,8 +24,10 @@
 //     after a write returned sees it or a newer one. A node that cannot
 //     prove its bus link live and in order stops serving cached values once
 //     [Options.MaxStaleness] has passed since its last proof, and reads
-//     through to the loader until the link is proven again. A new cache
-//     serves nothing cached before its first proof.
+//     through to the loader until the link is proven again; if the bus
+//     notices that its link failed, the cache stops serving cached values
+//     at once ([Handler.LinkLost]) rather than MaxStaleness after the last
+//     proof. A new cache serves nothing cached before its first proof.
 //   - G3, no permanent staleness: a cache never stores a value that an
 //     overlapping invalidation made stale, so once writes stop and the bus
 //     has delivered, every node returns what the source holds. TTL is a

@@ -35,7 +35,8 @@ func (s *signal) Invalidate(keys []cache.Invalidation) {
 	}
 }
 
-func (s *signal) Flush() {}
+func (s *signal) Flush()    {}
+func (s *signal) LinkLost() {}
 
 // reportLatencies reports the median and 99th percentile of lat.
 func reportLatencies(b *testing.B, lat []time.Duration) {

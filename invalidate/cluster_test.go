@@ -2,6 +2,8 @@ package invalidate
 
 import (
 	"context"
+	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -59,14 +61,64 @@ func (c *redisCluster) client() *redis.ClusterClient {
 	return cc
 }
 
-// moveSlot gives the slot of key, which holds no keys, to node to.
+// moveSlot gives the slot of key, which holds no keys, to node to, as
+// redis-cli --cluster reshard does: SETSLOT IMPORTING on the target,
+// MIGRATING on the source, then NODE on the target and on the source; and
+// waits until both nodes name the target as the slot's master.
+//
+// Telling the target that it owns the slot before the source is MIGRATING
+// would make a split brain that Redis does not make by itself outside a
+// network partition: until the source is told too, both masters run the
+// slot's scripts. A reader subscribed at one keeps proving its link with
+// probes that master runs, while a writer whose client reloaded its slot
+// map in between (go-redis reloads once more 200 ms after a reload if
+// another was asked for meanwhile) publishes at the other: reads after
+// such a proof miss those invalidations, and no bus can tell. A MIGRATING
+// source instead redirects, with ASK, every script that names the channel
+// (never a key it holds) to the target, so one master at a time runs the
+// invalidations and the probes alike.
 func (c *redisCluster) moveSlot(key string, to int) {
+	c.t.Helper()
 	ctx := context.Background()
-	slot := c.admin(0).ClusterKeySlot(ctx, key).Val()
-	for _, i := range []int{to, 1 - to} { // the new owner first
-		if err := c.admin(i).Do(ctx, "CLUSTER", "SETSLOT", slot, "NODE", c.ids[to]).Err(); err != nil {
-			c.t.Fatalf("CLUSTER SETSLOT %d NODE %s on node %d: %v", slot, c.ids[to], i, err)
+	from := 1 - to
+	admins := [2]*redis.Client{c.admin(0), c.admin(1)}
+	slot := admins[0].ClusterKeySlot(ctx, key).Val()
+	setslot := func(i int, args ...any) error {
+		return admins[i].Do(ctx, append([]any{"CLUSTER", "SETSLOT", slot}, args...)...).Err()
+	}
+	for _, step := range []struct {
+		node int
+		args []any
+	}{
+		{to, []any{"IMPORTING", c.ids[from]}},
+		{from, []any{"MIGRATING", c.ids[to]}},
+		{to, []any{"NODE", c.ids[to]}},
+	} {
+		if err := setslot(step.node, step.args...); err != nil {
+			c.t.Fatalf("CLUSTER SETSLOT %d %v on node %d: %v", slot, step.args, step.node, err)
 		}
+	}
+	// The target's NODE bumped its epoch, and gossip may have taught the
+	// source already: left without slots, it then turned into the
+	// target's replica, and refuses SETSLOT, having given the slot up.
+	if err := setslot(from, "NODE", c.ids[to]); err != nil && !strings.Contains(err.Error(), "only with masters") {
+		c.t.Fatalf("CLUSTER SETSLOT %d NODE on node %d: %v", slot, from, err)
+	}
+	for i := range c.nodes {
+		invalidatetest.WaitFor(c.t, fmt.Sprintf("node %d to name node %d the master of slot %d", i, to, slot), func() bool {
+			shards, err := admins[i].ClusterShards(ctx).Result()
+			if err != nil {
+				return false
+			}
+			for _, sh := range shards {
+				for _, r := range sh.Slots {
+					if r.Start <= slot && slot <= r.End {
+						return slices.ContainsFunc(sh.Nodes, func(n redis.Node) bool { return n.ID == c.ids[to] && n.Role == "master" })
+					}
+				}
+			}
+			return false
+		})
 	}
 }
 

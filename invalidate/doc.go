@@ -10,6 +10,8 @@
 //     own position, so a node that loses its connection resumes where it
 //     stopped and flushes only if the stream no longer holds its position.
 //   - [InProcess], inside one process: for tests and single-node use.
+//     Delivery is a function call, so it cannot lose a message and never
+//     flushes by itself.
 //
 // Create one bus per process, share it among every cache of the process
 // (each namespace subscribes on the same bus), and close it after them:
@@ -23,10 +25,13 @@
 // A publisher that is not a cache, such as the outbox relay of package
 // store, calls the bus's own Publish method (PubSub.Publish,
 // Streams.Publish, InProcess.Publish), which delivers to this node's
-// subscriptions too.
+// subscriptions too. Before it acts on what it publishes (the relay, before
+// it claims outbox rows: race 17), it asks the bus's Proven method whether
+// the link is proven; so can a health check.
 //
-// Buses are safe for concurrent use. Each owns a few goroutines, which
-// Close stops and waits for.
+// Buses are safe for concurrent use. Each Redis bus owns a few goroutines,
+// which Close stops and waits for. Closing a bus ends the proof of every
+// cache still on it at once.
 //
 // # Guarantees
 //
@@ -55,10 +60,23 @@
 //     cached before the first proof after it subscribed (race 12).
 //   - Gaps flush (race 4). Whenever a node may have missed an invalidation
 //     it flushes every local subscription, before it reports a newer
-//     proof: after every subscription but the bus's first (go-redis
-//     resubscribes by itself after a reconnection, and what was published
-//     meanwhile is lost), after a message it cannot decode, and after a
-//     message that does not follow its origin's previous one.
+//     proof: after every subscription (go-redis resubscribes by itself
+//     after a reconnection, and what was published meanwhile is lost), the
+//     bus's first included, and after Streams' first position marker (a
+//     cache may hold a value it wrote through before the bus was
+//     listening, which a write published meanwhile overwrote: race 19);
+//     after a message it cannot decode; and after a message that does not
+//     follow its origin's previous one.
+//   - Lost links end the proof at once. The moment a bus notices that its
+//     link failed (a connection error, a server-side unsubscribe, a probe
+//     that did not come back, a failed read or position check, a position
+//     the stream no longer holds), every subscription's LastProof reports
+//     the zero Time, and then its Handler is told
+//     ([cache.Handler.LinkLost]): caches read through from that moment, not
+//     MaxStaleness after the last proof, until the bus proves its link
+//     again. That is not a flush: Streams resumes from its position and
+//     keeps the caches' entries; PubSub flushes when it subscribes again.
+//     Stats.LinksLost counts these.
 //   - Own messages. A publishing node applies its changes locally before
 //     it publishes; [cache.Subscription.Publish] also delivers, before it
 //     sends anything, to the other subscriptions of the namespace on the
@@ -77,19 +95,21 @@
 // What each fault does on a node, in the order a node notices them:
 //
 //   - The subscribed connection is killed (CLIENT KILL, a network error, a
-//     server restart): no proof until go-redis, or the bus, has subscribed
-//     again; then a flush (Stats.FlushesResubscribe). Publications fail
-//     with an error while the server is unreachable.
+//     server restart): the caches stop serving at once (LinkLost), and
+//     there is no proof until the bus has subscribed again; then a flush
+//     (Stats.FlushesResubscribe). Publications fail with an error while
+//     the server is unreachable.
 //   - The link goes silent without closing (a half-open TCP connection, a
 //     stalled server or proxy), or the subscription sits where the
 //     invalidations do not go (a replica after a failover or a slot move):
 //     no probe comes back; the caches bypass themselves once MaxStaleness
 //     has passed since the last proof. A probe that has not come back after
-//     MaxStaleness makes the bus close the connection and subscribe again
-//     (Stats.ProofTimeouts), which flushes. go-redis's own health check
-//     would not notice: it writes PING and never waits for the PONG. A
-//     proof that arrives more than MaxStaleness after the previous one
-//     flushes even without a resubscription (Stats.FlushesProofTimeout).
+//     MaxStaleness makes the bus close the connection (a lost link, as
+//     above) and subscribe again (Stats.ProofTimeouts), which flushes.
+//     go-redis's own health check would not notice: it writes PING and
+//     never waits for the PONG. A proof that arrives more than
+//     MaxStaleness after the previous one flushes even without a
+//     resubscription (Stats.FlushesProofTimeout).
 //   - The node reads too slowly and Redis disconnects it
 //     (client-output-buffer-limit pubsub): as a killed connection.
 //   - A malformed message, of an unknown format version, or too large:
@@ -99,14 +119,16 @@
 //     a flush (Stats.FlushesGap). This catches publications that failed on
 //     the way to Redis.
 //   - Redis Cluster migrates the channel's slot and unsubscribes the node
-//     (sunsubscribe) (race 15): the bus closes the subscription and
-//     subscribes again at the new owner, which flushes.
+//     (sunsubscribe) (race 15): a lost link; the bus closes the
+//     subscription and subscribes again at the new owner, which flushes.
 //   - Streams: the stream was trimmed past the node's position (it fell
 //     more than MaxLen entries behind), an entry after it was deleted
 //     (XDEL), or the stream was lost (a restart without persistence): the
 //     node adds a marker entry, flushes (Stats.FlushesTrimmed) and reads on
-//     from the marker. A connection loss or a restart that kept the stream
-//     costs no flush: the node reads what it missed. A restart that
+//     from the marker; its caches read through from the moment it notices.
+//     A connection loss or a restart that kept the stream costs no flush:
+//     the caches read through from the failed read until the node has read
+//     what it missed, and keep their entries. A restart that
 //     restores the stream from a snapshot taken after the node's position
 //     but before entries it had not read yet loses those entries without
 //     trace (only the sequence check of their origin's next message
@@ -128,7 +150,14 @@
 //     asynchronously; a resubscription that still reaches the old owner
 //     costs one more reconnection and flush). Streams' stream lives
 //     in one slot. A ClusterClient that reads from replicas (ReadOnly,
-//     RouteByLatency, RouteRandomly) is rejected.
+//     RouteByLatency, RouteRandomly) is rejected. The proofs rely on one
+//     master at a time running the scripts of the channel's slot, which
+//     Redis Cluster ensures outside a network partition (while a slot
+//     migrates, the MIGRATING source redirects with ASK every script that
+//     names the channel, never a key it holds). A master cut off from the
+//     majority goes on serving its side until cluster-node-timeout: a
+//     node subscribed there can prove its link while writers publish at
+//     the new master, and serves stale values that long.
 //   - *redis.Ring is rejected: its shards can disagree about who owns the
 //     channel.
 //

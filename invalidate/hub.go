@@ -29,10 +29,14 @@ type hub struct {
 	closed atomic.Bool
 
 	// proof is the time of the last proof in nanoseconds since epoch, or
-	// noProof. Only the reader goroutine stores it.
+	// noProof while the link is unproven: before the first proof, and from
+	// the moment the reader detects that the link failed until the next
+	// proof. Only the reader goroutine stores it, and close after the
+	// reader has stopped.
 	proof atomic.Int64
 
 	// The fields below belong to the reader goroutine.
+	lastProof         int64 // the last proof, kept across losses of the link; noProof before the first
 	origins           originTable
 	flushedSinceProof bool // a flushAll happened after the last proof
 	malformedLog      limiter
@@ -48,6 +52,7 @@ func newHub(cfg *config, send func(ctx context.Context, msgs [][]byte) error) *h
 	h := &hub{cfg: cfg, log: cfg.log, subs: make(map[string][]*subscription)}
 	h.epoch = h.clockNow()
 	h.proof.Store(noProof)
+	h.lastProof = noProof
 	h.batch = newBatcher(cfg.batchWindow, cfg.batchKeys, func(ctx context.Context, batches []*nsBatch) error {
 		return h.sendBatches(ctx, batches, send)
 	})
@@ -214,28 +219,70 @@ func (h *hub) receive(payload string) {
 	}
 }
 
+// all returns every local subscription.
+func (h *hub) all() []*subscription {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	var all []*subscription
+	for _, subs := range h.subs {
+		all = append(all, subs...)
+	}
+	return all
+}
+
 // flushAll flushes every local subscription. It runs on the reader
 // goroutine only.
 func (h *hub) flushAll(c cause) {
 	h.stats.flushes[c].Add(1)
 	h.flushedSinceProof = true
-	if c == causeResubscribe || c == causeTrimmed {
+	if c == causeResubscribe || c == causeTrimmed || c == causeFirstSubscription {
 		// Every origin may have lost messages: restart their sequences
 		// here instead of flushing again at the next message of each.
 		h.origins.reset()
 	}
-	if c != causeMalformed {
+	switch c {
+	case causeMalformed: // logged by receive, rate-limited
+	case causeFirstSubscription: // every start: not worth a warning
+		h.log.Debug("invalidate: flushing every namespace", "cause", c.String())
+	default:
 		h.log.Warn("invalidate: flushing every namespace", "cause", c.String())
 	}
-	h.mu.RLock()
-	var all []*subscription
-	for _, subs := range h.subs {
-		all = append(all, subs...)
-	}
-	h.mu.RUnlock()
-	for _, s := range all {
+	for _, s := range h.all() {
 		s.deliver(nil, true)
 	}
+}
+
+// linkLost records that the reader detected a failure of the link: a
+// connection error, a probe that did not come back, a server-side
+// unsubscribe, a read or position check that failed, a position the
+// stream no longer holds. Invalidations may be going past this node from
+// now on, so the bus no longer vouches for what its subscriptions' caches
+// hold: first every LastProof reports the zero Time, until the next proof,
+// then every Handler is told (LinkLost), so that its cache stops serving
+// at once rather than when MaxStaleness has run out since the last proof.
+// In that order: a cache that asked LastProof after its revocation would
+// otherwise be given the old proof back. linkLost does not flush: Streams
+// resumes from its position, and PubSub flushes when it subscribes again.
+// It runs on the reader goroutine only.
+func (h *hub) linkLost() {
+	if h.unprove() {
+		h.stats.linksLost.Add(1)
+	}
+}
+
+// unprove makes LastProof report the zero Time, then tells every Handler
+// (LinkLost), and reports whether the link was proven. If it was not,
+// every Handler was told when it last became unproven, or has never been
+// proven: a cache extends its proof only from a LastProof that is not
+// zero, which takes a proof after this.
+func (h *hub) unprove() bool {
+	if h.proof.Swap(noProof) == noProof {
+		return false
+	}
+	for _, s := range h.all() {
+		s.linkLost()
+	}
+	return true
 }
 
 // prove records that everything published before sentAt (nanoseconds since
@@ -244,21 +291,25 @@ func (h *hub) flushAll(c cause) {
 // bypassing themselves, and the bus does not vouch for what they cached
 // before the silence. prove runs on the reader goroutine only.
 func (h *hub) prove(sentAt int64, lateFlush bool) {
-	last := h.proof.Load()
+	last := h.lastProof
 	if lateFlush && last != noProof && sentAt-last > int64(h.cfg.maxStaleness) && !h.flushedSinceProof {
 		h.flushAll(causeProofTimeout)
 	}
 	if sentAt > last {
-		h.proof.Store(sentAt)
+		last, h.lastProof = sentAt, sentAt
 	}
+	// After a loss of the link, proof is noProof: this proof restores it.
+	h.proof.Store(last)
 	h.flushedSinceProof = false
 	h.stats.proofs.Add(1)
 }
 
-// proven reports whether the link was proven within MaxStaleness.
+// proven reports whether the link was proven within MaxStaleness and has
+// not been detected lost since: whether a cache on this bus, with the same
+// MaxStaleness, would serve cached values now.
 func (h *hub) proven() bool {
 	p := h.proof.Load()
-	return p != noProof && h.now()-p <= int64(h.cfg.maxStaleness) && !h.closed.Load()
+	return p != noProof && !h.closed.Load() && h.now() < p+int64(h.cfg.maxStaleness)
 }
 
 // close stops publication and delivery. The transport has stopped its
@@ -267,6 +318,10 @@ func (h *hub) close() {
 	h.mu.Lock()
 	h.closed.Store(true)
 	h.mu.Unlock()
+	// Subscriptions that are still open (their caches outlive the bus)
+	// receive nothing more: end their caches' proofs now, not MaxStaleness
+	// after the last one.
+	h.unprove()
 }
 
 // subscription is one local Handler's link to a hub.
@@ -290,9 +345,10 @@ func (s *subscription) Publish(ctx context.Context, keys []cache.Invalidation) e
 }
 
 // LastProof implements [cache.Subscription]. It returns the zero Time until
-// the bus has proven its link after this subscription was made, after the
-// bus or the subscription was closed, and while the Handler is broken (its
-// Flush panicked).
+// the bus has proven its link after this subscription was made, from the
+// moment the bus detects a failure of its link until it proves it again,
+// after the bus or the subscription was closed, and while the Handler is
+// broken (its Flush panicked).
 func (s *subscription) LastProof() time.Time {
 	p := s.hub.proof.Load()
 	if p == noProof || p < s.since || s.broken.Load() || s.closed.Load() || s.hub.closed.Load() {
@@ -333,6 +389,26 @@ func (s *subscription) deliver(keys []cache.Invalidation, flush bool) {
 		}
 	}()
 	s.h.Invalidate(keys)
+}
+
+// linkLost tells the Handler that the link failed; see hub.linkLost. A
+// Handler that panics is flushed instead, as in deliver: its cache may
+// then serve until MaxStaleness after the last proof, but nothing cached
+// before the loss.
+func (s *subscription) linkLost() {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.closed.Load() {
+		return
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			s.hub.stats.handlerPanics.Add(1)
+			s.hub.log.Error("invalidate: handler panicked on a lost link; flushing it", "namespace", s.namespace, "panic", r)
+			s.flush()
+		}
+	}()
+	s.h.LinkLost()
 }
 
 // flush flushes the Handler. If Flush panics, the subscription reports no

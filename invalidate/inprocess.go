@@ -17,13 +17,19 @@ var ErrClosed = errors.New("invalidate: closed")
 // InProcess is a [cache.Bus] inside one process. Every subscription is a
 // node: a publication reaches every other subscription of its namespace
 // before Publish returns, so the propagation delay is zero and the link is
-// always proven. Use it for tests and for a single process that runs several
-// caches of one namespace; it carries nothing between processes.
+// always proven. It cannot lose a message: delivery is a function call, a
+// subscription receives everything published after Subscribe returned,
+// and nothing can be published to it before. So, unlike the Redis buses,
+// it never flushes on its own, and a write-through made before its first
+// subscription cannot miss anything (race 19). Use it for tests and for a
+// single process that runs several caches of one namespace; it carries
+// nothing between processes.
 //
 // The zero value is ready to use. It is safe for concurrent use.
 type InProcess struct {
-	mu   sync.RWMutex
-	subs map[string]map[*inProcessSub]struct{} // namespace → subscriptions
+	mu     sync.RWMutex
+	subs   map[string]map[*inProcessSub]struct{} // namespace → subscriptions
+	closed atomic.Bool                           // set under mu
 }
 
 var _ cache.Bus = (*InProcess)(nil)
@@ -31,7 +37,8 @@ var _ cache.Bus = (*InProcess)(nil)
 // NewInProcess returns an empty in-process bus.
 func NewInProcess() *InProcess { return new(InProcess) }
 
-// Subscribe registers h as a new node of namespace.
+// Subscribe registers h as a new node of namespace. It returns ErrClosed
+// after Close.
 func (b *InProcess) Subscribe(namespace string, h cache.Handler) (cache.Subscription, error) {
 	if h == nil {
 		return nil, errors.New("invalidate: nil handler")
@@ -39,6 +46,9 @@ func (b *InProcess) Subscribe(namespace string, h cache.Handler) (cache.Subscrip
 	s := &inProcessSub{bus: b, namespace: namespace, h: h}
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if b.closed.Load() {
+		return nil, ErrClosed
+	}
 	if b.subs == nil {
 		b.subs = make(map[string]map[*inProcessSub]struct{})
 	}
@@ -52,10 +62,14 @@ func (b *InProcess) Subscribe(namespace string, h cache.Handler) (cache.Subscrip
 // Publish delivers keys of namespace to every subscription of namespace,
 // on the calling goroutine; an empty keys flushes them. It is for
 // publishers that are not a cache, such as the outbox relay of package
-// store. It returns ctx.Err() if ctx is done before it starts.
+// store. It returns ctx.Err() if ctx is done before it starts, and
+// ErrClosed after Close.
 func (b *InProcess) Publish(ctx context.Context, namespace string, keys []cache.Invalidation) error {
 	if err := ctx.Err(); err != nil {
 		return err
+	}
+	if b.closed.Load() {
+		return ErrClosed
 	}
 	for _, p := range b.peers(namespace, nil) {
 		p.deliver(keys)
@@ -63,9 +77,36 @@ func (b *InProcess) Publish(ctx context.Context, namespace string, keys []cache.
 	return nil
 }
 
-// Proven reports true: delivery is synchronous, so the link is proven at
-// every instant.
-func (b *InProcess) Proven() bool { return true }
+// Proven reports whether the bus is open: an in-process link is proven at
+// every instant until Close. See [PubSub.Proven].
+func (b *InProcess) Proven() bool { return !b.closed.Load() }
+
+// Close ends the bus: every subscription receives nothing more and reports
+// no proof, and its Handler is told that the link is lost
+// ([cache.Handler.LinkLost]), so that a cache still on the bus stops
+// serving at once (its proof would otherwise run into the far future).
+// Later calls of Subscribe and Publish return ErrClosed. Close waits for
+// deliveries in progress, so it must not be called from a Handler. It is
+// safe to call more than once and always returns nil.
+func (b *InProcess) Close() error {
+	b.mu.Lock()
+	if b.closed.Load() {
+		b.mu.Unlock()
+		return nil
+	}
+	b.closed.Store(true)
+	var all []*inProcessSub
+	for _, subs := range b.subs {
+		for s := range subs {
+			all = append(all, s)
+		}
+	}
+	b.mu.Unlock()
+	for _, s := range all {
+		s.linkLost()
+	}
+	return nil
+}
 
 // peers returns the subscriptions of namespace other than from.
 func (b *InProcess) peers(namespace string, from *inProcessSub) []*inProcessSub {
@@ -99,7 +140,7 @@ func (s *inProcessSub) Publish(ctx context.Context, keys []cache.Invalidation) e
 	s.mu.RLock()
 	closed := s.closed
 	s.mu.RUnlock()
-	if closed {
+	if closed || s.bus.closed.Load() {
 		return ErrClosed
 	}
 	for _, p := range s.bus.peers(s.namespace, s) {
@@ -111,7 +152,7 @@ func (s *inProcessSub) Publish(ctx context.Context, keys []cache.Invalidation) e
 func (s *inProcessSub) deliver(keys []cache.Invalidation) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	if s.closed {
+	if s.closed || s.bus.closed.Load() {
 		return
 	}
 	if len(keys) == 0 {
@@ -121,14 +162,26 @@ func (s *inProcessSub) deliver(keys []cache.Invalidation) {
 	s.h.Invalidate(keys)
 }
 
+// linkLost tells the Handler that the bus closed, once deliveries in
+// progress have returned: later ones see the bus closed and deliver
+// nothing.
+func (s *inProcessSub) linkLost() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.closed {
+		s.h.LinkLost()
+	}
+}
+
 // forever is the proof time of a link that cannot lose a message.
 var forever = time.Unix(1<<40, 0)
 
 // LastProof returns a time in the far future: delivery is synchronous, so
 // the link is proven at every instant, whatever clock the cache reads. A
-// closed subscription proves nothing and returns the zero Time.
+// closed subscription, or one of a closed bus, proves nothing and returns
+// the zero Time.
 func (s *inProcessSub) LastProof() time.Time {
-	if s.gone.Load() {
+	if s.gone.Load() || s.bus.closed.Load() {
 		return time.Time{}
 	}
 	return forever

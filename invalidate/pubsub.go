@@ -24,7 +24,8 @@ import (
 //     write error (isBadConn in error.go). Nothing tells the caller except
 //     the *Subscription replies that the new SUBSCRIBE produces, one per
 //     channel (newMessage), so every subscribe confirmation of the
-//     invalidation channel after the first is a gap here.
+//     invalidation channel is a gap here (the first as well: what was
+//     published before it is lost too).
 //   - ReceiveTimeout with a timeout keeps the connection after a read
 //     timeout (releaseConn passes allowTimeout; isBadConn in error.go then
 //     returns false), even if the timeout struck in the middle of a reply.
@@ -197,8 +198,15 @@ func (b *PubSub) Publish(ctx context.Context, namespace string, keys []cache.Inv
 // Stats returns a snapshot of the counters.
 func (b *PubSub) Stats() Stats { return b.stats.snapshot() }
 
-// Proven reports whether the bus's link was proven within MaxStaleness.
-// The outbox relay of package store claims rows only while it is true.
+// Proven reports whether the bus's link was proven within MaxStaleness and
+// has not been detected lost since: whether a cache on this bus, with the
+// same MaxStaleness, serves cached values now. It is false before the
+// first proof, from the moment the bus notices a failed connection, a
+// server-side unsubscribe or a probe that did not come back until the next
+// proof, once MaxStaleness has passed since the last proof (a silent
+// link), and after Close. A publisher that must not act on an unproven
+// link, such as package store's outbox relay (DESIGN race 17), checks it;
+// so can a health check. It is cheap: two atomic loads and a clock read.
 func (b *PubSub) Proven() bool { return b.hub.proven() }
 
 // Close stops every goroutine of the bus and waits for them, closes its
@@ -291,6 +299,14 @@ func (b *PubSub) readLoop() {
 		ps, err := b.open()
 		if err == nil {
 			err = b.receiveLoop(ps, &confirmed, &attempt)
+		}
+		if b.ctx.Err() == nil {
+			// The link failed, or never came up: end the proof now.
+			// Until this node subscribes again, whatever the others
+			// publish goes past it.
+			b.linkLost()
+		}
+		if ps != nil {
 			_ = ps.Close()
 		}
 		if b.ctx.Err() != nil {
@@ -382,12 +398,19 @@ func (b *PubSub) receiveLoop(ps *redis.PubSub, confirmed *bool, attempt *int) er
 					continue
 				}
 				// Whatever was published between the loss of the previous
-				// connection and this confirmation is lost (race 4). The
+				// connection and this confirmation is lost (race 4); at
+				// the first confirmation, whatever was published before
+				// it, which may overwrite a value a cache installed by a
+				// local write before the bus was listening (race 19). The
 				// flush comes after the SUBSCRIBE took effect: a load that
 				// starts after it reads a source that already holds every
-				// write whose invalidation was lost.
+				// write whose invalidation was lost, and a write-through
+				// that began before it is not installed (the cache's guard
+				// sees the flush).
 				if *confirmed {
 					b.flushAll(causeResubscribe)
+				} else {
+					b.flushAll(causeFirstSubscription)
 				}
 				*confirmed = true
 				*attempt = 0

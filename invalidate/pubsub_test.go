@@ -161,6 +161,7 @@ func TestPubSubGarbage(t *testing.T) {
 	sb, _ := b.Subscribe("ns", rb)
 	sa, _ := a.Subscribe("ns", new(invalidatetest.Recorder))
 	invalidatetest.WaitProven(t, sa, sb)
+	rb.Reset()
 
 	var garbage [][]byte
 	for range 40 {
@@ -227,6 +228,7 @@ func TestPubSubSequenceGap(t *testing.T) {
 	rb := new(invalidatetest.Recorder)
 	sb, _ := b.Subscribe("ns", rb)
 	invalidatetest.WaitProven(t, sb)
+	rb.Reset()
 	var x, y nodeID
 	_, _ = rand.Read(x[:])
 	_, _ = rand.Read(y[:])
@@ -303,6 +305,7 @@ func TestPubSubHandlerPanic(t *testing.T) {
 	good := new(invalidatetest.Recorder)
 	sg, _ := b.Subscribe("ns", good)
 	invalidatetest.WaitProven(t, sa, sb, sg)
+	h.Reset()
 
 	publishKeys(t, sa, "k1")
 	invalidatetest.WaitFor(t, "the flush after the panic", func() bool { return h.Flushes() == 1 })
@@ -350,6 +353,7 @@ func TestPubSubBatching(t *testing.T) {
 			rb := new(invalidatetest.Recorder)
 			sb, _ := b.Subscribe("ns", rb)
 			invalidatetest.WaitProven(t, sa, sb)
+			rb.Reset()
 			const writers, each = 20, 25
 			var wg sync.WaitGroup
 			for w := range writers {

@@ -44,7 +44,9 @@ func (v *versioned) write(key string) int64 {
 //
 //   - before the last proof of the reader's link observed before the Get
 //     started (the bus's contract: everything published before a proof has
-//     been delivered), or
+//     been delivered; on a cluster, as long as one master at a time runs
+//     the slot's scripts, so a fault must not make two masters of a slot),
+//     or
 //   - more than maxStaleness (plus slack for scheduling) before the Get
 //     started: past that, an unproven cache reads through (G2).
 type scenario struct {

@@ -28,6 +28,19 @@ type Stats struct {
 	// abandoned connection: resubscriptions (pub/sub), reads and position
 	// checks retried (Streams).
 	Reconnects uint64
+	// LinksLost counts failures of the link that the bus detected while
+	// it was proven (a killed or failed connection, a probe that did not
+	// come back, a server-side unsubscribe, a failed read or position
+	// check, a position the stream no longer held). Each made every
+	// subscription report no proof, and told its Handler (LinkLost), until
+	// the next proof.
+	LinksLost uint64
+	// FlushesFirstSubscription counts the flush of every local subscription
+	// when the bus first subscribed (pub/sub) or added its first position
+	// marker (Streams): a value a cache installed by a local write before
+	// then may have been overwritten by a write whose invalidation was
+	// published before the bus was listening (race 19). At most 1.
+	FlushesFirstSubscription uint64
 	// FlushesResubscribe counts flushes of every local subscription because
 	// the bus subscribed again after its first subscription: whatever was
 	// published in between is lost (pub/sub).
@@ -58,6 +71,7 @@ type Stats struct {
 type counters struct {
 	messagesSent, keysSent, messagesReceived, keysReceived atomic.Uint64
 	publishErrors, proofs, proofTimeouts, reconnects       atomic.Uint64
+	linksLost                                              atomic.Uint64
 	flushes                                                [numCauses]atomic.Uint64
 	flushesRequested, handlerPanics                        atomic.Uint64
 }
@@ -71,29 +85,32 @@ const (
 	causeMalformed
 	causeProofTimeout
 	causeTrimmed
+	causeFirstSubscription
 	numCauses
 )
 
 func (c cause) String() string {
-	return [...]string{"resubscribe", "sequence gap", "malformed message", "proof timeout", "stream position lost"}[c]
+	return [...]string{"resubscribe", "sequence gap", "malformed message", "proof timeout", "stream position lost", "first subscription"}[c]
 }
 
 func (c *counters) snapshot() Stats {
 	return Stats{
-		MessagesSent:        c.messagesSent.Load(),
-		KeysSent:            c.keysSent.Load(),
-		MessagesReceived:    c.messagesReceived.Load(),
-		KeysReceived:        c.keysReceived.Load(),
-		PublishErrors:       c.publishErrors.Load(),
-		Proofs:              c.proofs.Load(),
-		ProofTimeouts:       c.proofTimeouts.Load(),
-		Reconnects:          c.reconnects.Load(),
-		FlushesResubscribe:  c.flushes[causeResubscribe].Load(),
-		FlushesGap:          c.flushes[causeGap].Load(),
-		FlushesMalformed:    c.flushes[causeMalformed].Load(),
-		FlushesProofTimeout: c.flushes[causeProofTimeout].Load(),
-		FlushesTrimmed:      c.flushes[causeTrimmed].Load(),
-		FlushesRequested:    c.flushesRequested.Load(),
-		HandlerPanics:       c.handlerPanics.Load(),
+		MessagesSent:             c.messagesSent.Load(),
+		KeysSent:                 c.keysSent.Load(),
+		MessagesReceived:         c.messagesReceived.Load(),
+		KeysReceived:             c.keysReceived.Load(),
+		PublishErrors:            c.publishErrors.Load(),
+		Proofs:                   c.proofs.Load(),
+		ProofTimeouts:            c.proofTimeouts.Load(),
+		Reconnects:               c.reconnects.Load(),
+		LinksLost:                c.linksLost.Load(),
+		FlushesFirstSubscription: c.flushes[causeFirstSubscription].Load(),
+		FlushesResubscribe:       c.flushes[causeResubscribe].Load(),
+		FlushesGap:               c.flushes[causeGap].Load(),
+		FlushesMalformed:         c.flushes[causeMalformed].Load(),
+		FlushesProofTimeout:      c.flushes[causeProofTimeout].Load(),
+		FlushesTrimmed:           c.flushes[causeTrimmed].Load(),
+		FlushesRequested:         c.flushesRequested.Load(),
+		HandlerPanics:            c.handlerPanics.Load(),
 	}
 }

@@ -125,8 +125,13 @@ func (b *Streams) Publish(ctx context.Context, namespace string, keys []cache.In
 // Stats returns a snapshot of the counters.
 func (b *Streams) Stats() Stats { return b.stats.snapshot() }
 
-// Proven reports whether the bus's link was proven within MaxStaleness;
-// see [PubSub.Proven].
+// Proven reports whether the bus's link was proven within MaxStaleness and
+// has not been detected lost since: whether a cache on this bus, with the
+// same MaxStaleness, serves cached values now. It is false before the
+// first read of the stream, from the moment a read, a marker or a position
+// check fails, or the stream no longer holds the reader's position, until
+// the next read that proves the link, once MaxStaleness has passed since
+// the last proof (a silent link), and after Close. See [PubSub.Proven].
 func (b *Streams) Proven() bool { return b.hub.proven() }
 
 // Close stops every goroutine of the bus and waits for them (up to
@@ -181,6 +186,9 @@ func (b *Streams) readLoop() {
 		if b.ctx.Err() != nil {
 			return false
 		}
+		// Entries are added meanwhile that this node has not read: end
+		// the proof now. No flush: the next read resumes from pos.
+		b.linkLost()
 		b.stats.reconnects.Add(1)
 		d := backoff(attempt, b.cfg.maxBackoff)
 		attempt++
@@ -197,8 +205,10 @@ func (b *Streams) readLoop() {
 			// The marker is added before the flush: whatever was added
 			// before the marker, and is now skipped, comes from writes that
 			// committed before the flush, so a load after the flush sees
-			// them. On the first pass there is nothing to flush: nothing
-			// was cached without a proof.
+			// them. The first pass flushes too (race 19): nothing was
+			// loaded into a cache without a proof, but a local write may
+			// have installed a value that an entry before the marker,
+			// never to be read here, overwrote.
 			ctx, cancel := context.WithTimeout(b.ctx, b.cfg.maxStaleness)
 			id, err := b.xadd(b.reader, ctx, fieldMarker, b.cfg.node.String()).Result()
 			cancel()
@@ -208,7 +218,9 @@ func (b *Streams) readLoop() {
 				}
 				continue
 			}
-			if !first {
+			if first {
+				b.flushAll(causeFirstSubscription)
+			} else {
 				b.flushAll(causeTrimmed)
 			}
 			first = false
@@ -248,7 +260,11 @@ func (b *Streams) readLoop() {
 			continue
 		}
 		if !ok {
+			// Entries this node has not read are gone: end the proof now,
+			// not after the marker's round trip (or its retries), and
+			// flush once the marker is in.
 			b.log.Warn("invalidate: the stream no longer holds this node's position", "position", anchor)
+			b.linkLost()
 			anchor = ""
 			continue
 		}

@@ -124,6 +124,7 @@ func TestStreamsResumes(t *testing.T) {
 	r := new(invalidatetest.Recorder)
 	sr, _ := reader.Subscribe("ns", r)
 	invalidatetest.WaitProven(t, sw, sr)
+	r.Reset()
 
 	var want []string
 	publish := func(n int) {
@@ -176,6 +177,7 @@ func TestStreamsTrimmedPastPosition(t *testing.T) {
 	r := new(invalidatetest.Recorder)
 	sr, _ := reader.Subscribe("ns", r)
 	invalidatetest.WaitProven(t, sw, sr)
+	r.Reset()
 
 	proxy.Pause()
 	for i := range 500 {
@@ -207,6 +209,7 @@ func TestStreamsDeletedAfterPosition(t *testing.T) {
 	r := new(invalidatetest.Recorder)
 	sr, _ := reader.Subscribe("ns", r)
 	invalidatetest.WaitProven(t, sw, sr)
+	r.Reset()
 
 	proxy.Pause()
 	publishKeys(t, sw, "deleted")
@@ -241,6 +244,7 @@ func TestStreamsGarbage(t *testing.T) {
 	r := new(invalidatetest.Recorder)
 	sr, _ := reader.Subscribe("ns", r)
 	invalidatetest.WaitProven(t, sw, sr)
+	r.Reset()
 	ctx := context.Background()
 	garbage := [][]any{
 		{fieldMessage, "not a message"},

@@ -222,6 +222,7 @@ type nopHandler struct{}
 
 func (nopHandler) Invalidate([]cache.Invalidation) {}
 func (nopHandler) Flush()                          {}
+func (nopHandler) LinkLost()                       {}
 
 // failingBus wraps a Bus whose publications fail while fail is set.
 type failingBus struct {

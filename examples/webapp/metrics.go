@@ -47,6 +47,7 @@ func init() {
 		"messages_sent": "Messages published.", "messages_received": "Messages received from other nodes.",
 		"proofs": "Proofs of the link.", "proof_timeouts": "Connections declared dead for a missing proof.",
 		"reconnects": "Reconnection attempts.", "publish_errors": "Failed sends.",
+		"links_lost": "Detected failures of the link, each ending the caches' proof at once.",
 	} {
 		descBus[name] = prometheus.NewDesc("coherent_bus_"+name+"_total", help, nil, nil)
 	}
@@ -80,12 +81,14 @@ func (c statsCollector) Collect(ch chan<- prometheus.Metric) {
 	for name, v := range map[string]uint64{
 		"messages_sent": bs.MessagesSent, "messages_received": bs.MessagesReceived, "proofs": bs.Proofs,
 		"proof_timeouts": bs.ProofTimeouts, "reconnects": bs.Reconnects, "publish_errors": bs.PublishErrors,
+		"links_lost": bs.LinksLost,
 	} {
 		counter(descBus[name], v)
 	}
 	for cause, v := range map[string]uint64{
 		"resubscribe": bs.FlushesResubscribe, "gap": bs.FlushesGap, "malformed": bs.FlushesMalformed,
 		"proof_timeout": bs.FlushesProofTimeout, "trimmed": bs.FlushesTrimmed, "requested": bs.FlushesRequested,
+		"first_subscription": bs.FlushesFirstSubscription,
 	} {
 		counter(descFlush, v, cause)
 	}
