@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -169,7 +170,69 @@ func TestHandlerFailuresFlush(t *testing.T) {
 			t.Errorf("Stats = %+v; want 1 flush and no entries", st)
 		}
 	})
+	// A codec that ends its goroutine (t.FailNow in a test codec): the
+	// deferred flush must run although recover returns nil. Before, the
+	// rest of the batch was skipped and nothing was flushed (race 14).
+	t.Run("codec calling runtime.Goexit", func(t *testing.T) {
+		bus := &fakeBus{proof: forever}
+		c := newTestCache(t, 10, func(ctx context.Context, k pair) (int, error) { return k.a, nil },
+			&Options[pair, int]{Bus: bus, Keys: exitingCodec{}})
+		mustGet(t, c, pair{1, 2})
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			bus.handler().Invalidate([]Invalidation{{Key: "1/2"}})
+		}()
+		<-done
+		if st := c.Stats(); st.Flushes != 1 || st.Entries != 0 {
+			t.Errorf("Stats = %+v; want 1 flush and no entries", st)
+		}
+	})
+	// An InvalidationTracer that panics must not undo what was applied,
+	// nor reach the bus: a Flush that panics leaves a subscription
+	// unproven.
+	t.Run("panicking tracer", func(t *testing.T) {
+		bus := &fakeBus{proof: forever}
+		c := newTestCache(t, 10, func(ctx context.Context, k int) (int, error) { return k, nil },
+			&Options[int, int]{Bus: bus, Tracer: panickyTracer{}})
+		mustGet(t, c, 1)
+		mustGet(t, c, 2)
+		func() {
+			defer func() {
+				if r := recover(); r != nil {
+					t.Errorf("Invalidate with a panicking tracer panicked: %v", r)
+				}
+			}()
+			bus.handler().Invalidate([]Invalidation{{Key: "1"}})
+		}()
+		if st := c.Stats(); st.Entries != 1 || st.InvalidationsReceived != 1 {
+			t.Errorf("after Invalidate: Stats = %+v; want key 1 dropped, 2 kept, 1 received", st)
+		}
+		func() {
+			defer func() {
+				if r := recover(); r != nil {
+					t.Errorf("Flush with a panicking tracer panicked: %v", r)
+				}
+			}()
+			bus.handler().Flush()
+		}()
+		if st := c.Stats(); st.Entries != 0 {
+			t.Errorf("after Flush: Stats = %+v; want no entries", st)
+		}
+	})
 }
+
+type exitingCodec struct{ pairCodec }
+
+func (exitingCodec) Decode(string) (pair, error) { runtime.Goexit(); return pair{}, nil }
+
+type panickyTracer struct{}
+
+func (panickyTracer) TraceLoadStart(ctx context.Context, _ TraceLoadStartData) context.Context {
+	return ctx
+}
+func (panickyTracer) TraceLoadEnd(context.Context, TraceLoadEndData) {}
+func (panickyTracer) TraceInvalidation(TraceInvalidationData)        { panic("tracer bug") }
 
 type panickyCodec struct{ pairCodec }
 

@@ -714,29 +714,47 @@ type handler[K comparable, V any] struct{ c *Cache[K, V] }
 func (h handler[K, V]) Invalidate(invs []Invalidation) {
 	c := h.c
 	// Race 14: whatever goes wrong while applying an invalidation ends in a
-	// flush, never in a skipped key.
+	// flush, never in a skipped key: a panic, and a KeyCodec that ends the
+	// goroutine (runtime.Goexit, for which recover returns nil).
+	applied := false
 	defer func() {
-		if r := recover(); r != nil {
-			c.log.Error("cache: panic applying invalidation; flushing", "panic", r)
-			c.flush()
+		if applied {
+			return
 		}
+		r := recover()
+		c.log.Error("cache: applying an invalidation failed; flushing", "panic", r, "goexit", r == nil)
+		c.flush()
 	}()
 	for _, inv := range invs {
 		key, err := c.keys.Decode(inv.Key)
 		if err != nil {
 			c.log.Warn("cache: undecodable key in invalidation; flushing", "err", err)
 			c.flush()
+			applied = true
 			return
 		}
 		c.drop(c.hash(key), key, inv.Version)
 	}
+	applied = true
 	c.stats.received.Add(uint64(len(invs)))
-	c.traceInvalidation(invs, true)
+	c.traceRemote(invs)
 }
 
 func (h handler[K, V]) Flush() {
 	h.c.flush()
-	h.c.traceInvalidation(nil, true)
+	h.c.traceRemote(nil)
+}
+
+// traceRemote traces invalidations applied from the bus. The tracer runs
+// after they took effect; a panic in it is logged, not passed on to the
+// bus, which would take it for a failure to apply them.
+func (c *Cache[K, V]) traceRemote(invs []Invalidation) {
+	defer func() {
+		if r := recover(); r != nil {
+			c.log.Error("cache: InvalidationTracer panicked", "panic", r)
+		}
+	}()
+	c.traceInvalidation(invs, true)
 }
 
 // LinkLost revokes the cached proof: the next Get falls to getUnproven,
