@@ -73,7 +73,7 @@ func (s *Store) RunRelay(ctx context.Context) error {
 	}()
 
 	failures := 0
-	unproven := false
+	unproven, ran := false, false
 	for {
 		n, next, err := s.relay(ctx)
 		if ctx.Err() != nil {
@@ -84,7 +84,8 @@ func (s *Store) RunRelay(ctx context.Context) error {
 		switch {
 		case errors.Is(err, ErrUnproven):
 			s.relayUnproven.Add(1)
-			if !unproven {
+			if !unproven && ran {
+				// Not at start-up, when the bus has yet to prove its link.
 				s.log.Warn("store: relay paused: the publisher's link is not proven")
 			}
 			unproven = true
@@ -101,10 +102,10 @@ func (s *Store) RunRelay(ctx context.Context) error {
 			// again at once.
 			wait, wakeable = backoff(failures, s.poll), false
 		default:
-			if unproven {
+			if unproven && ran {
 				s.log.Info("store: relay resumed")
 			}
-			failures, unproven = 0, false
+			failures, unproven, ran = 0, false, true
 			if n == s.batch {
 				continue // more rows are due
 			}
