@@ -160,8 +160,22 @@ func (a *app) deleteItem(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
-// errNotInteger reports an add to an item whose value is not an integer.
-var errNotInteger = errors.New("value is not an integer")
+var (
+	// errNotInteger reports an add to an item whose value is not an integer.
+	errNotInteger = errors.New("value is not an integer")
+	// errOverflow reports an add whose sum does not fit in an int64.
+	errOverflow = errors.New("the sum is out of the range of a 64-bit integer; nothing written")
+)
+
+// add returns n + delta, or errOverflow if the sum does not fit in an
+// int64 (Go's + would wrap around).
+func add(n, delta int64) (int64, error) {
+	sum := n + delta
+	if (delta > 0 && sum < n) || (delta < 0 && sum > n) {
+		return 0, errOverflow
+	}
+	return sum, nil
+}
 
 func (a *app) addItem(w http.ResponseWriter, r *http.Request) {
 	id, ok := itemID(w, r)
@@ -197,11 +211,17 @@ func (a *app) addItem(w http.ResponseWriter, r *http.Request) {
 				return store.Change[Item]{}, errNotInteger
 			}
 		}
-		return upsert(id, strconv.FormatInt(n+delta, 10))(ctx, tx)
+		sum, err := add(n, delta)
+		if err != nil {
+			return store.Change[Item]{}, err
+		}
+		return upsert(id, strconv.FormatInt(sum, 10))(ctx, tx)
 	})
 	switch {
 	case errors.Is(err, errNotInteger):
-		writeError(w, http.StatusConflict, err.Error())
+		writeError(w, http.StatusConflict, errNotInteger.Error())
+	case errors.Is(err, errOverflow):
+		writeError(w, http.StatusUnprocessableEntity, errOverflow.Error())
 	case err != nil:
 		a.fail(w, r, err)
 	default:
