@@ -8,7 +8,9 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -48,18 +50,38 @@ func writeError(w http.ResponseWriter, status int, msg string) {
 	writeJSON(w, status, map[string]string{"error": msg})
 }
 
-// itemID returns the path's id, or writes a 400 and returns false.
+// itemID returns the path's id, or writes a 400 and returns false. An id is
+// 1 to maxID bytes of text (see checkText).
 func itemID(w http.ResponseWriter, r *http.Request) (string, bool) {
 	id := r.PathValue("id")
+	msg := ""
 	switch {
 	case id == "":
-		writeError(w, http.StatusBadRequest, "empty id")
-		return "", false
+		msg = "empty id"
 	case len(id) > maxID:
-		writeError(w, http.StatusBadRequest, fmt.Sprintf("id longer than %d bytes", maxID))
+		msg = fmt.Sprintf("id longer than %d bytes", maxID)
+	default:
+		msg = checkText("id", id)
+	}
+	if msg != "" {
+		writeError(w, http.StatusBadRequest, msg)
 		return "", false
 	}
 	return id, true
+}
+
+// checkText returns why s, the client's field, cannot be stored in a text
+// column, or "" if it can. Postgres rejects NUL bytes and invalid UTF-8 in
+// text; checked here, they are the client's mistake (400), not a failure
+// of the database (503).
+func checkText(field, s string) string {
+	switch {
+	case !utf8.ValidString(s):
+		return field + " is not valid UTF-8"
+	case strings.IndexByte(s, 0) >= 0:
+		return field + " contains a NUL byte"
+	}
+	return ""
 }
 
 // decode reads a JSON object of at most 1 MiB into v, or writes a 400.
@@ -73,19 +95,46 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 	return true
 }
 
-// fail maps a library error to a response.
+// The bodies of 503s. They tell a client what it may do and whether its
+// write happened, never why it failed: SQLSTATEs, addresses, lock names and
+// fencing tokens are the operator's business, and go to the log.
+const (
+	// A read, or a write that surely did not happen.
+	msgUnavailable = "temporarily unavailable, retry"
+	// A write whose transaction may have committed.
+	msgUnknown = "temporarily unavailable, the write may or may not have happened; retry"
+	// Writes that were rolled back.
+	msgFenced   = "write lost its lock and was fenced off, nothing written; retry"
+	msgLockLost = "write lost its lock, nothing written; retry"
+	msgConflict = "write conflicted with a concurrent one, nothing written; retry"
+)
+
+// fail maps a library error to a response and logs what the response does
+// not say.
 func (a *app) fail(w http.ResponseWriter, r *http.Request, err error) {
+	log := a.log.With("method", r.Method, "path", r.URL.Path, "err", err)
 	switch {
 	case errors.Is(err, cache.ErrInvalidKey):
 		writeError(w, http.StatusBadRequest, err.Error())
 	case r.Context().Err() != nil:
 		writeError(w, 499, "request cancelled")
-	case errors.Is(err, lockguard.ErrNotHeld), errors.Is(err, store.ErrFenced), errors.Is(err, store.ErrConflict):
-		// Nothing was written; the client may retry.
-		writeError(w, http.StatusServiceUnavailable, "write lost its lock, nothing written: "+err.Error())
+	// Nothing was written; the client may retry.
+	case errors.Is(err, store.ErrFenced):
+		log.Warn("write fenced")
+		writeError(w, http.StatusServiceUnavailable, msgFenced)
+	case errors.Is(err, lockguard.ErrNotHeld):
+		log.Warn("write lost its lock")
+		writeError(w, http.StatusServiceUnavailable, msgLockLost)
+	case errors.Is(err, store.ErrConflict):
+		log.Warn("write conflicted")
+		writeError(w, http.StatusServiceUnavailable, msgConflict)
 	default:
-		a.log.Error("request failed", "err", err)
-		writeError(w, http.StatusServiceUnavailable, err.Error())
+		log.Error("request failed")
+		msg := msgUnknown
+		if r.Method == http.MethodGet {
+			msg = msgUnavailable
+		}
+		writeError(w, http.StatusServiceUnavailable, msg)
 	}
 }
 
@@ -131,6 +180,10 @@ func (a *app) putItem(w http.ResponseWriter, r *http.Request) {
 	}
 	if body.Value == nil {
 		writeError(w, http.StatusBadRequest, `missing field "value"`)
+		return
+	}
+	if msg := checkText("value", *body.Value); msg != "" {
+		writeError(w, http.StatusBadRequest, msg)
 		return
 	}
 	ch, err := store.Update(r.Context(), a.store, a.items, id, upsert(id, *body.Value))
@@ -241,11 +294,13 @@ func (a *app) healthz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
 	if err := a.pool.Ping(ctx); err != nil {
-		writeError(w, http.StatusServiceUnavailable, "postgres: "+err.Error())
+		a.log.Warn("healthz: postgres", "err", err)
+		writeError(w, http.StatusServiceUnavailable, "postgres unreachable")
 		return
 	}
 	if err := a.rdb.Ping(ctx).Err(); err != nil {
-		writeError(w, http.StatusServiceUnavailable, "redis: "+err.Error())
+		a.log.Warn("healthz: redis", "err", err)
+		writeError(w, http.StatusServiceUnavailable, "redis unreachable")
 		return
 	}
 	if !a.items.Proven() {
@@ -256,7 +311,8 @@ func (a *app) healthz(w http.ResponseWriter, r *http.Request) {
 	// writes (and writes whose publication failed) are not announced.
 	lag, err := a.store.OutboxLag(ctx)
 	if err != nil {
-		writeError(w, http.StatusServiceUnavailable, "postgres: "+err.Error())
+		a.log.Warn("healthz: outbox lag", "err", err)
+		writeError(w, http.StatusServiceUnavailable, "postgres unreachable")
 		return
 	}
 	if lag > maxOutboxLag {
