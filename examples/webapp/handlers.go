@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -22,6 +23,9 @@ import (
 
 // maxID is the longest id accepted, in bytes.
 const maxID = 256
+
+// maxBody is the largest request body accepted, in bytes.
+const maxBody = 1 << 20
 
 // maxOutboxLag is how long the oldest due outbox row may wait for a relay
 // before /healthz fails. A healthy relay publishes a due row within
@@ -84,15 +88,58 @@ func checkText(field, s string) string {
 	return ""
 }
 
-// decode reads a JSON object of at most 1 MiB into v, or writes a 400.
-func decode(w http.ResponseWriter, r *http.Request, v any) bool {
-	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+// errTrailingData reports a body with more than one JSON value.
+var errTrailingData = errors.New("data after the JSON object")
+
+// decode reads the request's body, which must be one JSON value of at most
+// maxBody bytes, into v. Otherwise it writes a 413 (too long) or a 400 and
+// returns false.
+func (a *app) decode(w http.ResponseWriter, r *http.Request, v any) bool {
+	body := &bodyReader{r: http.MaxBytesReader(w, r.Body, maxBody)}
+	dec := json.NewDecoder(body)
 	dec.UseNumber()
-	if err := dec.Decode(v); err != nil {
-		writeError(w, http.StatusBadRequest, "body is not a JSON object: "+err.Error())
-		return false
+	err := dec.Decode(v)
+	if err == nil {
+		// Reading on to the end enforces maxBody on what follows too.
+		if _, err = dec.Token(); errors.Is(err, io.EOF) {
+			return true
+		} else if err == nil {
+			err = errTrailingData
+		}
 	}
-	return true
+	var tooLong *http.MaxBytesError
+	var netErr net.Error
+	switch {
+	case errors.As(body.err, &tooLong):
+		writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("body longer than %d bytes", maxBody))
+	case body.err != nil:
+		// The connection failed, or the server's ReadTimeout passed; the
+		// error names addresses, which are not the client's business.
+		a.log.Info("reading a request body", "method", r.Method, "path", r.URL.Path, "err", body.err)
+		if errors.As(body.err, &netErr) && netErr.Timeout() {
+			writeError(w, http.StatusRequestTimeout, "body not received in time")
+		} else {
+			writeError(w, http.StatusBadRequest, "could not read the body")
+		}
+	default:
+		writeError(w, http.StatusBadRequest, "body is not a JSON object: "+err.Error())
+	}
+	return false
+}
+
+// bodyReader keeps the error of reading a body, apart from the errors of
+// decoding it.
+type bodyReader struct {
+	r   io.Reader
+	err error // the first error other than io.EOF
+}
+
+func (b *bodyReader) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	if err != nil && !errors.Is(err, io.EOF) && b.err == nil {
+		b.err = err
+	}
+	return n, err
 }
 
 // The bodies of 503s. They tell a client what it may do and whether its
@@ -175,7 +222,7 @@ func (a *app) putItem(w http.ResponseWriter, r *http.Request) {
 	var body struct {
 		Value *string `json:"value"`
 	}
-	if !decode(w, r, &body) {
+	if !a.decode(w, r, &body) {
 		return
 	}
 	if body.Value == nil {
@@ -238,7 +285,7 @@ func (a *app) addItem(w http.ResponseWriter, r *http.Request) {
 	var body struct {
 		Delta *json.Number `json:"delta"`
 	}
-	if !decode(w, r, &body) {
+	if !a.decode(w, r, &body) {
 		return
 	}
 	if body.Delta == nil {

@@ -117,7 +117,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) error {
 	}
 	defer app.close()
 
-	srv := &http.Server{Addr: cfg.addr, Handler: app.routes(), ReadHeaderTimeout: 5 * time.Second}
+	srv := newServer(cfg.addr, app.routes(), serverTimeouts(cfg.lockTTL))
 	errc := make(chan error, 1)
 	go func() { errc <- srv.ListenAndServe() }()
 	log.Info("listening", "addr", cfg.addr)
@@ -130,6 +130,40 @@ func run(ctx context.Context, cfg config, log *slog.Logger) error {
 	sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer scancel()
 	return srv.Shutdown(sctx)
+}
+
+// timeouts bound how long a client may hold a connection; see http.Server.
+type timeouts struct {
+	readHeader, read, write, idle time.Duration
+}
+
+// serverTimeouts returns the timeouts of a server whose writes take locks
+// with a lease of lockTTL.
+func serverTimeouts(lockTTL time.Duration) timeouts {
+	return timeouts{
+		readHeader: 5 * time.Second,
+		// The whole request, body included: at least 100 KB/s for a body
+		// of maxBody.
+		read: 10 * time.Second,
+		// From the end of the request's headers to the end of the
+		// response. The slowest legitimate write waits for a lock whose
+		// holder stalled until the lease runs out, then runs its
+		// transaction: the lease and 5s, and never less than 15s.
+		write: max(15*time.Second, lockTTL+5*time.Second),
+		idle:  60 * time.Second,
+	}
+}
+
+// newServer returns the server of handler h on addr, with the timeouts to.
+func newServer(addr string, h http.Handler, to timeouts) *http.Server {
+	return &http.Server{
+		Addr:              addr,
+		Handler:           h,
+		ReadHeaderTimeout: to.readHeader,
+		ReadTimeout:       to.read,
+		WriteTimeout:      to.write,
+		IdleTimeout:       to.idle,
+	}
 }
 
 // redact drops the password from a URL for messages.
