@@ -15,6 +15,15 @@
 //	GET    /metrics           the same, and load and write durations, for Prometheus
 //	GET    /healthz           200 when Postgres, Redis, a proven bus link and a relayed outbox are there, else 503
 //
+// An id is 1 to 256 bytes of UTF-8 without NUL; a value is UTF-8 without
+// NUL, as long as the body allows. A body is one JSON object of at most
+// 1 MiB. Errors are {"error":"…"}: 400 for an invalid id, body, value or
+// delta, 413 for a body over the limit, 409 for an add to a value that is
+// not an integer, 422 for an add whose sum leaves the int64 range; none of
+// them writes anything. A 503 asks the client to retry: its message says
+// "nothing written" when the write was rolled back, and otherwise that its
+// outcome is unknown; the server logs why.
+//
 // Writes go through the lock guard and the outbox (package store); writes
 // to the table from any other client are captured and relayed.
 package main
