@@ -78,10 +78,10 @@ type Op struct {
 	Err string
 }
 
-// fenced reports a write that the fence rejected.
-// The store's FenceError reads "store: fencing token N of lock … rejected: …".
+// fenced reports a write that the fence rejected: the webapp answers 503
+// "write lost its lock and was fenced off, nothing written; retry".
 func (o *Op) fenced() bool {
-	return strings.Contains(o.Err, "store: fencing token") && strings.Contains(o.Err, "rejected")
+	return strings.Contains(o.Err, "fenced off") && strings.Contains(o.Err, "nothing written")
 }
 
 func (o Op) String() string {

@@ -18,9 +18,12 @@
 package main
 
 import (
+	"cmp"
 	"context"
+	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -40,17 +43,13 @@ type config struct {
 }
 
 func main() {
-	var cfg config
-	flag.IntVar(&cfg.nodes, "nodes", 3, "nodes, each with its own cache, bus, lock guard and connections")
-	flag.IntVar(&cfg.keys, "keys", 10_000, "distinct keys")
-	flag.Float64Var(&cfg.readRatio, "reads", 0.98, "share of operations that are reads")
-	flag.IntVar(&cfg.readers, "workers", 8, "concurrent workers per node")
-	flag.DurationVar(&cfg.duration, "duration", 10*time.Second, "how long to run")
-	flag.BoolVar(&cfg.faults, "faults", false, "kill the nodes' bus connections (CLIENT KILL) every second or so")
-	flag.DurationVar(&cfg.maxStaleness, "max-staleness", time.Second, "cache.Options.MaxStaleness, the bound stale reads are checked against")
-	flag.StringVar(&cfg.dbURL, "database-url", env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"), "Postgres URL")
-	flag.StringVar(&cfg.redisURL, "redis-url", env("REDIS_URL", "redis://127.0.0.1:6379/0"), "Redis URL")
-	flag.Parse()
+	cfg, err := parseFlags(os.Args[1:], os.Getenv, os.Stderr)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		os.Exit(0)
+	case err != nil:
+		os.Exit(2)
+	}
 	if cfg.nodes < 1 || cfg.keys < 1 || cfg.readers < 1 || cfg.duration <= 0 || cfg.readRatio < 0 || cfg.readRatio > 1 {
 		fmt.Fprintln(os.Stderr, "demo: -nodes, -keys, -workers and -duration must be positive and -reads in [0, 1]")
 		os.Exit(2)
@@ -78,9 +77,33 @@ func main() {
 	}
 }
 
-func env(name, def string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
+// The services' URLs when neither the flags nor the environment give them.
+const (
+	defaultDatabaseURL = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+	defaultRedisURL    = "redis://127.0.0.1:6379/0"
+)
+
+// parseFlags parses the command line args. -database-url and -redis-url
+// default to the environment variables DATABASE_URL and REDIS_URL, which
+// getenv reads; they are read after parsing, so that the usage message
+// never prints them, or a password in them. Errors and usage go to out.
+func parseFlags(args []string, getenv func(string) string, out io.Writer) (config, error) {
+	var cfg config
+	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.IntVar(&cfg.nodes, "nodes", 3, "nodes, each with its own cache, bus, lock guard and connections")
+	fs.IntVar(&cfg.keys, "keys", 10_000, "distinct keys")
+	fs.Float64Var(&cfg.readRatio, "reads", 0.98, "share of operations that are reads")
+	fs.IntVar(&cfg.readers, "workers", 8, "concurrent workers per node")
+	fs.DurationVar(&cfg.duration, "duration", 10*time.Second, "how long to run")
+	fs.BoolVar(&cfg.faults, "faults", false, "kill the nodes' bus connections (CLIENT KILL) every second or so")
+	fs.DurationVar(&cfg.maxStaleness, "max-staleness", time.Second, "cache.Options.MaxStaleness, the bound stale reads are checked against")
+	fs.StringVar(&cfg.dbURL, "database-url", "", "Postgres URL (default $DATABASE_URL, or "+defaultDatabaseURL+")")
+	fs.StringVar(&cfg.redisURL, "redis-url", "", "Redis URL (default $REDIS_URL, or "+defaultRedisURL+")")
+	if err := fs.Parse(args); err != nil {
+		return cfg, err
 	}
-	return def
+	cfg.dbURL = cmp.Or(cfg.dbURL, getenv("DATABASE_URL"), defaultDatabaseURL)
+	cfg.redisURL = cmp.Or(cfg.redisURL, getenv("REDIS_URL"), defaultRedisURL)
+	return cfg, nil
 }

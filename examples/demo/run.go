@@ -18,6 +18,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/coherentcache/coherent/cache"
+	svc "github.com/coherentcache/coherent/internal/services"
 	"github.com/coherentcache/coherent/invalidate"
 	"github.com/coherentcache/coherent/lockguard"
 	"github.com/coherentcache/coherent/store"
@@ -61,7 +62,11 @@ func (n *node) close() {
 // setup recreates the demo's schema, with the library's tables and the
 // items table, every key at version 1.
 func setup(ctx context.Context, dbURL string, keys int) error {
-	pool, err := pgxpool.New(ctx, dbURL)
+	pcfg, err := pgxpool.ParseConfig(dbURL)
+	if err != nil {
+		return svc.ErrDatabaseURL // pgx's error may quote parts of a password
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
 	if err != nil {
 		return err
 	}
@@ -324,7 +329,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (*result, error) {
 func newNode(ctx context.Context, id int, cfg config, suffix string, log *slog.Logger) (*node, error) {
 	pcfg, err := pgxpool.ParseConfig(cfg.dbURL)
 	if err != nil {
-		return nil, err
+		return nil, svc.ErrDatabaseURL // pgx's error may quote parts of a password
 	}
 	pcfg.ConnConfig.RuntimeParams["application_name"] = fmt.Sprintf("coherent-demo-%d", id)
 	pcfg.MaxConns = int32(cfg.readers + 4)
@@ -335,7 +340,7 @@ func newNode(ctx context.Context, id int, cfg config, suffix string, log *slog.L
 	ropts, err := redis.ParseURL(cfg.redisURL)
 	if err != nil {
 		pool.Close()
-		return nil, err
+		return nil, svc.ErrRedisURL // go-redis's error quotes the URL
 	}
 	ropts.ClientName = fmt.Sprintf("coherent-demo-%s-%d", suffix, id) // found by killBusConnections
 	ropts.PoolSize = cfg.readers + 4

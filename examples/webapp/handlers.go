@@ -6,9 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -20,6 +23,9 @@ import (
 
 // maxID is the longest id accepted, in bytes.
 const maxID = 256
+
+// maxBody is the largest request body accepted, in bytes.
+const maxBody = 1 << 20
 
 // maxOutboxLag is how long the oldest due outbox row may wait for a relay
 // before /healthz fails. A healthy relay publishes a due row within
@@ -48,44 +54,134 @@ func writeError(w http.ResponseWriter, status int, msg string) {
 	writeJSON(w, status, map[string]string{"error": msg})
 }
 
-// itemID returns the path's id, or writes a 400 and returns false.
+// itemID returns the path's id, or writes a 400 and returns false. An id is
+// 1 to maxID bytes of text (see checkText).
 func itemID(w http.ResponseWriter, r *http.Request) (string, bool) {
 	id := r.PathValue("id")
+	msg := ""
 	switch {
 	case id == "":
-		writeError(w, http.StatusBadRequest, "empty id")
-		return "", false
+		msg = "empty id"
 	case len(id) > maxID:
-		writeError(w, http.StatusBadRequest, fmt.Sprintf("id longer than %d bytes", maxID))
+		msg = fmt.Sprintf("id longer than %d bytes", maxID)
+	default:
+		msg = checkText("id", id)
+	}
+	if msg != "" {
+		writeError(w, http.StatusBadRequest, msg)
 		return "", false
 	}
 	return id, true
 }
 
-// decode reads a JSON object of at most 1 MiB into v, or writes a 400.
-func decode(w http.ResponseWriter, r *http.Request, v any) bool {
-	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
-	dec.UseNumber()
-	if err := dec.Decode(v); err != nil {
-		writeError(w, http.StatusBadRequest, "body is not a JSON object: "+err.Error())
-		return false
+// checkText returns why s, the client's field, cannot be stored in a text
+// column, or "" if it can. Postgres rejects NUL bytes and invalid UTF-8 in
+// text; checked here, they are the client's mistake (400), not a failure
+// of the database (503).
+func checkText(field, s string) string {
+	switch {
+	case !utf8.ValidString(s):
+		return field + " is not valid UTF-8"
+	case strings.IndexByte(s, 0) >= 0:
+		return field + " contains a NUL byte"
 	}
-	return true
+	return ""
 }
 
-// fail maps a library error to a response.
+// errTrailingData reports a body with more than one JSON value.
+var errTrailingData = errors.New("data after the JSON object")
+
+// decode reads the request's body, which must be one JSON value of at most
+// maxBody bytes, into v. Otherwise it writes a 413 (too long) or a 400 and
+// returns false.
+func (a *app) decode(w http.ResponseWriter, r *http.Request, v any) bool {
+	body := &bodyReader{r: http.MaxBytesReader(w, r.Body, maxBody)}
+	dec := json.NewDecoder(body)
+	dec.UseNumber()
+	err := dec.Decode(v)
+	if err == nil {
+		// Reading on to the end enforces maxBody on what follows too.
+		if _, err = dec.Token(); errors.Is(err, io.EOF) {
+			return true
+		} else if err == nil {
+			err = errTrailingData
+		}
+	}
+	var tooLong *http.MaxBytesError
+	var netErr net.Error
+	switch {
+	case errors.As(body.err, &tooLong):
+		writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("body longer than %d bytes", maxBody))
+	case body.err != nil:
+		// The connection failed, or the server's ReadTimeout passed; the
+		// error names addresses, which are not the client's business.
+		a.log.Info("reading a request body", "method", r.Method, "path", r.URL.Path, "err", body.err)
+		if errors.As(body.err, &netErr) && netErr.Timeout() {
+			writeError(w, http.StatusRequestTimeout, "body not received in time")
+		} else {
+			writeError(w, http.StatusBadRequest, "could not read the body")
+		}
+	default:
+		writeError(w, http.StatusBadRequest, "body is not a JSON object: "+err.Error())
+	}
+	return false
+}
+
+// bodyReader keeps the error of reading a body, apart from the errors of
+// decoding it.
+type bodyReader struct {
+	r   io.Reader
+	err error // the first error other than io.EOF
+}
+
+func (b *bodyReader) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	if err != nil && !errors.Is(err, io.EOF) && b.err == nil {
+		b.err = err
+	}
+	return n, err
+}
+
+// The bodies of 503s. They tell a client what it may do and whether its
+// write happened, never why it failed: SQLSTATEs, addresses, lock names and
+// fencing tokens are the operator's business, and go to the log.
+const (
+	// A read, or a write that surely did not happen.
+	msgUnavailable = "temporarily unavailable, retry"
+	// A write whose transaction may have committed.
+	msgUnknown = "temporarily unavailable, the write may or may not have happened; retry"
+	// Writes that were rolled back.
+	msgFenced   = "write lost its lock and was fenced off, nothing written; retry"
+	msgLockLost = "write lost its lock, nothing written; retry"
+	msgConflict = "write conflicted with a concurrent one, nothing written; retry"
+)
+
+// fail maps a library error to a response and logs what the response does
+// not say.
 func (a *app) fail(w http.ResponseWriter, r *http.Request, err error) {
+	log := a.log.With("method", r.Method, "path", r.URL.Path, "err", err)
 	switch {
 	case errors.Is(err, cache.ErrInvalidKey):
 		writeError(w, http.StatusBadRequest, err.Error())
 	case r.Context().Err() != nil:
 		writeError(w, 499, "request cancelled")
-	case errors.Is(err, lockguard.ErrNotHeld), errors.Is(err, store.ErrFenced), errors.Is(err, store.ErrConflict):
-		// Nothing was written; the client may retry.
-		writeError(w, http.StatusServiceUnavailable, "write lost its lock, nothing written: "+err.Error())
+	// Nothing was written; the client may retry.
+	case errors.Is(err, store.ErrFenced):
+		log.Warn("write fenced")
+		writeError(w, http.StatusServiceUnavailable, msgFenced)
+	case errors.Is(err, lockguard.ErrNotHeld):
+		log.Warn("write lost its lock")
+		writeError(w, http.StatusServiceUnavailable, msgLockLost)
+	case errors.Is(err, store.ErrConflict):
+		log.Warn("write conflicted")
+		writeError(w, http.StatusServiceUnavailable, msgConflict)
 	default:
-		a.log.Error("request failed", "err", err)
-		writeError(w, http.StatusServiceUnavailable, err.Error())
+		log.Error("request failed")
+		msg := msgUnknown
+		if r.Method == http.MethodGet {
+			msg = msgUnavailable
+		}
+		writeError(w, http.StatusServiceUnavailable, msg)
 	}
 }
 
@@ -126,11 +222,15 @@ func (a *app) putItem(w http.ResponseWriter, r *http.Request) {
 	var body struct {
 		Value *string `json:"value"`
 	}
-	if !decode(w, r, &body) {
+	if !a.decode(w, r, &body) {
 		return
 	}
 	if body.Value == nil {
 		writeError(w, http.StatusBadRequest, `missing field "value"`)
+		return
+	}
+	if msg := checkText("value", *body.Value); msg != "" {
+		writeError(w, http.StatusBadRequest, msg)
 		return
 	}
 	ch, err := store.Update(r.Context(), a.store, a.items, id, upsert(id, *body.Value))
@@ -160,8 +260,22 @@ func (a *app) deleteItem(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
-// errNotInteger reports an add to an item whose value is not an integer.
-var errNotInteger = errors.New("value is not an integer")
+var (
+	// errNotInteger reports an add to an item whose value is not an integer.
+	errNotInteger = errors.New("value is not an integer")
+	// errOverflow reports an add whose sum does not fit in an int64.
+	errOverflow = errors.New("the sum is out of the range of a 64-bit integer; nothing written")
+)
+
+// add returns n + delta, or errOverflow if the sum does not fit in an
+// int64 (Go's + would wrap around).
+func add(n, delta int64) (int64, error) {
+	sum := n + delta
+	if (delta > 0 && sum < n) || (delta < 0 && sum > n) {
+		return 0, errOverflow
+	}
+	return sum, nil
+}
 
 func (a *app) addItem(w http.ResponseWriter, r *http.Request) {
 	id, ok := itemID(w, r)
@@ -171,7 +285,7 @@ func (a *app) addItem(w http.ResponseWriter, r *http.Request) {
 	var body struct {
 		Delta *json.Number `json:"delta"`
 	}
-	if !decode(w, r, &body) {
+	if !a.decode(w, r, &body) {
 		return
 	}
 	if body.Delta == nil {
@@ -197,11 +311,17 @@ func (a *app) addItem(w http.ResponseWriter, r *http.Request) {
 				return store.Change[Item]{}, errNotInteger
 			}
 		}
-		return upsert(id, strconv.FormatInt(n+delta, 10))(ctx, tx)
+		sum, err := add(n, delta)
+		if err != nil {
+			return store.Change[Item]{}, err
+		}
+		return upsert(id, strconv.FormatInt(sum, 10))(ctx, tx)
 	})
 	switch {
 	case errors.Is(err, errNotInteger):
-		writeError(w, http.StatusConflict, err.Error())
+		writeError(w, http.StatusConflict, errNotInteger.Error())
+	case errors.Is(err, errOverflow):
+		writeError(w, http.StatusUnprocessableEntity, errOverflow.Error())
 	case err != nil:
 		a.fail(w, r, err)
 	default:
@@ -221,11 +341,13 @@ func (a *app) healthz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
 	if err := a.pool.Ping(ctx); err != nil {
-		writeError(w, http.StatusServiceUnavailable, "postgres: "+err.Error())
+		a.log.Warn("healthz: postgres", "err", err)
+		writeError(w, http.StatusServiceUnavailable, "postgres unreachable")
 		return
 	}
 	if err := a.rdb.Ping(ctx).Err(); err != nil {
-		writeError(w, http.StatusServiceUnavailable, "redis: "+err.Error())
+		a.log.Warn("healthz: redis", "err", err)
+		writeError(w, http.StatusServiceUnavailable, "redis unreachable")
 		return
 	}
 	if !a.items.Proven() {
@@ -236,7 +358,8 @@ func (a *app) healthz(w http.ResponseWriter, r *http.Request) {
 	// writes (and writes whose publication failed) are not announced.
 	lag, err := a.store.OutboxLag(ctx)
 	if err != nil {
-		writeError(w, http.StatusServiceUnavailable, "postgres: "+err.Error())
+		a.log.Warn("healthz: outbox lag", "err", err)
+		writeError(w, http.StatusServiceUnavailable, "postgres unreachable")
 		return
 	}
 	if lag > maxOutboxLag {

@@ -15,18 +15,32 @@
 //	GET    /metrics           the same, and load and write durations, for Prometheus
 //	GET    /healthz           200 when Postgres, Redis, a proven bus link and a relayed outbox are there, else 503
 //
+// An id is 1 to 256 bytes of UTF-8 without NUL; a value is UTF-8 without
+// NUL, as long as the body allows. A body is one JSON object of at most
+// 1 MiB. Errors are {"error":"…"}: 400 for an invalid id, body, value or
+// delta, 413 for a body over the limit, 409 for an add to a value that is
+// not an integer, 422 for an add whose sum leaves the int64 range; none of
+// them writes anything. A 503 asks the client to retry: its message says
+// "nothing written" when the write was rolled back, and otherwise that its
+// outcome is unknown; the server logs why.
+//
 // Writes go through the lock guard and the outbox (package store); writes
 // to the table from any other client are captured and relayed.
 package main
 
 import (
+	"cmp"
 	"context"
+	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -56,18 +70,13 @@ type config struct {
 }
 
 func main() {
-	var cfg config
-	flag.StringVar(&cfg.addr, "addr", ":8081", "listen address")
-	flag.StringVar(&cfg.node, "node", "a", "name of this instance, for logs and connection names")
-	flag.StringVar(&cfg.dbURL, "database-url", env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"), "Postgres URL; a search_path parameter selects the schema of the items table")
-	flag.StringVar(&cfg.redisURL, "redis-url", env("REDIS_URL", "redis://127.0.0.1:6379/0"), "Redis URL")
-	flag.StringVar(&cfg.schema, "schema", store.DefaultSchema, "schema of the library's tables")
-	flag.StringVar(&cfg.redisPrefix, "redis-prefix", "coherent:", "prefix of the bus channel and the lock keys")
-	flag.DurationVar(&cfg.lockTTL, "lock-ttl", lockguard.DefaultTTL, "lease of a write's lock")
-	flag.DurationVar(&cfg.maxStaleness, "max-staleness", time.Second, "serve from memory only while the bus link was proven this recently")
-	flag.IntVar(&cfg.crashAfterWrite, "crash-after-commit", 0, "fault injection: kill this process right after the commit of its n-th write, before it publishes (0: never)")
-	flag.Parse()
-
+	cfg, err := parseFlags(os.Args[1:], os.Getenv, os.Stderr)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		os.Exit(0)
+	case err != nil:
+		os.Exit(2)
+	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("node", cfg.node)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -77,38 +86,91 @@ func main() {
 	}
 }
 
-func env(name, def string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
+// The services' URLs when neither the flags nor the environment give them.
+const (
+	defaultDatabaseURL = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+	defaultRedisURL    = "redis://127.0.0.1:6379/0"
+)
+
+// parseFlags parses the command line args. -database-url and -redis-url
+// default to the environment variables DATABASE_URL and REDIS_URL, which
+// getenv reads; they are read after parsing, so that the usage message
+// never prints them, or a password in them. Errors and usage go to out.
+func parseFlags(args []string, getenv func(string) string, out io.Writer) (config, error) {
+	var cfg config
+	fs := flag.NewFlagSet("webapp", flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.StringVar(&cfg.addr, "addr", ":8081", "listen address")
+	fs.StringVar(&cfg.node, "node", "a", "name of this instance, for logs and connection names")
+	fs.StringVar(&cfg.dbURL, "database-url", "", "Postgres URL; a search_path parameter selects the schema of the items table (default $DATABASE_URL, or "+defaultDatabaseURL+")")
+	fs.StringVar(&cfg.redisURL, "redis-url", "", "Redis URL (default $REDIS_URL, or "+defaultRedisURL+")")
+	fs.StringVar(&cfg.schema, "schema", store.DefaultSchema, "schema of the library's tables")
+	fs.StringVar(&cfg.redisPrefix, "redis-prefix", "coherent:", "prefix of the bus channel and the lock keys")
+	fs.DurationVar(&cfg.lockTTL, "lock-ttl", lockguard.DefaultTTL, "lease of a write's lock")
+	fs.DurationVar(&cfg.maxStaleness, "max-staleness", time.Second, "serve from memory only while the bus link was proven this recently")
+	fs.IntVar(&cfg.crashAfterWrite, "crash-after-commit", 0, "fault injection: kill this process right after the commit of its n-th write, before it publishes (0: never)")
+	if err := fs.Parse(args); err != nil {
+		return cfg, err
 	}
-	return def
+	cfg.dbURL = cmp.Or(cfg.dbURL, getenv("DATABASE_URL"), defaultDatabaseURL)
+	cfg.redisURL = cmp.Or(cfg.redisURL, getenv("REDIS_URL"), defaultRedisURL)
+	return cfg, nil
+}
+
+// The errors of URLs that do not parse. They show nothing of the URL, nor
+// the parser's message: go-redis quotes the URL whole, and pgx's redaction
+// of a string it cannot parse is best effort, which lets parts of a
+// password with a space or an unescaped '@' through.
+var (
+	errDatabaseURL = errors.New("-database-url (or DATABASE_URL) is neither a Postgres URL nor a keyword/value string; not shown, as it may hold a password (percent-encode special characters in a URL's password)")
+	errRedisURL    = errors.New("-redis-url (or REDIS_URL) is not a Redis URL, redis://[[user]:password@]host:port/db; not shown, as it may hold a password (percent-encode special characters in it)")
+)
+
+// hideSecret returns err, or an error of the same message with every
+// occurrence of secret (as is, or escaped as in a URL) replaced by "xxxxx".
+// The drivers' connection errors name hosts, users and databases, never the
+// password; this keeps it so, whatever their next version says.
+func hideSecret(err error, secret string) error {
+	if err == nil || secret == "" {
+		return err
+	}
+	msg := err.Error()
+	hidden := msg
+	for _, s := range []string{secret, url.QueryEscape(secret), strings.TrimPrefix(url.UserPassword("", secret).String(), ":")} {
+		hidden = strings.ReplaceAll(hidden, s, "xxxxx")
+	}
+	if hidden == msg {
+		return err
+	}
+	return errors.New(hidden)
 }
 
 func run(ctx context.Context, cfg config, log *slog.Logger) error {
 	pcfg, err := pgxpool.ParseConfig(cfg.dbURL)
 	if err != nil {
-		return fmt.Errorf("postgres: %w", err)
+		return errDatabaseURL
 	}
+	pw := pcfg.ConnConfig.Password
 	pcfg.ConnConfig.RuntimeParams["application_name"] = "coherent-webapp-" + cfg.node
 	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
 	if err != nil {
-		return fmt.Errorf("postgres: %w", err)
+		return hideSecret(fmt.Errorf("postgres: %w", err), pw)
 	}
 	defer pool.Close()
 	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if err := pool.Ping(pctx); err != nil {
-		return fmt.Errorf("postgres at %s unreachable: %w", redact(cfg.dbURL), err)
+		return hideSecret(fmt.Errorf("postgres at %s unreachable: %w", redact(cfg.dbURL), err), pw)
 	}
 	ropts, err := redis.ParseURL(cfg.redisURL)
 	if err != nil {
-		return fmt.Errorf("redis: %w", err)
+		return errRedisURL
 	}
 	ropts.ClientName = "coherent-webapp-" + cfg.node
 	rdb := redis.NewClient(ropts)
 	defer rdb.Close()
 	if err := rdb.Ping(pctx).Err(); err != nil {
-		return fmt.Errorf("redis at %s unreachable: %w", ropts.Addr, err)
+		return hideSecret(fmt.Errorf("redis at %s unreachable: %w", ropts.Addr, err), ropts.Password)
 	}
 
 	app, err := newApp(ctx, cfg, pool, rdb, log)
@@ -117,7 +179,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) error {
 	}
 	defer app.close()
 
-	srv := &http.Server{Addr: cfg.addr, Handler: app.routes(), ReadHeaderTimeout: 5 * time.Second}
+	srv := newServer(cfg.addr, app.routes(), serverTimeouts(cfg.lockTTL))
 	errc := make(chan error, 1)
 	go func() { errc <- srv.ListenAndServe() }()
 	log.Info("listening", "addr", cfg.addr)
@@ -130,6 +192,40 @@ func run(ctx context.Context, cfg config, log *slog.Logger) error {
 	sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer scancel()
 	return srv.Shutdown(sctx)
+}
+
+// timeouts bound how long a client may hold a connection; see http.Server.
+type timeouts struct {
+	readHeader, read, write, idle time.Duration
+}
+
+// serverTimeouts returns the timeouts of a server whose writes take locks
+// with a lease of lockTTL.
+func serverTimeouts(lockTTL time.Duration) timeouts {
+	return timeouts{
+		readHeader: 5 * time.Second,
+		// The whole request, body included: at least 100 KB/s for a body
+		// of maxBody.
+		read: 10 * time.Second,
+		// From the end of the request's headers to the end of the
+		// response. The slowest legitimate write waits for a lock whose
+		// holder stalled until the lease runs out, then runs its
+		// transaction: the lease and 5s, and never less than 15s.
+		write: max(15*time.Second, lockTTL+5*time.Second),
+		idle:  60 * time.Second,
+	}
+}
+
+// newServer returns the server of handler h on addr, with the timeouts to.
+func newServer(addr string, h http.Handler, to timeouts) *http.Server {
+	return &http.Server{
+		Addr:              addr,
+		Handler:           h,
+		ReadHeaderTimeout: to.readHeader,
+		ReadTimeout:       to.read,
+		WriteTimeout:      to.write,
+		IdleTimeout:       to.idle,
+	}
 }
 
 // redact drops the password from a URL for messages.

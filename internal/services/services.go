@@ -5,7 +5,10 @@ package services
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net/url"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -18,31 +21,69 @@ import (
 // pingTimeout bounds each check.
 const pingTimeout = 3 * time.Second
 
-// PingPostgres reports whether Postgres answers at url.
-func PingPostgres(ctx context.Context, url string) error {
+// The errors of URLs that do not parse. They show nothing of the URL, nor
+// the parser's message: go-redis quotes the URL whole, and pgx's redaction
+// of a string it cannot parse is best effort, which lets parts of a
+// password with a space or an unescaped '@' through.
+var (
+	// ErrDatabaseURL reports a Postgres URL or keyword/value string that
+	// does not parse.
+	ErrDatabaseURL = errors.New("the Postgres URL is neither a URL nor a keyword/value string; not shown, as it may hold a password (percent-encode special characters in a URL's password)")
+	// ErrRedisURL reports a Redis URL that does not parse.
+	ErrRedisURL = errors.New("the Redis URL is not redis://[[user]:password@]host:port/db; not shown, as it may hold a password (percent-encode special characters in it)")
+)
+
+// PingPostgres reports whether Postgres answers at dsn, a URL or a
+// keyword/value string. Its error never shows the password: it is
+// [ErrDatabaseURL] if dsn does not parse.
+func PingPostgres(ctx context.Context, dsn string) error {
+	cfg, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		return ErrDatabaseURL
+	}
 	ctx, cancel := context.WithTimeout(ctx, pingTimeout)
 	defer cancel()
-	conn, err := pgx.Connect(ctx, url)
+	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
-		return fmt.Errorf("postgres unreachable: %w", err)
+		return HideSecret(fmt.Errorf("postgres unreachable: %w", err), cfg.Password)
 	}
 	return conn.Close(ctx)
 }
 
-// PingRedis reports whether Redis answers at url.
-func PingRedis(ctx context.Context, url string) error {
-	opts, err := redis.ParseURL(url)
+// PingRedis reports whether Redis answers at rawURL. Its error never shows
+// the password: it is [ErrRedisURL] if rawURL does not parse.
+func PingRedis(ctx context.Context, rawURL string) error {
+	opts, err := redis.ParseURL(rawURL)
 	if err != nil {
-		return fmt.Errorf("redis URL: %w", err)
+		return ErrRedisURL
 	}
 	c := redis.NewClient(opts)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(ctx, pingTimeout)
 	defer cancel()
 	if err := c.Ping(ctx).Err(); err != nil {
-		return fmt.Errorf("redis unreachable at %s: %w", opts.Addr, err)
+		return HideSecret(fmt.Errorf("redis unreachable at %s: %w", opts.Addr, err), opts.Password)
 	}
 	return nil
+}
+
+// HideSecret returns err, or an error of the same message with every
+// occurrence of secret (as is, or escaped as in a URL) replaced by "xxxxx".
+// The drivers' connection errors name hosts, users and databases, never the
+// password; this keeps it so, whatever their next version says.
+func HideSecret(err error, secret string) error {
+	if err == nil || secret == "" {
+		return err
+	}
+	msg := err.Error()
+	hidden := msg
+	for _, s := range []string{secret, url.QueryEscape(secret), strings.TrimPrefix(url.UserPassword("", secret).String(), ":")} {
+		hidden = strings.ReplaceAll(hidden, s, "xxxxx")
+	}
+	if hidden == msg {
+		return err
+	}
+	return errors.New(hidden)
 }
 
 // DockerAvailable reports whether a Docker engine answers.
