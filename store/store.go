@@ -31,6 +31,14 @@ var (
 	// be retried; see [RetryConflicts].
 	ErrConflict = errors.New("store: conflict")
 
+	// ErrCommitUnknown reports a write whose outcome is unknown: the
+	// connection failed, or ctx ended, after COMMIT was sent and before
+	// its reply came. The write may have committed; if it did, its outbox
+	// row announces it (after [Options.Grace]). Do not report it as
+	// "nothing written", and retry only a write that is safe to apply
+	// twice.
+	ErrCommitUnknown = errors.New("store: commit outcome unknown")
+
 	// ErrNoLocks is returned by lock-guarded writes of a Store built
 	// without [Options.Locks].
 	ErrNoLocks = errors.New("store: no lock guard configured")

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -13,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/internal/faultproxy"
 	"github.com/coherentcache/coherent/internal/testenv"
 	"github.com/coherentcache/coherent/lockguard"
 )
@@ -1015,5 +1018,71 @@ func TestCaptureKeysAreTheColumnTextForm(t *testing.T) {
 		if string(key) != tc.want {
 			t.Errorf("%s key %q captured as %q; want %q", tc.typ, tc.value, key, tc.want)
 		}
+	}
+}
+
+// TestCommitOfUnknownOutcome: when the connection fails after the store
+// sent COMMIT and before the reply, nobody on this side can tell whether
+// the write committed. The error must say so (ErrCommitUnknown), so that a
+// caller does not report "nothing written" and retry a non-idempotent
+// write; a failure the server reported is a plain rollback. (Found while
+// fixing the webapp's 503 messages: a lost lock made every such write
+// "nothing written".)
+func TestCommitOfUnknownOutcome(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	p, err := faultproxy.New("127.0.0.1:5432")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	cfg := testenv.PoolConfig(t, e.app, "")
+	host, port, _ := net.SplitHostPort(p.Addr())
+	n, _ := strconv.Atoi(port)
+	cfg.ConnConfig.Host, cfg.ConnConfig.Port = host, uint16(n)
+	cfg.ConnConfig.Fallbacks = nil
+	locks, err := lockguard.New(e.rdb, &lockguard.Options{Prefix: e.prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer locks.Close()
+	s, err := New(testenv.Pool(t, cfg), &Options{Schema: e.schema, Locks: locks, Publisher: e.pub})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := e.node(s)
+	outbox := pgx.Identifier{e.schema, "outbox"}.Sanitize()
+	// The outbox row of key "slow" holds the final round trip (outbox and
+	// COMMIT) on the server; "bad" fails it there.
+	for _, sql := range []string{
+		`CREATE FUNCTION ` + pgx.Identifier{e.schema, "hold"}.Sanitize() + `() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			IF NEW.key = 'slow'::bytea THEN PERFORM pg_sleep(2); END IF;
+			IF NEW.key = 'bad'::bytea THEN RAISE EXCEPTION 'refused'; END IF;
+			RETURN NEW;
+		END $$`,
+		`CREATE TRIGGER hold BEFORE INSERT ON ` + outbox + ` FOR EACH ROW EXECUTE FUNCTION ` + pgx.Identifier{e.schema, "hold"}.Sanitize() + `()`,
+	} {
+		if _, err := e.pool.Exec(ctx, sql); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err = Update(ctx, s, c, "bad", e.put("bad", "v"))
+	if err == nil || errors.Is(err, ErrCommitUnknown) {
+		t.Errorf("a write the server refused = %v; want an error that is not ErrCommitUnknown", err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := Update(ctx, s, c, "slow", e.put("slow", "v"))
+		done <- err
+	}()
+	waitFor(t, "the final round trip to be on the server", func() bool {
+		var n int
+		e.pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event = 'PgSleep'`, e.app).Scan(&n)
+		return n > 0
+	})
+	p.KillAll()
+	if err := <-done; !errors.Is(err, ErrCommitUnknown) {
+		t.Errorf("a write whose connection failed after COMMIT was sent = %v; want ErrCommitUnknown", err)
 	}
 }

@@ -49,8 +49,10 @@ type TxFunc[V any] func(ctx context.Context, tx pgx.Tx) (Change[V], error)
 // fn if the lock is lost. A committed write is published regardless, within
 // a few seconds. Update returns fn's error, a
 // [*FenceError], an error for which errors.Is(err, ErrConflict) is true for
-// a serialization failure or deadlock, [ErrNoLocks], or the error of
-// acquiring the lock or of Postgres. None of them leaves a committed write
+// a serialization failure or deadlock, one for which errors.Is(err,
+// ErrCommitUnknown) is true when the write may or may not have committed,
+// [ErrNoLocks], or the error of acquiring the lock or of Postgres. Only
+// with ErrCommitUnknown may the write have happened. None of them leaves a committed write
 // unannounced: only a commit creates an outbox row, and the relay publishes
 // every row nobody confirmed.
 func Update[K comparable, V any](ctx context.Context, s *Store, c *cache.Cache[K, V], key K, fn TxFunc[V]) (Change[V], error) {
@@ -271,6 +273,9 @@ func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, d
 		return nil
 	})
 	if err := conn.SendBatch(ctx, &batch).Close(); err != nil {
+		if unknownOutcome(err) {
+			return 0, fmt.Errorf("store: outbox and commit: %w: %w", ErrCommitUnknown, err)
+		}
 		return 0, fmt.Errorf("store: outbox and commit: %w", translate(err))
 	}
 	if tag.String() != "COMMIT" {
@@ -285,6 +290,18 @@ func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, d
 		}
 	}
 	return seq, nil
+}
+
+// unknownOutcome reports whether err, from the round trip that carries
+// COMMIT, leaves the transaction's outcome unknown: the server answered
+// with an error (the transaction rolled back), or nothing was sent, or
+// else the COMMIT may have run.
+func unknownOutcome(err error) bool {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		return false
+	}
+	return !pgconn.SafeToRetry(err)
 }
 
 // outboxKeyHex is the hex form of the outbox's key_hash of key in ns:

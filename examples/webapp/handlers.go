@@ -165,6 +165,11 @@ func (a *app) fail(w http.ResponseWriter, r *http.Request, err error) {
 		writeError(w, http.StatusBadRequest, err.Error())
 	case r.Context().Err() != nil:
 		writeError(w, 499, "request cancelled")
+	case errors.Is(err, store.ErrCommitUnknown):
+		// The write may have committed, whatever else went wrong (a
+		// lost lock comes with it too): never "nothing written".
+		log.Error("write of unknown outcome")
+		writeError(w, http.StatusServiceUnavailable, msgUnknown)
 	// Nothing was written; the client may retry.
 	case errors.Is(err, store.ErrFenced):
 		log.Warn("write fenced")
