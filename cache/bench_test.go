@@ -114,6 +114,25 @@ func BenchmarkGetMiss(b *testing.B) {
 	}
 }
 
+// BenchmarkGetMissWeighted is BenchmarkGetMiss with a weight bound that
+// binds before the capacity does: every store weighs its value and evicts
+// for the budget. Compare it with BenchmarkGetMiss in the same run.
+func BenchmarkGetMissWeighted(b *testing.B) {
+	c, err := New("bench", 1024, func(ctx context.Context, k int) (int, error) { return k, nil },
+		&Options[int, int]{MaxWeight: 512 * 64, Weigher: func(int, int) uint32 { return 64 }})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		c.Get(ctx, i) // every key is new: always a miss, and an eviction once full
+		i++
+	}
+}
+
 // BenchmarkStampede starts 1,000 concurrent Gets of one cold key per
 // iteration and reports the loads each burst cost (G5: 1).
 func BenchmarkStampede(b *testing.B) {

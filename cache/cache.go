@@ -9,6 +9,7 @@ import (
 	"math"
 	"math/bits"
 	"math/rand/v2"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -86,12 +87,18 @@ func New[K comparable, V any](namespace string, capacity int, load LoaderFunc[K,
 		c.epoch = c.clock.Now()
 	}
 	for i := range c.shards {
-		// Spread capacity so that the shards' sizes sum to capacity.
+		// Spread capacity so that the shards' sizes sum to capacity, and
+		// MaxWeight likewise.
 		size := capacity / len(c.shards)
 		if i < capacity%len(c.shards) {
 			size++
 		}
-		c.shards[i].init(size)
+		n := uint64(len(c.shards))
+		budget := cfg.MaxWeight / n
+		if uint64(i) < cfg.MaxWeight%n {
+			budget++
+		}
+		c.shards[i].init(size, budget)
 	}
 	c.provenUntil.Store(math.MaxInt64)
 	if cfg.Bus != nil {
@@ -208,15 +215,17 @@ func (c *Cache[K, V]) Proven() bool { return c.proven(c.now()) }
 // ctx bounds how long this caller waits; it does not cancel the shared
 // load, which runs until it finishes or [Options.LoadTimeout] passes. Get
 // returns the loader's error, a [*PanicError] if the loader or another
-// callback of the load ([Options.Version], the [LoadTracer]) panicked, an
-// error wrapping ErrGoexit if one called runtime.Goexit, ctx.Err(),
-// ErrInvalidKey, or ErrClosed.
+// callback of the load ([Options.Version], [Options.Weigher], the
+// [LoadTracer]) panicked, an error wrapping ErrGoexit if one called
+// runtime.Goexit, ctx.Err(), ErrInvalidKey, or ErrClosed. A loaded value
+// heavier than a shard's share of [Options.MaxWeight] is returned but not
+// cached.
 func (c *Cache[K, V]) Get(ctx context.Context, key K) (V, error) {
 	now := c.now()
 	if now < c.provenUntil.Load() {
 		h := c.hash(key)
 		if e, ok := c.lookup(key, h, now); ok {
-			if e.missing {
+			if e.missing() {
 				var zero V
 				return zero, ErrNotFound
 			}
@@ -240,7 +249,7 @@ func (c *Cache[K, V]) getUnproven(ctx context.Context, key K, now int64) (V, err
 		return c.load(ctx, key, h, now, true)
 	}
 	if e, ok := c.lookup(key, h, now); ok {
-		if e.missing {
+		if e.missing() {
 			var zero V
 			return zero, ErrNotFound
 		}
@@ -344,7 +353,7 @@ func (c *Cache[K, V]) runLoad(ctx context.Context, key K, skey string, h uint64,
 		e, ok := s.peek(key, c.now())
 		s.mu.Unlock()
 		if ok {
-			if e.missing {
+			if e.missing() {
 				return nil, ErrNotFound
 			}
 			return one[V]{e.value}, nil
@@ -355,28 +364,35 @@ func (c *Cache[K, V]) runLoad(ctx context.Context, key K, skey string, h uint64,
 	ctx, err := c.traceStart(ctx, []string{skey}, !store, at)
 	var v V
 	var version int64
+	var weight uint32
 	if err == nil {
 		c.stats.loads.Add(1)
 		err = c.protect(at, "loader", func() (err error) {
 			v, err = c.cfg.load(ctx, key)
 			return err
 		})
-		// The version is taken before the tracer ends the load, so that
-		// the tracer sees a panic in Version as the load's error.
+		// The version and weight are taken before the tracer ends the
+		// load, so that the tracer sees a panic in Version or Weigher as
+		// the load's error.
 		if err == nil && store {
 			version, err = c.version(v, at)
+		}
+		if err == nil && store {
+			weight, err = c.weigh(key, v, at)
 		}
 		err = c.traceEnd(ctx, err, at)
 	}
 	switch {
 	case err == nil:
 		if store {
-			c.fill(h, key, entry[V]{value: v, version: version}, tok)
+			e := entry[V]{value: v, version: version}
+			e.setWeight(weight)
+			c.fill(h, key, e, tok)
 		}
 		return one[V]{v}, nil
 	case errors.Is(err, ErrNotFound):
 		if store && !c.cfg.DisableNegative {
-			c.fill(h, key, entry[V]{missing: true}, tok)
+			c.fill(h, key, absence[V](0), tok)
 		}
 		return nil, err
 	default:
@@ -412,6 +428,56 @@ func (c *Cache[K, V]) version(v V, at *string) (version int64, err error) {
 	return version, err
 }
 
+// weigh returns the weight of v, a loaded value of key, on the goroutine
+// of the shared load.
+func (c *Cache[K, V]) weigh(key K, v V, at *string) (weight uint32, err error) {
+	if c.cfg.Weigher == nil {
+		return 0, nil
+	}
+	err = c.protect(at, "Options.Weigher", func() error {
+		weight = c.cfg.Weigher(key, v)
+		return nil
+	})
+	return weight, err
+}
+
+// weighWrite sets the weight of e, the value a committed write gave key,
+// on the caller's goroutine, before the shard is locked. The write has
+// committed whatever the Weigher does: if it panics, or calls
+// runtime.Goexit, weighWrite drops key on this node and publishes inv, as
+// for any write this node cannot install, so that neither this node (G1)
+// nor the others (G3) keep the value the write replaced. Then a panic is
+// returned as a *PanicError (joined with the publish error, if any), and a
+// Goexit goes on ending the goroutine.
+func (c *Cache[K, V]) weighWrite(ctx context.Context, h uint64, key K, e *entry[V], inv []Invalidation) (err error) {
+	if c.cfg.Weigher == nil {
+		return nil
+	}
+	returned := false
+	defer func() {
+		if returned {
+			return
+		}
+		// recover returns nil during a Goexit; a panic(nil) panics with
+		// a *runtime.PanicNilError.
+		p := recover()
+		c.drop(h, key, e.version)
+		perr := c.publish(ctx, inv)
+		if p == nil {
+			c.log.Error("cache: runtime.Goexit in Options.Weigher on a write; key dropped")
+			return
+		}
+		c.log.Error("cache: Options.Weigher panicked on a write; key dropped", "panic", p)
+		err = &PanicError{Func: "Options.Weigher", Value: p, Stack: debug.Stack()}
+		if perr != nil {
+			err = errors.Join(err, perr)
+		}
+	}()
+	e.setWeight(c.cfg.Weigher(key, e.value))
+	returned = true
+	return nil
+}
+
 // lifetime returns the jittered lifetime of a new entry.
 func (c *Cache[K, V]) lifetime(missing bool) int64 {
 	ttl := int64(c.cfg.TTL)
@@ -442,13 +508,13 @@ func (c *Cache[K, V]) fill(h uint64, key K, e entry[V], tok token) {
 		s.mu.Unlock() // race 7: never replace a newer version
 		return
 	}
-	e.expires = now + c.lifetime(e.missing)
+	e.expires = now + c.lifetime(e.missing())
 	s.add(key, h, e)
 	s.mu.Unlock()
 }
 
 // install records a committed write of key on this node: the value (or,
-// with e.missing, the absence) at e.version (0: unknown). tok, if not nil,
+// if e.missing(), the absence) at e.version (0: unknown). tok, if not nil,
 // was taken before the write began.
 //
 // The write is installed only if this node can tell it is the newest it
@@ -496,7 +562,7 @@ func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token) {
 		s.remove(key)
 		return
 	}
-	e.expires = now + c.lifetime(e.missing)
+	e.expires = now + c.lifetime(e.missing())
 	s.add(key, h, e)
 }
 
@@ -565,13 +631,15 @@ type Change[V any] struct {
 // Get on this node sees the write or a newer one (G1). Then Update
 // publishes an invalidation, so that other nodes drop older copies (G2).
 // Unlike Set, Update is safe without versions: it knows when the write
-// began.
+// began. A value heavier than a shard's share of [Options.MaxWeight] is
+// not installed: key is dropped.
 //
 // If write returns an error, Update drops key on this node (the write may
 // have committed without saying so), publishes nothing and returns the
-// error. Otherwise it returns the publish error, if any; the local effect
-// has happened regardless. ctx is passed to write and bounds the
-// publication.
+// error. If [Options.Weigher] panics on the written value, Update drops
+// key, publishes, and returns a [*PanicError]. Otherwise it returns the
+// publish error, if any; the local effect has happened regardless. ctx is
+// passed to write and bounds the publication.
 func (c *Cache[K, V]) Update(ctx context.Context, key K, write func(ctx context.Context) (Change[V], error)) error {
 	if c.closed.Load() {
 		return ErrClosed
@@ -590,11 +658,15 @@ func (c *Cache[K, V]) Update(ctx context.Context, key K, write func(ctx context.
 	inv := []Invalidation{{Key: skey, Version: ch.Version}}
 	switch {
 	case !ch.Deleted:
-		c.install(h, key, entry[V]{value: ch.Value, version: ch.Version}, &tok)
+		e := entry[V]{value: ch.Value, version: ch.Version}
+		if err := c.weighWrite(ctx, h, key, &e, inv); err != nil {
+			return err
+		}
+		c.install(h, key, e, &tok)
 	case c.cfg.DisableNegative:
 		c.drop(h, key, ch.Version)
 	default:
-		c.install(h, key, entry[V]{missing: true, version: ch.Version}, &tok)
+		c.install(h, key, absence[V](ch.Version), &tok)
 	}
 	return c.publish(ctx, inv)
 }
@@ -611,11 +683,14 @@ func (c *Cache[K, V]) Update(ctx context.Context, key K, write func(ctx context.
 // itself by versions alone. When an invalidation without a version, or a
 // flush, has blurred that order, it drops key rather than guess, and with
 // version 0 it always drops. [Cache.Update] knows when the write began and
-// installs in those cases too.
+// installs in those cases too. A value heavier than a shard's share of
+// [Options.MaxWeight] is not installed either: key is dropped.
 //
 // Call Set only after the write has committed. ctx bounds the publication.
 // Set returns the publish error, if any; the local effect has happened
-// regardless. It returns ErrInvalidKey or ErrClosed without doing anything.
+// regardless. If [Options.Weigher] panics on value, Set drops key,
+// publishes, and returns a [*PanicError]. It returns ErrInvalidKey or
+// ErrClosed without doing anything.
 func (c *Cache[K, V]) Set(ctx context.Context, key K, value V, version int64) error {
 	return c.write(ctx, key, entry[V]{value: value, version: version})
 }
@@ -628,7 +703,7 @@ func (c *Cache[K, V]) Delete(ctx context.Context, key K, version int64) error {
 	if c.cfg.DisableNegative {
 		return c.invalidate(ctx, []K{key}, version)
 	}
-	return c.write(ctx, key, entry[V]{missing: true, version: version})
+	return c.write(ctx, key, absence[V](version))
 }
 
 func (c *Cache[K, V]) write(ctx context.Context, key K, e entry[V]) error {
@@ -639,8 +714,15 @@ func (c *Cache[K, V]) write(ctx context.Context, key K, e entry[V]) error {
 	if err != nil {
 		return err
 	}
-	c.install(c.hash(key), key, e, nil)
-	return c.publish(ctx, []Invalidation{{Key: skey, Version: e.version}})
+	h := c.hash(key)
+	inv := []Invalidation{{Key: skey, Version: e.version}}
+	if !e.missing() {
+		if err := c.weighWrite(ctx, h, key, &e, inv); err != nil {
+			return err
+		}
+	}
+	c.install(h, key, e, nil)
+	return c.publish(ctx, inv)
 }
 
 // Invalidate drops keys on every node: here before it returns, so that the

@@ -31,6 +31,9 @@ func TestNewRejectsBadArguments(t *testing.T) {
 		{"Jitter of one", "ns", 10, load, &Options[string, string]{Jitter: 1}},
 		{"negative Shards", "ns", 10, load, &Options[string, string]{Shards: -2}},
 		{"more Shards than capacity", "ns", 10, load, &Options[string, string]{Shards: 11}},
+		{"MaxWeight without Weigher", "ns", 10, load, &Options[string, string]{MaxWeight: 100}},
+		{"Weigher without MaxWeight", "ns", 10, load, &Options[string, string]{Weigher: func(string, string) uint32 { return 1 }}},
+		{"more Shards than MaxWeight", "ns", 10, load, &Options[string, string]{Shards: 4, MaxWeight: 3, Weigher: func(string, string) uint32 { return 1 }}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

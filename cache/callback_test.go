@@ -80,8 +80,8 @@ func waitErr(t *testing.T, errs <-chan error) error {
 
 // TestCallbackFaultsReachEveryWaiter guards DESIGN race 8 for every user
 // callback that runs on the goroutine of a shared load: the loader,
-// LoadMany, Options.Version and the LoadTracer's TraceLoadStart and
-// TraceLoadEnd. When one of them panics, every waiter gets a *PanicError
+// LoadMany, Options.Version, Options.Weigher and the LoadTracer's
+// TraceLoadStart and TraceLoadEnd. When one of them panics, every waiter gets a *PanicError
 // naming it; when one of them calls runtime.Goexit (t.FailNow in a test
 // loader does), every waiter gets ErrGoexit. Nothing of the failed load is
 // cached, and the cache keeps working.
@@ -101,7 +101,7 @@ func TestCallbackFaultsReachEveryWaiter(t *testing.T) {
 		{"GetManyBatch", true, "LoadMany"},
 	}
 	for _, mode := range modes {
-		for _, at := range []string{mode.loader, "Options.Version", "LoadTracer.TraceLoadStart", "LoadTracer.TraceLoadEnd"} {
+		for _, at := range []string{mode.loader, "Options.Version", "Options.Weigher", "LoadTracer.TraceLoadStart", "LoadTracer.TraceLoadEnd"} {
 			for _, goexit := range []bool{false, true} {
 				name := mode.name + "/" + at + "/panic"
 				if goexit {
@@ -123,6 +123,11 @@ func testCallbackFault(t *testing.T, many, loadMany bool, at string, goexit bool
 			Tracer: f,
 			Version: func(v string) int64 {
 				f.hit("Options.Version", v)
+				return 1
+			},
+			MaxWeight: 100,
+			Weigher: func(k, _ string) uint32 {
+				f.hit("Options.Weigher", k)
 				return 1
 			},
 		}

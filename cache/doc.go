@@ -35,11 +35,11 @@
 //   - G5, one load per miss: concurrent misses of a key on a node share one
 //     load. The load belongs to no single caller: one caller's cancelled
 //     context does not fail it for the others. A panic in the code the load
-//     runs (the loader, [Options.LoadMany], [Options.Version], a
-//     [LoadTracer]) becomes a [*PanicError] for every waiter, and a call of
-//     runtime.Goexit (t.FailNow in a test's loader) an error wrapping
-//     [ErrGoexit]; the process survives, no waiter hangs, and nothing of
-//     that load is cached.
+//     runs (the loader, [Options.LoadMany], [Options.Version],
+//     [Options.Weigher], a [LoadTracer]) becomes a [*PanicError] for every
+//     waiter, and a call of runtime.Goexit (t.FailNow in a test's loader)
+//     an error wrapping [ErrGoexit]; the process survives, no waiter hangs,
+//     and nothing of that load is cached.
 //
 // # How loads and invalidations are ordered
 //
@@ -78,4 +78,17 @@
 // a capacity far above what will ever be held (math.MaxInt, say) costs
 // nothing up front. The generation table holds 16 bytes per slot, between
 // 1,024 and 65,536 slots depending on capacity; [Stats] reports its size.
+//
+// # Memory held by values
+//
+// Capacity bounds the number of entries, not the memory their values
+// hold: a cache sized for many small values can be filled with large ones.
+// [Options.MaxWeight] with [Options.Weigher] adds a budget, in bytes say.
+// Each shard holds a share of it and, after every store, evicts from the
+// back of its LRU until its entries fit. A value heavier than a shard's
+// share would evict the whole shard and still not fit: it is returned to
+// its callers but not cached, and counted ([Stats].Oversized). Weights are
+// kept under the shard's lock as entries are stored and removed; hits
+// neither read nor write them. A cached absence weighs nothing: it holds
+// no value, and capacity bounds its fixed cost.
 package cache

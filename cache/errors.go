@@ -31,11 +31,14 @@ var (
 
 // PanicError is the error every caller waiting on a load receives when code
 // run by the load panicked: the loader, [Options.LoadMany],
-// [Options.Version], or a [LoadTracer]. The cache keeps working; nothing is
-// stored for the load's keys.
+// [Options.Version], [Options.Weigher], or a [LoadTracer]. The cache keeps
+// working; nothing is stored for the load's keys. [Cache.Set] and
+// [Cache.Update] return one when Options.Weigher panics on the written
+// value, after they dropped the key and published the write.
 type PanicError struct {
 	// Func names what panicked: "loader", "LoadMany", "Options.Version",
-	// "LoadTracer.TraceLoadStart" or "LoadTracer.TraceLoadEnd". It is empty
+	// "Options.Weigher", "LoadTracer.TraceLoadStart" or
+	// "LoadTracer.TraceLoadEnd". It is empty
 	// for a panic elsewhere on the load's goroutine, such as in a Clock, in
 	// the Bus's Subscription or in the Logger's handler.
 	Func string

@@ -27,7 +27,7 @@ func (c *Cache[K, V]) GetMany(ctx context.Context, keys []K) (map[K]V, error) {
 	for _, k := range keys {
 		if proven {
 			if e, ok := c.lookup(k, c.hash(k), now); ok {
-				if !e.missing {
+				if !e.missing() {
 					res[k] = e.value
 				}
 				continue
@@ -140,6 +140,7 @@ func (c *Cache[K, V]) runBatch(ctx context.Context, keys []K, skeys []string, ha
 	ctx, err := c.traceStart(ctx, skeys, !store, at)
 	var found map[K]V
 	var versions []int64
+	var weights []uint32
 	if err == nil {
 		c.stats.loads.Add(1)
 		var got map[K]V
@@ -152,9 +153,13 @@ func (c *Cache[K, V]) runBatch(ctx context.Context, keys []K, skeys []string, ha
 			if store && c.cfg.Version != nil {
 				versions = make([]int64, len(keys))
 			}
+			if store && c.cfg.Weigher != nil {
+				weights = make([]uint32, len(keys))
+			}
 		}
-		// Every version is taken before anything is stored, so that a
-		// Version that panics for one key leaves the whole batch unstored.
+		// Every version and weight is taken before anything is stored, so
+		// that a Version or Weigher that panics for one key leaves the
+		// whole batch unstored.
 		for i := 0; err == nil && i < len(keys); i++ {
 			v, ok := got[keys[i]]
 			if !ok {
@@ -163,6 +168,9 @@ func (c *Cache[K, V]) runBatch(ctx context.Context, keys []K, skeys []string, ha
 			found[keys[i]] = v
 			if versions != nil {
 				versions[i], err = c.version(v, at)
+			}
+			if err == nil && weights != nil {
+				weights[i], err = c.weigh(keys[i], v, at)
 			}
 		}
 		err = c.traceEnd(ctx, err, at)
@@ -176,13 +184,16 @@ func (c *Cache[K, V]) runBatch(ctx context.Context, keys []K, skeys []string, ha
 		switch {
 		case !store:
 		case ok:
-			var version int64
+			e := entry[V]{value: v}
 			if versions != nil {
-				version = versions[i]
+				e.version = versions[i]
 			}
-			c.fill(hashes[i], k, entry[V]{value: v, version: version}, toks[i])
+			if weights != nil {
+				e.setWeight(weights[i])
+			}
+			c.fill(hashes[i], k, e, toks[i])
 		case !c.cfg.DisableNegative:
-			c.fill(hashes[i], k, entry[V]{missing: true}, toks[i])
+			c.fill(hashes[i], k, absence[V](0), toks[i])
 		}
 	}
 	return found, nil

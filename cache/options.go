@@ -46,12 +46,43 @@ type Options[K comparable, V any] struct {
 	Jitter float64
 
 	// Shards is the number of independently locked LRU segments (hits
-	// take no lock; fills, writes and invalidations lock one). Capacity
-	// is split among them. It must not exceed capacity, nor 65,536: each
-	// shard costs a few hundred bytes however few entries it holds.
+	// take no lock; fills, writes and invalidations lock one). Capacity,
+	// and MaxWeight, are split among them. It must not exceed capacity,
+	// nor MaxWeight if set, nor 65,536: each shard costs a few hundred
+	// bytes however few entries it holds.
 	// Default: 8 per GOMAXPROCS, rounded up to a power of two, but at most
-	// one per 64 entries of capacity.
+	// one per 64 entries of capacity, and at most MaxWeight.
 	Shards int
+
+	// MaxWeight bounds the total weight of the entries, in the unit of
+	// Weigher (bytes, usually), on top of the bound on their number that
+	// capacity sets: a few large values can exhaust memory long before
+	// capacity is reached. It is split among the shards like capacity,
+	// and each shard evicts from the back of its LRU until its entries fit
+	// its share. An entry heavier than its shard's share, about
+	// MaxWeight/Shards, would evict every other entry of the shard and
+	// still not fit: it is returned to its callers but not cached (see
+	// [Stats].Oversized). The default number of shards grows with
+	// GOMAXPROCS, so set Shards too when the largest values to be cached
+	// are a sizeable fraction of MaxWeight. MaxWeight must not be below
+	// Shards, and needs Weigher. Default 0: no weight bound.
+	MaxWeight uint64
+
+	// Weigher returns the weight of an entry, in the unit of MaxWeight:
+	// typically the bytes its key and value hold beyond the cache's own
+	// overhead per entry (about 200 bytes), which capacity bounds. A
+	// weight beyond math.MaxUint32 should saturate rather than wrap, or a
+	// huge value would pass for a light one. The Cache calls Weigher once
+	// for every value it is about to store, loaded or written, before it
+	// takes a lock; never for a cached absence, which holds no value and
+	// weighs 0. In a load it runs on the goroutine of the shared load: a
+	// panic fails the load with a [*PanicError] and stores nothing. In Set
+	// and Update it runs on the caller's goroutine, after the write has
+	// committed: a panic drops the key on this node and publishes the
+	// invalidation as for any write, and then the call returns a
+	// [*PanicError]. Weigher needs MaxWeight. Default nil: entries are
+	// bounded by number only.
+	Weigher func(key K, value V) uint32
 
 	// Keys encodes keys for the bus. Default: the identity for string keys
 	// and base-10 text for integer keys; other key types must set it.
@@ -143,6 +174,12 @@ func (c *config[K, V]) validate() error {
 		return bad("Shards (%d) exceeds capacity (%d)", c.Shards, c.capacity)
 	case c.Shards > maxShards:
 		return bad("Shards (%d) exceeds %d", c.Shards, maxShards)
+	case c.MaxWeight != 0 && c.Weigher == nil:
+		return bad("MaxWeight is set without a Weigher")
+	case c.MaxWeight == 0 && c.Weigher != nil:
+		return bad("Weigher is set without a MaxWeight")
+	case c.MaxWeight != 0 && uint64(c.Shards) > c.MaxWeight:
+		return bad("Shards (%d) exceeds MaxWeight (%d)", c.Shards, c.MaxWeight)
 	}
 	return nil
 }
@@ -169,6 +206,10 @@ func (c *config[K, V]) setDefaults() {
 			n <<= 1
 		}
 		c.Shards = max(1, min(n, c.capacity/64, maxShards))
+		if c.MaxWeight != 0 {
+			// Give every shard a share of at least 1.
+			c.Shards = int(min(uint64(c.Shards), c.MaxWeight))
+		}
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)

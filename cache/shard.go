@@ -12,8 +12,32 @@ type entry[V any] struct {
 	value   V
 	version int64 // 0: unknown
 	expires int64 // in Cache.now's time base
-	missing bool  // the key does not exist in the source (negative entry)
+	// meta is the entry's weight (Options.Weigher's result; 0 for an
+	// absence, or without a Weigher) in its low 32 bits, and absentBit
+	// for a negative entry: the key does not exist in the source. It is
+	// one word rather than a bool and a uint32 because every hit copies
+	// its entry, and the compiler copies a struct of up to four fields in
+	// registers but a larger one through memory.
+	meta uint64
 }
+
+// absentBit marks a negative entry in entry.meta.
+const absentBit = 1 << 32
+
+// absence returns a negative entry at version.
+func absence[V any](version int64) entry[V] {
+	return entry[V]{version: version, meta: absentBit}
+}
+
+// missing reports whether e records that its key does not exist in the
+// source.
+func (e entry[V]) missing() bool { return e.meta&absentBit != 0 }
+
+// weight returns e's share of its shard's budget.
+func (e entry[V]) weight() uint32 { return uint32(e.meta) }
+
+// setWeight sets e's weight.
+func (e *entry[V]) setWeight(w uint32) { e.meta = e.meta&absentBit | uint64(w) }
 
 // node is one cached key: immutable once stored, except for front. A new
 // value of the key is a new node.
@@ -47,16 +71,23 @@ type shard[K comparable, V any] struct {
 	size   int                            // capacity of lru; immutable
 	window uint64                         // immutable; see touch
 	misses uint64                         // guarded by mu
-	// evictions is guarded by mu.
-	evictions uint64
+	// budget is the shard's share of Options.MaxWeight, or 0 for no weight
+	// bound; immutable. weight is the sum of the weights of lru's entries,
+	// guarded by mu, kept by add and by lru's eviction callback, through
+	// which every removal goes.
+	budget, weight uint64
+	// evictions counts the entries evicted for the capacity or the budget,
+	// weightEvictions those for the budget, and oversized the entries not
+	// stored because they weigh more than the budget. Guarded by mu.
+	evictions, weightEvictions, oversized uint64
 	// hits counts the hits that took mu anyway (to move their entry, or
 	// after missing the index); the others are in Cache.hits. Guarded by
 	// mu.
 	hits uint64
 	// Keep the fields above, which only mu's holder writes, off the lines
-	// the hit path reads: 56 bytes, padded to 128 (two lines, for the
+	// the hit path reads: 88 bytes, padded to 128 (two lines, for the
 	// adjacent-line prefetcher).
-	_ [72]byte
+	_ [40]byte
 	// index is replaced (by a flush, or to grow it) and changed only under
 	// mu; read without it.
 	index atomic.Pointer[table[K, V]]
@@ -67,8 +98,9 @@ type shard[K comparable, V any] struct {
 	_      [104]byte
 }
 
-func (s *shard[K, V]) init(size int) {
+func (s *shard[K, V]) init(size int, budget uint64) {
 	s.size = size
+	s.budget = budget
 	s.window = uint64(max(size/3, 1))
 	s.reset(size)
 }
@@ -81,8 +113,14 @@ func (s *shard[K, V]) init(size int) {
 func (s *shard[K, V]) reset(size int) {
 	s.index.Store(newTable[K, V](min(size, minBuckets)))
 	// NewLRU fails only for size <= 0, which New rules out. The eviction
-	// callback runs under mu, on the current index.
-	s.lru, _ = simplelru.NewLRU(size, func(_ K, n *node[K, V]) { s.index.Load().remove(n) })
+	// callback runs under mu, on the current index, for every node that
+	// leaves the LRU but those that Add replaces: evicted for capacity,
+	// removed, or evicted by add for the budget.
+	s.lru, _ = simplelru.NewLRU(size, func(_ K, n *node[K, V]) {
+		s.index.Load().remove(n)
+		s.weight -= uint64(n.e.weight())
+	})
+	s.weight = 0
 	s.length.Store(0)
 }
 
@@ -151,8 +189,17 @@ func (s *shard[K, V]) peek(key K, now int64) (entry[V], bool) {
 	return n.e, true
 }
 
-// add stores e for key, of hash h, at the front of the LRU, under mu.
+// add stores e for key, of hash h, at the front of the LRU, under mu, and
+// evicts from the back until the shard is within its budget. An entry
+// heavier than the whole budget is not stored (it would evict every other
+// entry and still not fit), and the entry of key it would have replaced is
+// removed all the same: it is older.
 func (s *shard[K, V]) add(key K, h uint64, e entry[V]) {
+	if s.budget != 0 && uint64(e.weight()) > s.budget {
+		s.oversized++
+		s.remove(key)
+		return
+	}
 	n := &node[K, V]{key: key, hash: h, e: e}
 	n.front.Store(s.tick.Add(1))
 	idx := s.index.Load()
@@ -160,8 +207,20 @@ func (s *shard[K, V]) add(key K, h uint64, e entry[V]) {
 		s.evictions++
 	}
 	// Add replaced an older node of key in place, without the eviction
-	// callback; insert unlinks it.
-	idx.insert(n)
+	// callback; insert unlinks it, and its weight goes with it.
+	if old := idx.insert(n); old != nil {
+		s.weight -= uint64(old.e.weight())
+	}
+	s.weight += uint64(e.weight())
+	// n is at the front and weighs at most the budget, so the shard is
+	// within it before the loop reaches n (Len only makes sure). The
+	// callback unlinks each evicted node from the index and takes off its
+	// weight.
+	for s.budget != 0 && s.weight > s.budget && s.lru.Len() > 1 {
+		s.lru.RemoveOldest()
+		s.evictions++
+		s.weightEvictions++
+	}
 	l := s.lru.Len()
 	s.length.Store(uint64(l))
 	// Keep the index at most half full, up to a bucket per entry the
@@ -278,10 +337,10 @@ func (t *table[K, V]) find(key K, h uint64) *node[K, V] {
 	return nil
 }
 
-// insert links n at the head of its chain, then unlinks the node of the
-// same key that n replaces, if any: a reader finds one or the other
-// throughout.
-func (t *table[K, V]) insert(n *node[K, V]) {
+// insert links n at the head of its chain, then unlinks and returns the
+// node of the same key that n replaces, if any: a reader finds one or the
+// other throughout.
+func (t *table[K, V]) insert(n *node[K, V]) (replaced *node[K, V]) {
 	b := t.bucket(n.hash)
 	n.next.Store(b.Load())
 	b.Store(n)
@@ -289,10 +348,11 @@ func (t *table[K, V]) insert(n *node[K, V]) {
 	for o := prev.Load(); o != nil; o = o.next.Load() {
 		if o.hash == n.hash && o.key == n.key {
 			prev.Store(o.next.Load())
-			return
+			return o
 		}
 		prev = &o.next
 	}
+	return nil
 }
 
 // remove unlinks n, if it is linked.

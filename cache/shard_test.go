@@ -13,6 +13,10 @@ import (
 // the nodes of its LRU, and its length is the LRU's. A hit reads only the
 // index, so a node left in it after the LRU dropped it (an eviction, an
 // invalidation, a replaced value) would be served again: a stale read.
+// It also checks that each shard's weight is the sum of its entries'
+// weights, and within its budget: a removal that missed the weight would
+// let a shard's count drift up until it evicted everything, or down until
+// it bounded nothing.
 func checkShards[K comparable, V any](t *testing.T, c *Cache[K, V]) {
 	t.Helper()
 	for i := range c.shards {
@@ -34,6 +38,16 @@ func checkShards[K comparable, V any](t *testing.T, c *Cache[K, V]) {
 		if l := s.lru.Len(); linked != l || s.length.Load() != uint64(l) {
 			t.Errorf("shard %d: index holds %d nodes, length says %d, the LRU %d", i, linked, s.length.Load(), l)
 		}
+		var weight uint64
+		for _, n := range s.lru.Values() {
+			weight += uint64(n.e.weight())
+		}
+		if weight != s.weight {
+			t.Errorf("shard %d: weight = %d; its entries weigh %d", i, s.weight, weight)
+		}
+		if s.budget != 0 && s.weight > s.budget {
+			t.Errorf("shard %d: weight = %d; want at most its budget, %d", i, s.weight, s.budget)
+		}
 		// The index grows with the entries: at most half full until it
 		// has a bucket per entry the shard can hold, and never larger.
 		nb := len(idx.buckets)
@@ -52,15 +66,44 @@ func checkShards[K comparable, V any](t *testing.T, c *Cache[K, V]) {
 // TestIndexMatchesLRU runs every kind of change (fills, evictions,
 // write-through, deletions, invalidations, flushes) against a small cache,
 // with readers hitting it concurrently, and checks after every round that
-// the index and the LRU hold the same nodes.
+// the index and the LRU hold the same nodes, and that each shard's weight
+// is its entries' and within its budget. With a weight bound, evictions for
+// the budget, values too heavy to cache, and replacements by heavier or
+// lighter values join the changes.
 func TestIndexMatchesLRU(t *testing.T) {
+	t.Run("count", func(t *testing.T) { testIndexMatchesLRU(t, nil) })
+	t.Run("weight", func(t *testing.T) {
+		// A shard holds 16 entries by count, which weigh 32 when all
+		// are first versions, but its budget of 100 holds only 3 of
+		// weight 30: both bounds bind. Every 8th version is too heavy
+		// to be cached.
+		st := testIndexMatchesLRU(t, func(_ string, r row) uint32 {
+			switch {
+			case r.Version%8 == 0:
+				return 150
+			case r.Version%3 == 0:
+				return 30
+			}
+			return 2
+		})
+		if st.WeightEvictions == 0 || st.Evictions == st.WeightEvictions || st.Oversized == 0 {
+			t.Errorf("Stats = %+v; want evictions for weight and for capacity, and oversized values", st)
+		}
+	})
+}
+
+func testIndexMatchesLRU(t *testing.T, weigher func(string, row) uint32) Stats {
 	ctx := context.Background()
 	src := newSource()
 	for i := range 200 {
 		src.write("k"+strconv.Itoa(i), "v")
 	}
 	bus := &fakeBus{proof: forever}
-	c := newTestCache(t, 64, src.load, &Options[string, row]{Bus: bus, Version: rowVersion, Shards: 4})
+	opts := &Options[string, row]{Bus: bus, Version: rowVersion, Shards: 4}
+	if weigher != nil {
+		opts.MaxWeight, opts.Weigher = 400, weigher
+	}
+	c := newTestCache(t, 64, src.load, opts)
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for r := range 2 {
@@ -103,6 +146,7 @@ func TestIndexMatchesLRU(t *testing.T) {
 	close(stop)
 	wg.Wait()
 	checkShards(t, c)
+	return c.Stats()
 }
 
 // TestIndexGrowsUnderHits fills a shard from empty, over and over (a

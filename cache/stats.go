@@ -38,11 +38,25 @@ type Stats struct {
 	// Flushes counts times every entry was dropped: InvalidateAll, and
 	// flushes asked for by the bus (gaps, malformed messages).
 	Flushes uint64
-	// Evictions counts entries removed to respect the capacity.
+	// Evictions counts entries removed to respect the capacity or
+	// [Options.MaxWeight].
 	Evictions uint64
+	// WeightEvictions counts the Evictions made to respect MaxWeight: were
+	// most evictions of this kind, MaxWeight rather than capacity is what
+	// limits the entries held.
+	WeightEvictions uint64
+	// Oversized counts values not cached because they weigh more than a
+	// shard's share of MaxWeight; they were returned to their callers, and
+	// the next Get of such a key loads it again.
+	Oversized uint64
 	// Entries is the number of entries held now, expired ones included
 	// until they are looked up or evicted.
 	Entries int
+	// Weight is the total weight of the entries held now, as
+	// [Options.Weigher] reported it (0 without one); like Entries, it
+	// includes expired entries until they are looked up or evicted. It
+	// stays within MaxWeight.
+	Weight uint64
 	// GuardBytes is the memory held by the fill-race guard, which is fixed
 	// at creation.
 	GuardBytes int
@@ -69,7 +83,10 @@ func (c *Cache[K, V]) Stats() Stats {
 		st.Hits += s.hits
 		st.Misses += s.misses
 		st.Evictions += s.evictions
+		st.WeightEvictions += s.weightEvictions
+		st.Oversized += s.oversized
 		st.Entries += s.lru.Len()
+		st.Weight += s.weight
 		s.mu.Unlock()
 	}
 	st.Hits += c.hits.sum()
