@@ -36,6 +36,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
 	"net/url"
 	"os"
@@ -311,8 +312,16 @@ func newApp(ctx context.Context, cfg config, pool *pgxpool.Pool, rdb *redis.Clie
 			Bus:          bus,
 			MaxStaleness: cfg.maxStaleness,
 			Version:      func(it Item) int64 { return it.Version },
-			Tracer:       tr,
-			Logger:       log,
+			// A byte budget beside the entry count: 100,000 entries of
+			// values up to 1 MiB would otherwise let clients fill about
+			// 100 GB. The budget is split among the shards, and a value
+			// larger than a shard's share is served but not cached; with
+			// 16 shards a share is 4 MiB, whatever the machine's cores.
+			MaxWeight: 64 << 20,
+			Weigher:   itemWeight,
+			Shards:    16,
+			Tracer:    tr,
+			Logger:    log,
 		})
 	if err != nil {
 		bus.Close()
@@ -332,6 +341,12 @@ func (a *app) close() {
 	a.items.Close()
 	a.bus.Close()
 	a.locks.Close()
+}
+
+// itemWeight is what an item costs the cache: its bytes, and a fixed
+// overhead for the entry.
+func itemWeight(id string, it Item) uint32 {
+	return uint32(min(uint64(64+len(id)+len(it.ID)+len(it.Value)), math.MaxUint32))
 }
 
 // crasher kills the process right after the commit of its n-th write,

@@ -24,11 +24,12 @@ type statsCollector struct {
 }
 
 var (
-	descCache = map[string]*prometheus.Desc{}
-	descBus   = map[string]*prometheus.Desc{}
-	descStore = map[string]*prometheus.Desc{}
-	descFlush = prometheus.NewDesc("coherent_bus_flushes_total", "Flushes of every local subscription, by cause.", []string{"cause"}, nil)
-	descSize  = prometheus.NewDesc("coherent_cache_entries", "Entries held by the cache.", nil, nil)
+	descCache  = map[string]*prometheus.Desc{}
+	descBus    = map[string]*prometheus.Desc{}
+	descStore  = map[string]*prometheus.Desc{}
+	descFlush  = prometheus.NewDesc("coherent_bus_flushes_total", "Flushes of every local subscription, by cause.", []string{"cause"}, nil)
+	descSize   = prometheus.NewDesc("coherent_cache_entries", "Entries held by the cache.", nil, nil)
+	descWeight = prometheus.NewDesc("coherent_cache_weight_bytes", "Weight of the entries held by the cache (Options.Weigher).", nil, nil)
 )
 
 func init() {
@@ -39,7 +40,9 @@ func init() {
 		"skipped_stores":     "Loads not stored because an invalidation overlapped them.",
 		"invalidations_sent": "Keys published.", "invalidations_received": "Keys received.",
 		"publish_errors": "Failed publications.", "flushes": "Times every entry was dropped.",
-		"evictions": "Entries evicted for capacity.",
+		"evictions":        "Entries evicted for capacity or for the byte budget.",
+		"weight_evictions": "Entries evicted for the byte budget (part of evictions).",
+		"oversized":        "Values larger than a shard's share of the byte budget, served but not cached.",
 	} {
 		descCache[name] = prometheus.NewDesc("coherent_cache_"+name+"_total", help, nil, nil)
 	}
@@ -73,10 +76,12 @@ func (c statsCollector) Collect(ch chan<- prometheus.Metric) {
 		"load_errors": cs.LoadErrors, "coalesced": cs.Coalesced, "skipped_stores": cs.SkippedStores,
 		"invalidations_sent": cs.InvalidationsSent, "invalidations_received": cs.InvalidationsReceived,
 		"publish_errors": cs.PublishErrors, "flushes": cs.Flushes, "evictions": cs.Evictions,
+		"weight_evictions": cs.WeightEvictions, "oversized": cs.Oversized,
 	} {
 		counter(descCache[name], v)
 	}
 	ch <- prometheus.MustNewConstMetric(descSize, prometheus.GaugeValue, float64(cs.Entries))
+	ch <- prometheus.MustNewConstMetric(descWeight, prometheus.GaugeValue, float64(cs.Weight))
 	bs := c.bus()
 	for name, v := range map[string]uint64{
 		"messages_sent": bs.MessagesSent, "messages_received": bs.MessagesReceived, "proofs": bs.Proofs,
