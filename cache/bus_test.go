@@ -534,3 +534,33 @@ func TestTracer(t *testing.T) {
 		t.Errorf("traced invalidations = %+v; want %+v", tr.invalidations, want)
 	}
 }
+
+// TestUpdateWhoseWritePanics: a write function may panic (or call
+// runtime.Goexit) after it committed; Update must drop the key here, as
+// after an error, so that this node does not keep serving the value the
+// write replaced.
+func TestUpdateWhoseWritePanics(t *testing.T) {
+	ctx := context.Background()
+	for _, exit := range []bool{false, true} {
+		src := newSource()
+		c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: &fakeBus{proof: forever}})
+		src.write("k", "old")
+		mustGet(t, c, "k")
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			defer func() { recover() }()
+			c.Update(ctx, "k", func(ctx context.Context) (Change[row], error) {
+				src.write("k", "new") // committed...
+				if exit {
+					runtime.Goexit()
+				}
+				panic("write bug") // ...and then the function fails
+			})
+		}()
+		<-done
+		if r := mustGet(t, c, "k"); r.Value != "new" {
+			t.Errorf("Get after a write that committed and then panicked (goexit %v) = %v; want new", exit, r)
+		}
+	}
+}

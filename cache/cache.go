@@ -650,7 +650,7 @@ func (c *Cache[K, V]) Update(ctx context.Context, key K, write func(ctx context.
 	}
 	h := c.hash(key)
 	tok := c.guard.token(h)
-	ch, err := write(ctx)
+	ch, err := c.runWrite(ctx, h, key, write)
 	if err != nil {
 		c.drop(h, key, 0)
 		return err
@@ -669,6 +669,21 @@ func (c *Cache[K, V]) Update(ctx context.Context, key K, write func(ctx context.
 		c.install(h, key, absence[V](ch.Version), &tok)
 	}
 	return c.publish(ctx, inv)
+}
+
+// runWrite runs the write function of Update. If it panics or ends the
+// goroutine (runtime.Goexit), which it may do after it committed, key is
+// dropped on this node, as after an error, before the panic goes on.
+func (c *Cache[K, V]) runWrite(ctx context.Context, h uint64, key K, write func(ctx context.Context) (Change[V], error)) (Change[V], error) {
+	returned := false
+	defer func() {
+		if !returned {
+			c.drop(h, key, 0)
+		}
+	}()
+	ch, err := write(ctx)
+	returned = true
+	return ch, err
 }
 
 // Set records on every node that a write committed value as key's value at
