@@ -38,11 +38,14 @@
 // A Redis bus upholds the bus's half of G2 and G3 (see package cache):
 //
 //   - Proofs. The bus proves its link with a round trip through the
-//     subscription itself. Every ProofInterval, PubSub publishes a probe, a
-//     unique payload, on a channel of its own (the channel's name plus
+//     subscription itself. Every ProofInterval, PubSub publishes a probe,
+//     16 random bytes, on a channel of its own (the channel's name plus
 //     ":proof:" and its NodeID; on a cluster, in the channel's slot), and
 //     subscribes to that channel on the same connection as to the
-//     invalidations. Invalidations and probes alike are published by a
+//     invalidations. Only the outstanding probe, byte for byte, received
+//     on the subscription it was sent for, proves anything: a client that
+//     may publish on the channel can neither guess a probe nor replay
+//     one (see "Trust" in the README). Invalidations and probes alike are published by a
 //     small Lua script that may write, which only a master runs (a replica
 //     refuses it), so the channel's one master orders all of them and
 //     relays them in that order, to its own subscribers and through its
