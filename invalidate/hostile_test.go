@@ -2,6 +2,7 @@ package invalidate
 
 import (
 	"context"
+	cryptorand "crypto/rand"
 	"errors"
 	"fmt"
 	"strconv"
@@ -172,4 +173,89 @@ func TestPubSubForgedProofs(t *testing.T) {
 	// proves its link again.
 	blocker.fail.Store(false)
 	invalidatetest.WaitProven(t, sub)
+}
+
+// randomOrigin returns a fresh origin, as a flood of forged messages
+// would carry: 16 bytes never seen before.
+func randomOrigin(t testing.TB) nodeID {
+	var id nodeID
+	if _, err := cryptorand.Read(id[:]); err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// TestOriginFloodKeepsEstablishedOrigins guards against a flood of
+// messages from fresh origins (a client that may PUBLISH makes up a new
+// origin per message) evicting the origins of real nodes from the table
+// that checks each origin's sequence: an evicted origin's next message
+// only sets a new baseline, so a gap in its sequence (a publication that
+// failed on its way to Redis) went unnoticed. An origin whose messages
+// have followed each other is kept however many new origins come by.
+func TestOriginFloodKeepsEstablishedOrigins(t *testing.T) {
+	t.Parallel()
+	var tab originTable
+	real := randomOrigin(t)
+	for seq := uint64(1); seq <= 3; seq++ {
+		if tab.gap(real, seq) {
+			t.Fatalf("gap(real, %d) = true on an unbroken sequence", seq)
+		}
+	}
+	for range 4 * maxOrigins {
+		if tab.gap(randomOrigin(t), 1) {
+			t.Fatalf("a new origin's first message reported as a gap")
+		}
+	}
+	if !tab.gap(real, 5) { // 4 is missing
+		t.Errorf("gap(real, 5) after 3 = false after a flood of %d new origins; want true (the established origin was forgotten)", 4*maxOrigins)
+	}
+	if tab.gap(real, 6) {
+		t.Errorf("gap(real, 6) after 5 = true; want false")
+	}
+}
+
+// BenchmarkOriginTable measures the sequence check of a message from a
+// known origin and from a new one in a full table, as a flood of forged
+// origins makes it: both should cost about the same, whatever the
+// table's size. new/known is their ratio in this run.
+func BenchmarkOriginTable(b *testing.B) {
+	ids := make([]nodeID, 1<<16)
+	for i := range ids {
+		ids[i] = randomOrigin(b)
+	}
+	var known float64
+	b.Run("known", func(b *testing.B) {
+		b.ReportAllocs()
+		var tab originTable
+		for i := range maxProtected {
+			tab.gap(ids[i], 1)
+			tab.gap(ids[i], 2)
+		}
+		seq := uint64(2)
+		b.ResetTimer()
+		for i := 0; i < b.N; i++ {
+			if i%maxProtected == 0 {
+				seq++
+			}
+			tab.gap(ids[i%maxProtected], seq)
+		}
+		known = float64(b.Elapsed().Nanoseconds()) / float64(b.N)
+	})
+	b.Run("new", func(b *testing.B) {
+		b.ReportAllocs()
+		var tab originTable
+		for i := range maxProtected {
+			tab.gap(ids[i], 1)
+			tab.gap(ids[i], 2)
+		}
+		b.ResetTimer()
+		for i := 0; i < b.N; i++ {
+			// Cycling through more ids than the table holds makes each
+			// one new when it comes round again.
+			tab.gap(ids[maxProtected+i%(len(ids)-maxProtected)], 1)
+		}
+		if fresh := float64(b.Elapsed().Nanoseconds()) / float64(b.N); known > 0 {
+			b.ReportMetric(fresh/known, "new/known")
+		}
+	})
 }

@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/hashicorp/golang-lru/v2/simplelru"
+
 	"github.com/coherentcache/coherent/cache"
 )
 
@@ -204,7 +206,7 @@ func (h *hub) receive(payload string) {
 	}
 	h.stats.messagesReceived.Add(1)
 	h.stats.keysReceived.Add(uint64(len(m.keys)))
-	if h.origins.gap(m.origin, m.seq, h.now()) {
+	if h.origins.gap(m.origin, m.seq) {
 		// A message of that origin went missing, and with it the name of
 		// its namespace: flush everything, which covers this message too.
 		h.log.Warn("invalidate: sequence gap; flushing", "origin", m.origin, "seq", m.seq)
@@ -429,57 +431,75 @@ func (s *subscription) flush() {
 // originTable remembers the last sequence number of each origin heard from.
 // It belongs to the reader goroutine.
 //
-// It holds at most maxOrigins origins and forgets the one heard from least
-// recently to make room. Forgetting is safe: the next message of a
-// forgotten origin only sets a new baseline, so at worst a gap in that
-// origin's sequence goes unnoticed. A subscriber never loses a message
-// without losing its connection (Redis pub/sub on one TCP connection
-// neither drops nor reorders otherwise), and that is flushed as a
-// resubscription; a sequence gap can only come from a publication that
-// failed or whose outcome its writer does not know, and that writer got
-// the error from Publish, which the outbox repairs (race 3). The sequence
-// check shortens that repair; it is not the only line of defence.
+// It is bounded, and every operation is O(1): a client that may PUBLISH
+// can make up a new origin for every message, and neither the table's
+// memory nor the cost of a message may grow with the number it has made
+// up. So that such a flood cannot push the real nodes out, the table has
+// two parts, each an LRU: probation, for origins heard from once or whose
+// last message did not follow the one before, and protected, for origins
+// whose last message followed its predecessor. A new origin enters
+// probation, evicting the origin of probation heard from least recently;
+// its next message in sequence moves it to protected, whose least recent
+// origin moves back to probation to make room. A made-up origin sent once
+// never leaves probation, so real nodes, whose messages follow each other,
+// stay in protected however many of those come by. (A client that sends
+// two messages in sequence for each of more than maxProtected made-up
+// origins can push a quiet real origin out; that costs what forgetting
+// costs, below.)
+//
+// Forgetting is safe: the next message of a forgotten origin only sets a
+// new baseline, so at worst a gap in that origin's sequence goes
+// unnoticed. A subscriber never loses a message without losing its
+// connection (Redis pub/sub on one TCP connection neither drops nor
+// reorders otherwise), and that is flushed as a resubscription; a sequence
+// gap can only come from a publication that failed or whose outcome its
+// writer does not know, and that writer got the error from Publish, which
+// the outbox repairs (race 3). The sequence check shortens that repair; it
+// is not the only line of defence.
 type originTable struct {
-	m map[nodeID]originState
+	probation, protected *simplelru.LRU[nodeID, uint64] // origin → last sequence number; nil until used
 }
 
-type originState struct {
-	seq   uint64
-	heard int64
-}
-
-const maxOrigins = 4096
+const (
+	maxProtected = 4096
+	maxProbation = 1024
+	maxOrigins   = maxProtected + maxProbation
+)
 
 // gap records seq from origin and reports whether it does not follow the
 // last one recorded (a skip, a replay or a reordering).
-func (t *originTable) gap(origin nodeID, seq uint64, now int64) bool {
-	st, ok := t.m[origin]
-	if !ok {
-		if t.m == nil {
-			t.m = make(map[nodeID]originState)
-		}
-		if len(t.m) >= maxOrigins {
-			t.forgetStalest()
-		}
-		t.m[origin] = originState{seq: seq, heard: now}
-		return false
+func (t *originTable) gap(origin nodeID, seq uint64) bool {
+	if t.protected == nil {
+		// NewLRU fails only for a size below 1.
+		t.protected, _ = simplelru.NewLRU[nodeID, uint64](maxProtected, nil)
+		t.probation, _ = simplelru.NewLRU[nodeID, uint64](maxProbation, nil)
 	}
-	t.m[origin] = originState{seq: seq, heard: now}
-	return seq != st.seq+1
-}
-
-func (t *originTable) forgetStalest() {
-	var stalest nodeID
-	oldest := int64(math.MaxInt64)
-	for id, st := range t.m {
-		if st.heard < oldest {
-			stalest, oldest = id, st.heard
+	if last, ok := t.protected.Peek(origin); ok {
+		t.protected.Add(origin, seq) // to the front
+		return seq != last+1
+	}
+	last, ok := t.probation.Peek(origin)
+	if !ok || seq != last+1 {
+		t.probation.Add(origin, seq) // evicts probation's least recent if full
+		return ok
+	}
+	t.probation.Remove(origin)
+	if t.protected.Len() >= maxProtected {
+		if old, oldSeq, ok := t.protected.RemoveOldest(); ok {
+			t.probation.Add(old, oldSeq)
 		}
 	}
-	delete(t.m, stalest)
+	t.protected.Add(origin, seq)
+	return false
 }
 
-func (t *originTable) reset() { clear(t.m) }
+// reset forgets every origin.
+func (t *originTable) reset() {
+	if t.protected != nil {
+		t.protected.Purge()
+		t.probation.Purge()
+	}
+}
 
 // limiter allows one log line per second and counts the rest.
 type limiter struct {
