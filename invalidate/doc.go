@@ -69,7 +69,16 @@
 //     cache may hold a value it wrote through before the bus was
 //     listening, which a write published meanwhile overwrote: race 19);
 //     after a message it cannot decode; and after a message that does not
-//     follow its origin's previous one.
+//     follow its origin's previous one. For these last two, and for a
+//     namespace flush that a publisher asks for, the flush is due rather
+//     than done at once: from the moment the node reads the message, the
+//     subscriptions concerned (every one, or the namespace's) report no
+//     proof and their Handlers are told (LinkLost), so their caches read
+//     through and serve nothing they hold; the flush is done before the
+//     next proof is recorded, once for all such messages read in between,
+//     and at most about twice per ProofInterval. So a flood of them costs
+//     reads through to the source and a flush per proof, never a flush
+//     per message, and never a skipped flush.
 //   - Lost links end the proof at once. The moment a bus notices that its
 //     link failed (a connection error, a server-side unsubscribe, a probe
 //     that did not come back, a failed read or position check, a position
@@ -116,11 +125,15 @@
 //   - The node reads too slowly and Redis disconnects it
 //     (client-output-buffer-limit pubsub): as a killed connection.
 //   - A malformed message, of an unknown format version, or too large:
-//     a flush, counted (Stats.FlushesMalformed) and logged at most once a
-//     second.
+//     the caches read through until the next proof, before which they are
+//     flushed (Stats.MessagesMalformed, FlushesMalformed, and
+//     FlushesCoalesced for those that shared a flush); logged at most once
+//     a second.
 //   - A message from an origin whose sequence skips, repeats or goes back:
-//     a flush (Stats.FlushesGap). This catches publications that failed on
-//     the way to Redis.
+//     the same, counted in Stats.FlushesGap. This catches publications
+//     that failed on the way to Redis. The table of origins is bounded;
+//     an origin that has sent two messages in sequence stays in it
+//     however many made-up origins come by.
 //   - Redis Cluster migrates the channel's slot and unsubscribes the node
 //     (sunsubscribe) (race 15): a lost link; the bus closes the
 //     subscription and subscribes again at the new owner, which flushes.

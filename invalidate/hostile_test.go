@@ -10,9 +10,11 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/coherentcache/coherent/cache"
 	"github.com/coherentcache/coherent/invalidate/invalidatetest"
 )
 
@@ -258,4 +260,376 @@ func BenchmarkOriginTable(b *testing.B) {
 			b.ReportMetric(fresh/known, "new/known")
 		}
 	})
+}
+
+// junk returns n payloads that no decoder accepts: random bytes of random
+// lengths, none starting with the magic byte.
+func junk(t testing.TB, n int) [][]byte {
+	out := make([][]byte, n)
+	for i := range out {
+		var l [1]byte
+		_, _ = cryptorand.Read(l[:])
+		p := make([]byte, 1+int(l[0])%64)
+		_, _ = cryptorand.Read(p)
+		if p[0] == magic {
+			p[0] = 0
+		}
+		out[i] = p
+	}
+	return out
+}
+
+// floodTarget is what the flood tests need of a transport: a way to put
+// payloads on the bus behind the application's back.
+type floodTarget struct {
+	name   string
+	newBus func(t *testing.T, client *redis.Client) provenBus
+	inject func(ctx context.Context, p redis.Pipeliner, payload []byte)
+}
+
+var floodTargets = []floodTarget{
+	{"PubSub", func(t *testing.T, client *redis.Client) provenBus {
+		return newPubSub(t, client, testOptions("coherent:invalidations"))
+	}, func(ctx context.Context, p redis.Pipeliner, payload []byte) {
+		p.Publish(ctx, "coherent:invalidations", payload)
+	}},
+	{"Streams", func(t *testing.T, client *redis.Client) provenBus {
+		return newStreams(t, client, testStreamsOptions("coherent:invalidations:stream"))
+	}, func(ctx context.Context, p redis.Pipeliner, payload []byte) {
+		p.XAdd(ctx, &redis.XAddArgs{Stream: "coherent:invalidations:stream", Values: []any{fieldMessage, payload}})
+	}},
+}
+
+// TestMalformedFloodCostsOneFlushPerProof guards against a flood of junk
+// (issue 12 item 2): 20,000 malformed messages, each of which used to
+// flush every cache on the node, a full flush per message, until the
+// reader fell behind its own probes, reconnected and came back with a
+// cold cache. Every message that cannot be read must still lead to a
+// flush before the node proves its link again (race 4), but one flush
+// covers all the messages before it: the node stops serving from memory
+// at the first, and flushes once at the next proof, at most once per
+// ProofInterval. So the flood costs reads through to the source while it
+// lasts and one flush per ProofInterval; the reader keeps up (no proof
+// timeout, no reconnection), and the node is proven again afterwards.
+func TestMalformedFloodCostsOneFlushPerProof(t *testing.T) {
+	t.Parallel()
+	for _, tr := range floodTargets {
+		t.Run(tr.name, func(t *testing.T) {
+			t.Parallel()
+			addr, admin := privateRedis(t)
+			newBusClient := func() *redis.Client {
+				c := redis.NewClient(&redis.Options{Addr: addr})
+				t.Cleanup(func() { _ = c.Close() })
+				return c
+			}
+			bus := tr.newBus(t, newBusClient())
+			other := tr.newBus(t, newBusClient())
+			// A cache of some size on the flooded node, so that flushes
+			// cost what they cost in production.
+			src := &countingLoader{rows: map[string]int64{}}
+			for i := range 10_000 {
+				src.rows[strconv.Itoa(i)] = int64(i)
+			}
+			c, err := cache.New("users", 20_000, src.load, &cache.Options[string, int64]{Bus: bus, MaxStaleness: 300 * time.Millisecond})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			rec := new(invalidatetest.Recorder)
+			sub, err := bus.Subscribe("probe", rec)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sub.Close()
+			osub, err := other.Subscribe("probe", new(invalidatetest.Recorder))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer osub.Close()
+			invalidatetest.WaitProven(t, sub, osub)
+			ctx := context.Background()
+			for k := range src.rows {
+				if _, err := c.Get(ctx, k); err != nil {
+					t.Fatal(err)
+				}
+			}
+			before := bus.Stats()
+
+			const n = 20_000
+			start := time.Now()
+			payloads := junk(t, n)
+			for i := 0; i < n; i += 1000 {
+				pipe := admin.Pipeline()
+				for _, p := range payloads[i:min(i+1000, n)] {
+					tr.inject(ctx, pipe, p)
+				}
+				if _, err := pipe.Exec(ctx); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// A real invalidation after the flood: once it has arrived, the
+			// node has read every junk message.
+			if err := other.Publish(ctx, "probe", []cache.Invalidation{{Key: "after"}}); err != nil {
+				t.Fatal(err)
+			}
+			// (Unless the reader fell so far behind that Redis cut it off,
+			// and the invalidation went past it: that fails below.)
+			invalidatetest.WaitFor(t, "the invalidation after the flood, or a reconnection", func() bool {
+				return rec.Has("after") || bus.Stats().Reconnects > before.Reconnects
+			})
+			invalidatetest.WaitProven(t, sub)
+			elapsed := time.Since(start)
+
+			st := bus.Stats()
+			flushes := st.FlushesMalformed - before.FlushesMalformed
+			proofs := st.Proofs - before.Proofs
+			// At most one flush per proof, two per ProofInterval (10ms in
+			// testOptions), with one of each to spare.
+			limit := min(proofs+1, 2*uint64(elapsed/(10*time.Millisecond))+2)
+			t.Logf("%d junk messages in %v: %d flushes, %d proofs; stats %+v", n, elapsed, flushes, proofs, st)
+			if flushes == 0 || flushes > limit {
+				t.Errorf("%d junk messages cost %d flushes; want 1 to %d (one per proof, two per ProofInterval)", n, flushes, limit)
+			}
+			// Every junk message was counted, and led to a flush done or
+			// shared: none is due once the node is proven again.
+			if got := st.MessagesMalformed - before.MessagesMalformed; got != n {
+				t.Errorf("MessagesMalformed grew by %d; want %d", got, n)
+			}
+			if got := flushes + st.FlushesCoalesced - before.FlushesCoalesced; got != n {
+				t.Errorf("FlushesMalformed + FlushesCoalesced grew by %d; want %d, one per junk message", got, n)
+			}
+			if st.ProofTimeouts != before.ProofTimeouts || st.Reconnects != before.Reconnects || st.FlushesResubscribe != before.FlushesResubscribe {
+				t.Errorf("the reader fell behind the flood: proof timeouts %d→%d, reconnections %d→%d, resubscription flushes %d→%d; want none",
+					before.ProofTimeouts, st.ProofTimeouts, before.Reconnects, st.Reconnects, before.FlushesResubscribe, st.FlushesResubscribe)
+			}
+			if !bus.Proven() {
+				t.Errorf("Proven() = false after the flood; want true")
+			}
+		})
+	}
+}
+
+// TestDeferredFlushLeavesNothingStale guards the remedy of the flood
+// tests: the flush that a message calls for (one the node cannot read, one
+// after a gap in its origin's sequence, a publisher's request to flush
+// the namespace) is deferred to the next proof, and must still drop
+// everything that message may have invalidated. Here the message carries
+// the real change of two keys: k1, cached before it, and k2, whose load
+// read the old row before the write and stores it after the message
+// arrived, where only a flush (or a read through) stands between it and a
+// stale hit. The cache's MaxStaleness is a minute, so no timeout hides a
+// mistake: from the moment the node has read the message, no Get may
+// return the old version of either key, neither while the cache reads
+// through nor after the next proof.
+func TestDeferredFlushLeavesNothingStale(t *testing.T) {
+	t.Parallel()
+	origin := randomOrigin(t)
+	kinds := []struct {
+		name string
+		// first, if not nil, is published before the test begins; the
+		// message is published after the write.
+		first, message []byte
+	}{
+		{"unreadable", nil, append(appendMessage(nil, &message{namespace: "users", origin: origin, seq: 1,
+			keys: []cache.Invalidation{{Key: "k1", Version: 2}, {Key: "k2", Version: 2}}}), 0)}, // a trailing byte
+		{"sequence gap", appendMessage(nil, &message{namespace: "other", origin: origin, seq: 1, keys: []cache.Invalidation{{Key: "x"}}}),
+			appendMessage(nil, &message{namespace: "other", origin: origin, seq: 3, keys: []cache.Invalidation{{Key: "y"}}})}, // 2 went missing
+		{"requested flush", nil, appendMessage(nil, &message{namespace: "users", origin: origin, seq: 1, flush: true})},
+	}
+	for _, tr := range floodTargets {
+		for _, kind := range kinds {
+			t.Run(tr.name+"/"+kind.name, func(t *testing.T) {
+				t.Parallel()
+				testDeferredFlush(t, tr, kind.first, kind.message)
+			})
+		}
+	}
+}
+
+func testDeferredFlush(t *testing.T, tr floodTarget, first, msg []byte) {
+	addr, admin := privateRedis(t)
+	newBusClient := func() *redis.Client {
+		c := redis.NewClient(&redis.Options{Addr: addr})
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	}
+	bus, other := tr.newBus(t, newBusClient()), tr.newBus(t, newBusClient())
+	src := &versioned{rows: map[string]int64{"k1": 1, "k2": 1}}
+	var block atomic.Bool
+	started, gate := make(chan struct{}, 1), make(chan struct{})
+	load := func(ctx context.Context, key string) (int64, error) {
+		v, err := src.load(ctx, key)
+		if key == "k2" && block.CompareAndSwap(true, false) {
+			started <- struct{}{}
+			<-gate
+		}
+		return v, err
+	}
+	c, err := cache.New("users", 100, load, &cache.Options[string, int64]{
+		Bus: bus, Version: func(v int64) int64 { return v }, MaxStaleness: time.Minute,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	rec := new(invalidatetest.Recorder)
+	sub, _ := bus.Subscribe("probe", rec)
+	defer sub.Close()
+	osub, _ := other.Subscribe("probe", new(invalidatetest.Recorder))
+	defer osub.Close()
+	invalidatetest.WaitProven(t, sub, osub)
+	ctx := context.Background()
+	inject := func(payload []byte) {
+		t.Helper()
+		pipe := admin.Pipeline()
+		tr.inject(ctx, pipe, payload)
+		if _, err := pipe.Exec(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// mark publishes an invalidation from the other node and waits for it:
+	// the node has then read every message published before.
+	mark := func(key string) {
+		t.Helper()
+		if err := other.Publish(ctx, "probe", []cache.Invalidation{{Key: key}}); err != nil {
+			t.Fatal(err)
+		}
+		invalidatetest.WaitFor(t, "the node to read "+key, func() bool { return rec.Has(key) })
+	}
+	if first != nil {
+		inject(first)
+		mark("first")
+	}
+	hit := func(k string) bool {
+		h := c.Stats().Hits
+		_, _ = c.Get(ctx, k)
+		return c.Stats().Hits > h
+	}
+	invalidatetest.WaitFor(t, "k1 served from memory", func() bool { return hit("k1") })
+
+	block.Store(true)
+	loaded := make(chan int64, 1)
+	go func() {
+		v, _ := c.Get(ctx, "k2")
+		loaded <- v
+	}()
+	<-started // the load of k2 has read version 1
+	src.write("k1")
+	src.write("k2")
+	inject(msg)
+	mark("after")
+	close(gate)
+	if v := <-loaded; v != 1 {
+		t.Fatalf("the load that read before the write returned version %d; want 1", v)
+	}
+
+	check := func(when string) {
+		t.Helper()
+		for _, k := range []string{"k1", "k2"} {
+			if v, err := c.Get(ctx, k); err != nil || v != 2 {
+				t.Fatalf("%s: Get(%q) = %d, %v; want version 2 (the message said version 1 is gone)", when, k, v, err)
+			}
+		}
+	}
+	check("right after the message")
+	invalidatetest.WaitFor(t, "the node to serve from memory again", func() bool {
+		check("until the next proof")
+		return hit("k1") && hit("k2")
+	})
+	check("after the next proof")
+}
+
+// TestRequestedFlushFloodCostsOneFlushPerProof is
+// TestMalformedFloodCostsOneFlushPerProof for well-formed requests to
+// flush a namespace (what an empty-keys Publish sends), which anyone who
+// may publish can forge as fast as junk, from made-up origins. Each must
+// still lead to a flush of the namespace's caches before their next proof
+// (an entry cached before it is not served after it), but the requests
+// in between share one, and the other namespaces keep their proof.
+func TestRequestedFlushFloodCostsOneFlushPerProof(t *testing.T) {
+	t.Parallel()
+	for _, tr := range floodTargets {
+		t.Run(tr.name, func(t *testing.T) {
+			t.Parallel()
+			addr, admin := privateRedis(t)
+			newBusClient := func() *redis.Client {
+				c := redis.NewClient(&redis.Options{Addr: addr})
+				t.Cleanup(func() { _ = c.Close() })
+				return c
+			}
+			bus, other := tr.newBus(t, newBusClient()), tr.newBus(t, newBusClient())
+			src := &versioned{rows: map[string]int64{"k": 1}}
+			c, err := cache.New("users", 100, src.load, &cache.Options[string, int64]{Bus: bus, MaxStaleness: time.Minute})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			orders := new(invalidatetest.Recorder) // another namespace on the node
+			sub, _ := bus.Subscribe("orders", orders)
+			defer sub.Close()
+			osub, _ := other.Subscribe("orders", new(invalidatetest.Recorder))
+			defer osub.Close()
+			invalidatetest.WaitProven(t, sub, osub)
+			orders.Reset()
+			ctx := context.Background()
+			hit := func() bool {
+				h := c.Stats().Hits
+				_, _ = c.Get(ctx, "k")
+				return c.Stats().Hits > h
+			}
+			invalidatetest.WaitFor(t, "k served from memory", hit)
+			src.write("k") // version 2, announced only by the flushes below
+			before, cacheBefore := bus.Stats(), c.Stats()
+
+			const n = 5000
+			start := time.Now()
+			for i := 0; i < n; i += 1000 {
+				pipe := admin.Pipeline()
+				for range min(1000, n-i) {
+					tr.inject(ctx, pipe, appendMessage(nil, &message{namespace: "users", origin: randomOrigin(t), seq: 1, flush: true}))
+				}
+				if _, err := pipe.Exec(ctx); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := other.Publish(ctx, "orders", []cache.Invalidation{{Key: "after"}}); err != nil {
+				t.Fatal(err)
+			}
+			invalidatetest.WaitFor(t, "the invalidation after the flood, or a reconnection", func() bool {
+				return orders.Has("after") || bus.Stats().Reconnects > before.Reconnects
+			})
+			check := func(when string) {
+				t.Helper()
+				if v, err := c.Get(ctx, "k"); err != nil || v != 2 {
+					t.Fatalf("%s: Get(k) = %d, %v; want version 2 (the flush requests came after it)", when, v, err)
+				}
+			}
+			check("right after the requests")
+			invalidatetest.WaitFor(t, "k served from memory again", func() bool {
+				check("until the next proof")
+				return hit()
+			})
+			elapsed := time.Since(start)
+
+			st, cst := bus.Stats(), c.Stats()
+			flushes := cst.Flushes - cacheBefore.Flushes
+			limit := min(st.Proofs-before.Proofs+1, 2*uint64(elapsed/(10*time.Millisecond))+2)
+			t.Logf("%d flush requests in %v: %d flushes; stats %+v", n, elapsed, flushes, st)
+			if flushes == 0 || flushes > limit {
+				t.Errorf("%d flush requests cost the cache %d flushes; want 1 to %d (one per proof, two per ProofInterval)", n, flushes, limit)
+			}
+			if got := st.FlushesRequested - before.FlushesRequested; got != n {
+				t.Errorf("FlushesRequested grew by %d; want %d", got, n)
+			}
+			if got := flushes + st.FlushesCoalesced - before.FlushesCoalesced; got != n {
+				t.Errorf("cache flushes + FlushesCoalesced grew by %d; want %d, one per request", got, n)
+			}
+			if f, l := orders.Flushes(), orders.LinksLost(); f != 0 || l != 0 {
+				t.Errorf("the other namespace was flushed %d times and lost its link %d times; want neither", f, l)
+			}
+			if st.ProofTimeouts != before.ProofTimeouts || st.Reconnects != before.Reconnects || st.LinksLost != before.LinksLost {
+				t.Errorf("the flood broke the link: before %+v, after %+v", before, st)
+			}
+		})
+	}
 }

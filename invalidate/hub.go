@@ -42,6 +42,16 @@ type hub struct {
 	origins           originTable
 	flushedSinceProof bool // a flushAll happened after the last proof
 	malformedLog      limiter
+	gapLog            limiter
+
+	// Flushes that received messages called for, done at the next proof
+	// (see distrust): dueAll is the cause of a flush of every subscription
+	// (noCause if none is due), dueSubs the subscriptions whose namespace
+	// a publisher asked to flush (each has flushDue set), and lastDue the
+	// time the last of them were done (noProof before the first).
+	dueAll  cause
+	dueSubs []*subscription
+	lastDue int64
 
 	batch *batcher
 	seq   uint64 // last sequence number sent; belongs to the batcher goroutine
@@ -54,7 +64,7 @@ func newHub(cfg *config, send func(ctx context.Context, msgs [][]byte) error) *h
 	h := &hub{cfg: cfg, log: cfg.log, subs: make(map[string][]*subscription)}
 	h.epoch = h.clockNow()
 	h.proof.Store(noProof)
-	h.lastProof = noProof
+	h.lastProof, h.lastDue, h.dueAll = noProof, noProof, noCause
 	h.batch = newBatcher(cfg.batchWindow, cfg.batchKeys, func(ctx context.Context, batches []*nsBatch) error {
 		return h.sendBatches(ctx, batches, send)
 	})
@@ -195,10 +205,11 @@ func (h *hub) receive(payload string) {
 	m, err := decode(payload)
 	if err != nil {
 		// Whatever the message said is lost, so everything is suspect.
+		h.stats.messagesMalformed.Add(1)
 		if n, ok := h.malformedLog.allow(h.now()); ok {
-			h.log.Warn("invalidate: undecodable message; flushing", "err", err, "bytes", len(payload), "suppressed", n)
+			h.log.Warn("invalidate: undecodable message; flushing before the next proof", "err", err, "bytes", len(payload), "suppressed", n)
 		}
-		h.flushAll(causeMalformed)
+		h.distrust(causeMalformed)
 		return
 	}
 	if m.origin == h.cfg.node {
@@ -209,16 +220,107 @@ func (h *hub) receive(payload string) {
 	if h.origins.gap(m.origin, m.seq) {
 		// A message of that origin went missing, and with it the name of
 		// its namespace: flush everything, which covers this message too.
-		h.log.Warn("invalidate: sequence gap; flushing", "origin", m.origin, "seq", m.seq)
-		h.flushAll(causeGap)
+		if n, ok := h.gapLog.allow(h.now()); ok {
+			h.log.Warn("invalidate: sequence gap; flushing before the next proof", "origin", m.origin, "seq", m.seq, "suppressed", n)
+		}
+		h.distrust(causeGap)
 		return
 	}
 	if m.flush {
-		h.stats.flushesRequested.Add(1)
+		h.requestFlush(m.namespace)
+		return
 	}
 	for _, s := range h.peers(m.namespace) {
-		s.deliver(m.keys, m.flush)
+		s.deliver(m.keys, false)
 	}
+}
+
+// distrust answers a message that calls for a flush of every subscription,
+// one this node cannot read or one that shows that an earlier message went
+// missing, with a flush that is due rather than done: the link is unproven
+// at once (every LastProof reports the zero Time, then every Handler is
+// told, LinkLost), and the flush is done at the next proof, before it is
+// recorded (prove), for every such message received in between. So a
+// flood of them costs reads through to the source while it lasts and one
+// flush per proof, where a flush per message, each the work of every cache
+// on the node, could keep the reader from reading its own probes.
+//
+// No flush that correctness needs is lost by the delay. Between the
+// message and the flush a cache serves nothing it holds: it asks
+// LastProof before it serves, and LinkLost has revoked the proof it had
+// cached. What it may store meanwhile (a load that began before the
+// message and finds its guard token unchanged, since the message's
+// invalidations were never applied; a value written through by this
+// node) may be stale, but the flush drops it, and bumps every guard so
+// that a load still running then stores nothing, before the proof that
+// would let the cache serve again. Invalidations received in between are
+// delivered as usual, and the flush covers them too. A flush for another
+// cause in between (a resubscription, a lost stream position) covers the
+// message as well, since it comes after it.
+//
+// It runs on the reader goroutine only.
+func (h *hub) distrust(c cause) {
+	if h.dueAll != noCause {
+		// Due already, and the link unproven since: one flush covers both.
+		h.stats.flushesCoalesced.Add(1)
+		return
+	}
+	h.dueAll = c
+	h.unprove()
+}
+
+// requestFlush answers a namespace flush published by another node as
+// distrust does, for the subscriptions of that namespace only: each
+// reports no proof, and is told (LinkLost), until its flush is done at the
+// next proof. Anyone who may publish on the channel can send these as
+// fast as junk. It runs on the reader goroutine only.
+func (h *hub) requestFlush(namespace string) {
+	h.stats.flushesRequested.Add(1)
+	marked, due := false, false
+	for _, s := range h.peers(namespace) {
+		if h.dueAll != noCause || s.flushDue.Load() {
+			due = true // flushed with the flush already due
+			continue
+		}
+		// The flag first, then LinkLost, as in unprove: a cache that asks
+		// LastProof after its revocation gets no proof back.
+		s.flushDue.Store(true)
+		h.dueSubs = append(h.dueSubs, s)
+		s.linkLost()
+		marked = true
+	}
+	if due && !marked {
+		h.stats.flushesCoalesced.Add(1)
+	}
+}
+
+// settleDue does the flushes that are due, unless the last were done less
+// than half a ProofInterval ago, and reports whether a proof may be
+// recorded now: not while a flush of every subscription stays due. The
+// limit bounds a flood to about two flushes per ProofInterval even where
+// proofs come faster (a Streams reader proves with every read that
+// catches up). It runs on the reader goroutine only.
+func (h *hub) settleDue() bool {
+	if h.dueAll == noCause && len(h.dueSubs) == 0 {
+		return true
+	}
+	now := h.now()
+	if h.lastDue != noProof && now-h.lastDue < int64(h.cfg.proofInterval/2) {
+		return h.dueAll == noCause
+	}
+	h.lastDue = now
+	if c := h.dueAll; c != noCause {
+		h.dueAll = noCause
+		h.flushAll(c) // clears dueSubs
+		return true
+	}
+	for _, s := range h.dueSubs {
+		s.deliver(nil, true)
+		s.flushDue.Store(false) // after the flush, which LastProof waits for
+	}
+	clear(h.dueSubs)
+	h.dueSubs = h.dueSubs[:0]
+	return true
 }
 
 // all returns every local subscription.
@@ -232,11 +334,15 @@ func (h *hub) all() []*subscription {
 	return all
 }
 
-// flushAll flushes every local subscription. It runs on the reader
-// goroutine only.
+// flushAll flushes every local subscription, which covers the flushes
+// that are due. It runs on the reader goroutine only.
 func (h *hub) flushAll(c cause) {
 	h.stats.flushes[c].Add(1)
 	h.flushedSinceProof = true
+	if h.dueAll != noCause {
+		h.dueAll = noCause
+		h.stats.flushesCoalesced.Add(1)
+	}
 	if c == causeResubscribe || c == causeTrimmed || c == causeFirstSubscription {
 		// Every origin may have lost messages: restart their sequences
 		// here instead of flushing again at the next message of each.
@@ -251,6 +357,14 @@ func (h *hub) flushAll(c cause) {
 	}
 	for _, s := range h.all() {
 		s.deliver(nil, true)
+	}
+	if len(h.dueSubs) > 0 {
+		for _, s := range h.dueSubs {
+			s.flushDue.Store(false) // flushed above, or closed
+		}
+		clear(h.dueSubs)
+		h.dueSubs = h.dueSubs[:0]
+		h.stats.flushesCoalesced.Add(1)
 	}
 }
 
@@ -288,11 +402,16 @@ func (h *hub) unprove() bool {
 }
 
 // prove records that everything published before sentAt (nanoseconds since
-// epoch) has been delivered. With lateFlush, a proof that comes more than
-// MaxStaleness after the previous one flushes first: the caches have been
-// bypassing themselves, and the bus does not vouch for what they cached
-// before the silence. prove runs on the reader goroutine only.
+// epoch) has been delivered. The flushes that are due are done first (see
+// distrust and settleDue), and while a flush of every subscription stays
+// due the proof is not recorded. With lateFlush, a proof that comes more
+// than MaxStaleness after the previous one flushes first: the caches have
+// been bypassing themselves, and the bus does not vouch for what they
+// cached before the silence. prove runs on the reader goroutine only.
 func (h *hub) prove(sentAt int64, lateFlush bool) {
+	if !h.settleDue() {
+		return
+	}
 	last := h.lastProof
 	if lateFlush && last != noProof && sentAt-last > int64(h.cfg.maxStaleness) && !h.flushedSinceProof {
 		h.flushAll(causeProofTimeout)
@@ -336,6 +455,7 @@ type subscription struct {
 	mu        sync.RWMutex // held for reading while delivering to h, for writing by Close
 	closed    atomic.Bool  // set under mu
 	broken    atomic.Bool  // a Flush of h panicked and none succeeded since
+	flushDue  atomic.Bool  // a requested flush waits for the next proof; see hub.requestFlush
 	closeOnce sync.Once
 }
 
@@ -349,11 +469,12 @@ func (s *subscription) Publish(ctx context.Context, keys []cache.Invalidation) e
 // LastProof implements [cache.Subscription]. It returns the zero Time until
 // the bus has proven its link after this subscription was made, from the
 // moment the bus detects a failure of its link until it proves it again,
-// after the bus or the subscription was closed, and while the Handler is
-// broken (its Flush panicked).
+// from a message that calls for a flush until that flush is done, after
+// the bus or the subscription was closed, and while the Handler is broken
+// (its Flush panicked).
 func (s *subscription) LastProof() time.Time {
 	p := s.hub.proof.Load()
-	if p == noProof || p < s.since || s.broken.Load() || s.closed.Load() || s.hub.closed.Load() {
+	if p == noProof || p < s.since || s.broken.Load() || s.flushDue.Load() || s.closed.Load() || s.hub.closed.Load() {
 		return time.Time{}
 	}
 	return s.hub.epoch.Add(time.Duration(p))
