@@ -137,6 +137,12 @@
 //   - Redis Cluster migrates the channel's slot and unsubscribes the node
 //     (sunsubscribe) (race 15): a lost link; the bus closes the
 //     subscription and subscribes again at the new owner, which flushes.
+//   - Streams: an entry that is not a message, or whose fields are larger
+//     than a message can be: it is taken for a malformed message (as
+//     above). The reader does not read a reply whole: it parses it as it
+//     comes off the socket and keeps one entry at a time, passing over any
+//     field larger than MaxMessageSize unread, so what a read allocates is
+//     bounded whatever the stream holds.
 //   - Streams: the stream was trimmed past the node's position (it fell
 //     more than MaxLen entries behind), an entry after it was deleted
 //     (XDEL), or the stream was lost (a restart without persistence): the

@@ -5,6 +5,7 @@ import (
 	cryptorand "crypto/rand"
 	"errors"
 	"fmt"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -15,6 +16,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/internal/testenv"
 	"github.com/coherentcache/coherent/invalidate/invalidatetest"
 )
 
@@ -631,5 +633,69 @@ func TestRequestedFlushFloodCostsOneFlushPerProof(t *testing.T) {
 				t.Errorf("the flood broke the link: before %+v, after %+v", before, st)
 			}
 		})
+	}
+}
+
+// TestStreamsHugeEntriesBoundedAllocation guards against a stream entry
+// that is far larger than any message (issue 12 item 4): the reader's
+// XREAD returned whole entries, so six entries of 50 MiB each, added by
+// a client that may write to the stream, made the node allocate hundreds
+// of megabytes before it looked at a size. Whatever the stream holds, one
+// read may keep at most one entry of at most MaxMessageSize bytes per
+// field on this node; a larger field is passed over, unread, and counted
+// as a malformed message (which flushes), and the reader carries on.
+//
+// It is not parallel: it measures the allocation of the whole process.
+func TestStreamsHugeEntriesBoundedAllocation(t *testing.T) {
+	srv := testenv.StartRedisServer(t)
+	// The entries are made by Redis, so that this process allocates
+	// nothing for them, one per script call, each of which holds Redis up
+	// for a while: no client-side timeout, and no retry that would add
+	// more.
+	admin := redis.NewClient(&redis.Options{Addr: srv.Addr(), ReadTimeout: -1, MaxRetries: -1})
+	t.Cleanup(func() { _ = admin.Close() })
+	const stream = "coherent:invalidations:stream"
+	opts := testStreamsOptions(stream)
+	opts.MaxStaleness = 10 * time.Second // room for Redis to send the entries
+	client := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	t.Cleanup(func() { _ = client.Close() })
+	reader := newStreams(t, client, opts)
+	rec := new(invalidatetest.Recorder)
+	sub, _ := reader.Subscribe("ns", rec)
+	defer sub.Close()
+	invalidatetest.WaitProven(t, sub)
+	ctx := context.Background()
+
+	// 50 MiB values of the message field, and a 50 MiB field name.
+	const huge, values = 50 << 20, 5
+	addValue := redis.NewScript(`return redis.call('XADD', KEYS[1], '*', 'm', string.rep('x', ARGV[1]))`)
+	addName := redis.NewScript(`return redis.call('XADD', KEYS[1], '*', string.rep('m', ARGV[1]), 'x')`)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for range values {
+		if err := addValue.Run(ctx, admin, []string{stream}, huge).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := addName.Run(ctx, admin, []string{stream}, huge).Err(); err != nil {
+		t.Fatal(err)
+	}
+	m := appendMessage(nil, &message{namespace: "ns", origin: randomOrigin(t), seq: 1, keys: []cache.Invalidation{{Key: "after"}}})
+	if err := admin.XAdd(ctx, &redis.XAddArgs{Stream: stream, Values: []any{fieldMessage, m}}).Err(); err != nil {
+		t.Fatal(err)
+	}
+	invalidatetest.WaitFor(t, "the key after the huge entries", func() bool { return rec.Has("after") })
+	invalidatetest.WaitProven(t, sub)
+	runtime.ReadMemStats(&after)
+
+	allocated := after.TotalAlloc - before.TotalAlloc
+	st := reader.Stats()
+	t.Logf("reading %d entries of %d MiB allocated %.1f MiB; reader stats %+v", values+1, huge>>20, float64(allocated)/(1<<20), st)
+	if allocated > 20<<20 {
+		t.Errorf("reading %d entries of %d MiB allocated %.1f MiB; want under 20 MiB", values+1, huge>>20, float64(allocated)/(1<<20))
+	}
+	if st.MessagesMalformed != values+1 || st.FlushesMalformed == 0 {
+		t.Errorf("MessagesMalformed = %d, FlushesMalformed = %d; want %d and at least 1", st.MessagesMalformed, st.FlushesMalformed, values+1)
 	}
 }

@@ -204,12 +204,7 @@ func (h *hub) sendBatches(ctx context.Context, batches []*nsBatch, send func(con
 func (h *hub) receive(payload string) {
 	m, err := decode(payload)
 	if err != nil {
-		// Whatever the message said is lost, so everything is suspect.
-		h.stats.messagesMalformed.Add(1)
-		if n, ok := h.malformedLog.allow(h.now()); ok {
-			h.log.Warn("invalidate: undecodable message; flushing before the next proof", "err", err, "bytes", len(payload), "suppressed", n)
-		}
-		h.distrust(causeMalformed)
+		h.reject(err, len(payload))
 		return
 	}
 	if m.origin == h.cfg.node {
@@ -233,6 +228,17 @@ func (h *hub) receive(payload string) {
 	for _, s := range h.peers(m.namespace) {
 		s.deliver(m.keys, false)
 	}
+}
+
+// reject handles a message of size bytes that cannot be read, for the
+// reason err: whatever it said is lost, so everything is suspect. It runs
+// on the reader goroutine only.
+func (h *hub) reject(err error, size int) {
+	h.stats.messagesMalformed.Add(1)
+	if n, ok := h.malformedLog.allow(h.now()); ok {
+		h.log.Warn("invalidate: unreadable message; flushing before the next proof", "err", err, "bytes", size, "suppressed", n)
+	}
+	h.distrust(causeMalformed)
 }
 
 // distrust answers a message that calls for a flush of every subscription,
