@@ -45,7 +45,7 @@
 //     invalidations. Only the outstanding probe, byte for byte, received
 //     on the subscription it was sent for, proves anything: a client that
 //     may publish on the channel can neither guess a probe nor replay
-//     one (see "Trust" in the README). Invalidations and probes alike are published by a
+//     one (see Trust, below). Invalidations and probes alike are published by a
 //     small Lua script that may write, which only a master runs (a replica
 //     refuses it), so the channel's one master orders all of them and
 //     relays them in that order, to its own subscribers and through its
@@ -156,6 +156,20 @@
 //     trace (only the sequence check of their origin's next message
 //     notices): run Redis with appendfsync always, or use PubSub, which
 //     flushes on every reconnection.
+//
+// # Trust
+//
+// The buses trust the Redis user of the client they are given. Another
+// client that may publish on the channel, or write to the stream, can
+// make nodes read through to the source and flush, as fast as it sends,
+// at the cost of one flush per proof, but cannot make a node serve a
+// cached value past MaxStaleness (it cannot forge a proof) or exhaust its
+// memory (what a node keeps per origin, per message and per stream read is
+// bounded). A client that may write the stream can also delete entries
+// before the nodes read them, by deleting the stream and adding back the
+// rest: keep the stream's key, like the channels, to the application's
+// user with a Redis ACL. The README gives one, with the commands the buses
+// send.
 //
 // # Redis deployments
 //
