@@ -266,7 +266,7 @@ func BenchmarkOriginTable(b *testing.B) {
 
 // junk returns n payloads that no decoder accepts: random bytes of random
 // lengths, none starting with the magic byte.
-func junk(t testing.TB, n int) [][]byte {
+func junk(n int) [][]byte {
 	out := make([][]byte, n)
 	for i := range out {
 		var l [1]byte
@@ -359,7 +359,7 @@ func TestMalformedFloodCostsOneFlushPerProof(t *testing.T) {
 
 			const n = 20_000
 			start := time.Now()
-			payloads := junk(t, n)
+			payloads := junk(n)
 			for i := 0; i < n; i += 1000 {
 				pipe := admin.Pipeline()
 				for _, p := range payloads[i:min(i+1000, n)] {
