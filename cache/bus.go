@@ -50,7 +50,12 @@ type Subscription interface {
 	// then on and then calls [Handler.LinkLost], in that order, and reports
 	// a time again only after a proof made after it regained the link. If
 	// it may have missed invalidations that it cannot replay, it calls
-	// [Handler.Flush] before LastProof advances again. A link that cannot
+	// [Handler.Flush] before LastProof advances again. A Subscription may
+	// treat a message that calls for a flush (one it cannot read, one that
+	// shows that another went missing, a request to flush the namespace)
+	// the same way, reporting the zero
+	// Time and calling LinkLost at once, and Flush before its next proof,
+	// so that a flood of such messages costs one flush per proof. A link that cannot
 	// lose a message (in-process delivery) may return a time in the far
 	// future. LastProof must be cheap; a Cache calls it at most a few times
 	// per proof interval. The Time must come from the same clock as the
@@ -73,7 +78,8 @@ type Handler interface {
 	// malformed message) and when a publisher asked for it.
 	Flush()
 	// LinkLost tells the handler that the bus has detected that its link
-	// failed, and already reports the zero Time from
+	// failed, or that a flush is due before its next proof (see
+	// [Subscription.LastProof]), and already reports the zero Time from
 	// [Subscription.LastProof]. From the moment LinkLost returns until
 	// LastProof advances again, the cache serves nothing cached: without
 	// it, a cache would go on serving until [Options.MaxStaleness] after

@@ -38,11 +38,14 @@
 // A Redis bus upholds the bus's half of G2 and G3 (see package cache):
 //
 //   - Proofs. The bus proves its link with a round trip through the
-//     subscription itself. Every ProofInterval, PubSub publishes a probe, a
-//     unique payload, on a channel of its own (the channel's name plus
+//     subscription itself. Every ProofInterval, PubSub publishes a probe,
+//     16 random bytes, on a channel of its own (the channel's name plus
 //     ":proof:" and its NodeID; on a cluster, in the channel's slot), and
 //     subscribes to that channel on the same connection as to the
-//     invalidations. Invalidations and probes alike are published by a
+//     invalidations. Only the outstanding probe, byte for byte, received
+//     on the subscription it was sent for, proves anything: a client that
+//     may publish on the channel can neither guess a probe nor replay
+//     one (see Trust, below). Invalidations and probes alike are published by a
 //     small Lua script that may write, which only a master runs (a replica
 //     refuses it), so the channel's one master orders all of them and
 //     relays them in that order, to its own subscribers and through its
@@ -66,7 +69,16 @@
 //     cache may hold a value it wrote through before the bus was
 //     listening, which a write published meanwhile overwrote: race 19);
 //     after a message it cannot decode; and after a message that does not
-//     follow its origin's previous one.
+//     follow its origin's previous one. For these last two, and for a
+//     namespace flush that a publisher asks for, the flush is due rather
+//     than done at once: from the moment the node reads the message, the
+//     subscriptions concerned (every one, or the namespace's) report no
+//     proof and their Handlers are told (LinkLost), so their caches read
+//     through and serve nothing they hold; the flush is done before the
+//     next proof is recorded, once for all such messages read in between,
+//     and at most about twice per ProofInterval. So a flood of them costs
+//     reads through to the source and a flush per proof, never a flush
+//     per message, and never a skipped flush.
 //   - Lost links end the proof at once. The moment a bus notices that its
 //     link failed (a connection error, a server-side unsubscribe, a probe
 //     that did not come back, a failed read or position check, a position
@@ -113,14 +125,24 @@
 //   - The node reads too slowly and Redis disconnects it
 //     (client-output-buffer-limit pubsub): as a killed connection.
 //   - A malformed message, of an unknown format version, or too large:
-//     a flush, counted (Stats.FlushesMalformed) and logged at most once a
-//     second.
+//     the caches read through until the next proof, before which they are
+//     flushed (Stats.MessagesMalformed, FlushesMalformed, and
+//     FlushesCoalesced for those that shared a flush); logged at most once
+//     a second.
 //   - A message from an origin whose sequence skips, repeats or goes back:
-//     a flush (Stats.FlushesGap). This catches publications that failed on
-//     the way to Redis.
+//     the same, counted in Stats.FlushesGap. This catches publications
+//     that failed on the way to Redis. The table of origins is bounded;
+//     an origin that has sent two messages in sequence stays in it
+//     however many made-up origins come by.
 //   - Redis Cluster migrates the channel's slot and unsubscribes the node
 //     (sunsubscribe) (race 15): a lost link; the bus closes the
 //     subscription and subscribes again at the new owner, which flushes.
+//   - Streams: an entry that is not a message, or whose fields are larger
+//     than a message can be: it is taken for a malformed message (as
+//     above). The reader does not read a reply whole: it parses it as it
+//     comes off the socket and keeps one entry at a time, passing over any
+//     field larger than MaxMessageSize unread, so what a read allocates is
+//     bounded whatever the stream holds.
 //   - Streams: the stream was trimmed past the node's position (it fell
 //     more than MaxLen entries behind), an entry after it was deleted
 //     (XDEL), or the stream was lost (a restart without persistence): the
@@ -134,6 +156,20 @@
 //     trace (only the sequence check of their origin's next message
 //     notices): run Redis with appendfsync always, or use PubSub, which
 //     flushes on every reconnection.
+//
+// # Trust
+//
+// The buses trust the Redis user of the client they are given. Another
+// client that may publish on the channel, or write to the stream, can
+// make nodes read through to the source and flush, as fast as it sends,
+// at the cost of one flush per proof, but cannot make a node serve a
+// cached value past MaxStaleness (it cannot forge a proof) or exhaust its
+// memory (what a node keeps per origin, per message and per stream read is
+// bounded). A client that may write the stream can also delete entries
+// before the nodes read them, by deleting the stream and adding back the
+// rest: keep the stream's key, like the channels, to the application's
+// user with a Redis ACL. The README gives one, with the commands the buses
+// send.
 //
 // # Redis deployments
 //

@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/hashicorp/golang-lru/v2/simplelru"
+
 	"github.com/coherentcache/coherent/cache"
 )
 
@@ -40,6 +42,16 @@ type hub struct {
 	origins           originTable
 	flushedSinceProof bool // a flushAll happened after the last proof
 	malformedLog      limiter
+	gapLog            limiter
+
+	// Flushes that received messages called for, done at the next proof
+	// (see distrust): dueAll is the cause of a flush of every subscription
+	// (noCause if none is due), dueSubs the subscriptions whose namespace
+	// a publisher asked to flush (each has flushDue set), and lastDue the
+	// time the last of them were done (noProof before the first).
+	dueAll  cause
+	dueSubs []*subscription
+	lastDue int64
 
 	batch *batcher
 	seq   uint64 // last sequence number sent; belongs to the batcher goroutine
@@ -52,7 +64,7 @@ func newHub(cfg *config, send func(ctx context.Context, msgs [][]byte) error) *h
 	h := &hub{cfg: cfg, log: cfg.log, subs: make(map[string][]*subscription)}
 	h.epoch = h.clockNow()
 	h.proof.Store(noProof)
-	h.lastProof = noProof
+	h.lastProof, h.lastDue, h.dueAll = noProof, noProof, noCause
 	h.batch = newBatcher(cfg.batchWindow, cfg.batchKeys, func(ctx context.Context, batches []*nsBatch) error {
 		return h.sendBatches(ctx, batches, send)
 	})
@@ -192,11 +204,7 @@ func (h *hub) sendBatches(ctx context.Context, batches []*nsBatch, send func(con
 func (h *hub) receive(payload string) {
 	m, err := decode(payload)
 	if err != nil {
-		// Whatever the message said is lost, so everything is suspect.
-		if n, ok := h.malformedLog.allow(h.now()); ok {
-			h.log.Warn("invalidate: undecodable message; flushing", "err", err, "bytes", len(payload), "suppressed", n)
-		}
-		h.flushAll(causeMalformed)
+		h.reject(err, len(payload))
 		return
 	}
 	if m.origin == h.cfg.node {
@@ -204,19 +212,121 @@ func (h *hub) receive(payload string) {
 	}
 	h.stats.messagesReceived.Add(1)
 	h.stats.keysReceived.Add(uint64(len(m.keys)))
-	if h.origins.gap(m.origin, m.seq, h.now()) {
+	if h.origins.gap(m.origin, m.seq) {
 		// A message of that origin went missing, and with it the name of
 		// its namespace: flush everything, which covers this message too.
-		h.log.Warn("invalidate: sequence gap; flushing", "origin", m.origin, "seq", m.seq)
-		h.flushAll(causeGap)
+		if n, ok := h.gapLog.allow(h.now()); ok {
+			h.log.Warn("invalidate: sequence gap; flushing before the next proof", "origin", m.origin, "seq", m.seq, "suppressed", n)
+		}
+		h.distrust(causeGap)
 		return
 	}
 	if m.flush {
-		h.stats.flushesRequested.Add(1)
+		h.requestFlush(m.namespace)
+		return
 	}
 	for _, s := range h.peers(m.namespace) {
-		s.deliver(m.keys, m.flush)
+		s.deliver(m.keys, false)
 	}
+}
+
+// reject handles a message of size bytes that cannot be read, for the
+// reason err: whatever it said is lost, so everything is suspect. It runs
+// on the reader goroutine only.
+func (h *hub) reject(err error, size int) {
+	h.stats.messagesMalformed.Add(1)
+	if n, ok := h.malformedLog.allow(h.now()); ok {
+		h.log.Warn("invalidate: unreadable message; flushing before the next proof", "err", err, "bytes", size, "suppressed", n)
+	}
+	h.distrust(causeMalformed)
+}
+
+// distrust answers a message that calls for a flush of every subscription,
+// one this node cannot read or one that shows that an earlier message went
+// missing, with a flush that is due rather than done: the link is unproven
+// at once (every LastProof reports the zero Time, then every Handler is
+// told, LinkLost), and the flush is done at the next proof, before it is
+// recorded (prove), for every such message received in between. So a
+// flood of them costs reads through to the source while it lasts and one
+// flush per proof, where a flush per message, each the work of every cache
+// on the node, could keep the reader from reading its own probes.
+//
+// No flush that correctness needs is lost by the delay. Between the
+// message and the flush a cache serves nothing it holds: it asks
+// LastProof before it serves, and LinkLost has revoked the proof it had
+// cached. What it may store meanwhile (a load that began before the
+// message and finds its guard token unchanged, since the message's
+// invalidations were never applied; a value written through by this
+// node) may be stale, but the flush drops it, and bumps every guard so
+// that a load still running then stores nothing, before the proof that
+// would let the cache serve again. Invalidations received in between are
+// delivered as usual, and the flush covers them too. A flush for another
+// cause in between (a resubscription, a lost stream position) covers the
+// message as well, since it comes after it.
+//
+// It runs on the reader goroutine only.
+func (h *hub) distrust(c cause) {
+	if h.dueAll != noCause {
+		// Due already, and the link unproven since: one flush covers both.
+		h.stats.flushesCoalesced.Add(1)
+		return
+	}
+	h.dueAll = c
+	h.unprove()
+}
+
+// requestFlush answers a namespace flush published by another node as
+// distrust does, for the subscriptions of that namespace only: each
+// reports no proof, and is told (LinkLost), until its flush is done at the
+// next proof. Anyone who may publish on the channel can send these as
+// fast as junk. It runs on the reader goroutine only.
+func (h *hub) requestFlush(namespace string) {
+	h.stats.flushesRequested.Add(1)
+	marked, due := false, false
+	for _, s := range h.peers(namespace) {
+		if h.dueAll != noCause || s.flushDue.Load() {
+			due = true // flushed with the flush already due
+			continue
+		}
+		// The flag first, then LinkLost, as in unprove: a cache that asks
+		// LastProof after its revocation gets no proof back.
+		s.flushDue.Store(true)
+		h.dueSubs = append(h.dueSubs, s)
+		s.linkLost()
+		marked = true
+	}
+	if due && !marked {
+		h.stats.flushesCoalesced.Add(1)
+	}
+}
+
+// settleDue does the flushes that are due, unless the last were done less
+// than half a ProofInterval ago, and reports whether a proof may be
+// recorded now: not while a flush of every subscription stays due. The
+// limit bounds a flood to about two flushes per ProofInterval even where
+// proofs come faster (a Streams reader proves with every read that
+// catches up). It runs on the reader goroutine only.
+func (h *hub) settleDue() bool {
+	if h.dueAll == noCause && len(h.dueSubs) == 0 {
+		return true
+	}
+	now := h.now()
+	if h.lastDue != noProof && now-h.lastDue < int64(h.cfg.proofInterval/2) {
+		return h.dueAll == noCause
+	}
+	h.lastDue = now
+	if c := h.dueAll; c != noCause {
+		h.dueAll = noCause
+		h.flushAll(c) // clears dueSubs
+		return true
+	}
+	for _, s := range h.dueSubs {
+		s.deliver(nil, true)
+		s.flushDue.Store(false) // after the flush, which LastProof waits for
+	}
+	clear(h.dueSubs)
+	h.dueSubs = h.dueSubs[:0]
+	return true
 }
 
 // all returns every local subscription.
@@ -230,11 +340,15 @@ func (h *hub) all() []*subscription {
 	return all
 }
 
-// flushAll flushes every local subscription. It runs on the reader
-// goroutine only.
+// flushAll flushes every local subscription, which covers the flushes
+// that are due. It runs on the reader goroutine only.
 func (h *hub) flushAll(c cause) {
 	h.stats.flushes[c].Add(1)
 	h.flushedSinceProof = true
+	if h.dueAll != noCause {
+		h.dueAll = noCause
+		h.stats.flushesCoalesced.Add(1)
+	}
 	if c == causeResubscribe || c == causeTrimmed || c == causeFirstSubscription {
 		// Every origin may have lost messages: restart their sequences
 		// here instead of flushing again at the next message of each.
@@ -249,6 +363,14 @@ func (h *hub) flushAll(c cause) {
 	}
 	for _, s := range h.all() {
 		s.deliver(nil, true)
+	}
+	if len(h.dueSubs) > 0 {
+		for _, s := range h.dueSubs {
+			s.flushDue.Store(false) // flushed above, or closed
+		}
+		clear(h.dueSubs)
+		h.dueSubs = h.dueSubs[:0]
+		h.stats.flushesCoalesced.Add(1)
 	}
 }
 
@@ -286,11 +408,16 @@ func (h *hub) unprove() bool {
 }
 
 // prove records that everything published before sentAt (nanoseconds since
-// epoch) has been delivered. With lateFlush, a proof that comes more than
-// MaxStaleness after the previous one flushes first: the caches have been
-// bypassing themselves, and the bus does not vouch for what they cached
-// before the silence. prove runs on the reader goroutine only.
+// epoch) has been delivered. The flushes that are due are done first (see
+// distrust and settleDue), and while a flush of every subscription stays
+// due the proof is not recorded. With lateFlush, a proof that comes more
+// than MaxStaleness after the previous one flushes first: the caches have
+// been bypassing themselves, and the bus does not vouch for what they
+// cached before the silence. prove runs on the reader goroutine only.
 func (h *hub) prove(sentAt int64, lateFlush bool) {
+	if !h.settleDue() {
+		return
+	}
 	last := h.lastProof
 	if lateFlush && last != noProof && sentAt-last > int64(h.cfg.maxStaleness) && !h.flushedSinceProof {
 		h.flushAll(causeProofTimeout)
@@ -334,6 +461,7 @@ type subscription struct {
 	mu        sync.RWMutex // held for reading while delivering to h, for writing by Close
 	closed    atomic.Bool  // set under mu
 	broken    atomic.Bool  // a Flush of h panicked and none succeeded since
+	flushDue  atomic.Bool  // a requested flush waits for the next proof; see hub.requestFlush
 	closeOnce sync.Once
 }
 
@@ -347,11 +475,12 @@ func (s *subscription) Publish(ctx context.Context, keys []cache.Invalidation) e
 // LastProof implements [cache.Subscription]. It returns the zero Time until
 // the bus has proven its link after this subscription was made, from the
 // moment the bus detects a failure of its link until it proves it again,
-// after the bus or the subscription was closed, and while the Handler is
-// broken (its Flush panicked).
+// from a message that calls for a flush until that flush is done, after
+// the bus or the subscription was closed, and while the Handler is broken
+// (its Flush panicked).
 func (s *subscription) LastProof() time.Time {
 	p := s.hub.proof.Load()
-	if p == noProof || p < s.since || s.broken.Load() || s.closed.Load() || s.hub.closed.Load() {
+	if p == noProof || p < s.since || s.broken.Load() || s.flushDue.Load() || s.closed.Load() || s.hub.closed.Load() {
 		return time.Time{}
 	}
 	return s.hub.epoch.Add(time.Duration(p))
@@ -429,57 +558,75 @@ func (s *subscription) flush() {
 // originTable remembers the last sequence number of each origin heard from.
 // It belongs to the reader goroutine.
 //
-// It holds at most maxOrigins origins and forgets the one heard from least
-// recently to make room. Forgetting is safe: the next message of a
-// forgotten origin only sets a new baseline, so at worst a gap in that
-// origin's sequence goes unnoticed. A subscriber never loses a message
-// without losing its connection (Redis pub/sub on one TCP connection
-// neither drops nor reorders otherwise), and that is flushed as a
-// resubscription; a sequence gap can only come from a publication that
-// failed or whose outcome its writer does not know, and that writer got
-// the error from Publish, which the outbox repairs (race 3). The sequence
-// check shortens that repair; it is not the only line of defence.
+// It is bounded, and every operation is O(1): a client that may PUBLISH
+// can make up a new origin for every message, and neither the table's
+// memory nor the cost of a message may grow with the number it has made
+// up. So that such a flood cannot push the real nodes out, the table has
+// two parts, each an LRU: probation, for origins heard from once or whose
+// last message did not follow the one before, and protected, for origins
+// whose last message followed its predecessor. A new origin enters
+// probation, evicting the origin of probation heard from least recently;
+// its next message in sequence moves it to protected, whose least recent
+// origin moves back to probation to make room. A made-up origin sent once
+// never leaves probation, so real nodes, whose messages follow each other,
+// stay in protected however many of those come by. (A client that sends
+// two messages in sequence for each of more than maxProtected made-up
+// origins can push a quiet real origin out; that costs what forgetting
+// costs, below.)
+//
+// Forgetting is safe: the next message of a forgotten origin only sets a
+// new baseline, so at worst a gap in that origin's sequence goes
+// unnoticed. A subscriber never loses a message without losing its
+// connection (Redis pub/sub on one TCP connection neither drops nor
+// reorders otherwise), and that is flushed as a resubscription; a sequence
+// gap can only come from a publication that failed or whose outcome its
+// writer does not know, and that writer got the error from Publish, which
+// the outbox repairs (race 3). The sequence check shortens that repair; it
+// is not the only line of defence.
 type originTable struct {
-	m map[nodeID]originState
+	probation, protected *simplelru.LRU[nodeID, uint64] // origin → last sequence number; nil until used
 }
 
-type originState struct {
-	seq   uint64
-	heard int64
-}
-
-const maxOrigins = 4096
+const (
+	maxProtected = 4096
+	maxProbation = 1024
+	maxOrigins   = maxProtected + maxProbation
+)
 
 // gap records seq from origin and reports whether it does not follow the
 // last one recorded (a skip, a replay or a reordering).
-func (t *originTable) gap(origin nodeID, seq uint64, now int64) bool {
-	st, ok := t.m[origin]
-	if !ok {
-		if t.m == nil {
-			t.m = make(map[nodeID]originState)
-		}
-		if len(t.m) >= maxOrigins {
-			t.forgetStalest()
-		}
-		t.m[origin] = originState{seq: seq, heard: now}
-		return false
+func (t *originTable) gap(origin nodeID, seq uint64) bool {
+	if t.protected == nil {
+		// NewLRU fails only for a size below 1.
+		t.protected, _ = simplelru.NewLRU[nodeID, uint64](maxProtected, nil)
+		t.probation, _ = simplelru.NewLRU[nodeID, uint64](maxProbation, nil)
 	}
-	t.m[origin] = originState{seq: seq, heard: now}
-	return seq != st.seq+1
-}
-
-func (t *originTable) forgetStalest() {
-	var stalest nodeID
-	oldest := int64(math.MaxInt64)
-	for id, st := range t.m {
-		if st.heard < oldest {
-			stalest, oldest = id, st.heard
+	if last, ok := t.protected.Peek(origin); ok {
+		t.protected.Add(origin, seq) // to the front
+		return seq != last+1
+	}
+	last, ok := t.probation.Peek(origin)
+	if !ok || seq != last+1 {
+		t.probation.Add(origin, seq) // evicts probation's least recent if full
+		return ok
+	}
+	t.probation.Remove(origin)
+	if t.protected.Len() >= maxProtected {
+		if old, oldSeq, ok := t.protected.RemoveOldest(); ok {
+			t.probation.Add(old, oldSeq)
 		}
 	}
-	delete(t.m, stalest)
+	t.protected.Add(origin, seq)
+	return false
 }
 
-func (t *originTable) reset() { clear(t.m) }
+// reset forgets every origin.
+func (t *originTable) reset() {
+	if t.protected != nil {
+		t.protected.Purge()
+		t.probation.Purge()
+	}
+}
 
 // limiter allows one log line per second and counts the rest.
 type limiter struct {

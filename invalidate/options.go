@@ -83,10 +83,19 @@ type StreamsOptions struct {
 	// Default "coherent:invalidations:stream".
 	Stream string
 
-	// MaxLen is the approximate number of entries the stream keeps (XADD
-	// MAXLEN ~). A node that falls further behind, or is disconnected for
-	// longer than it takes to add MaxLen entries, flushes when it resumes.
-	// Default 100000.
+	// MaxLen is the approximate number of entries the stream keeps: every
+	// XADD of the bus trims it with MAXLEN ~ MaxLen, which removes whole
+	// nodes of the stream only, so it may hold a node's worth more
+	// (stream-node-max-entries, 100 by default). A node that falls further
+	// behind, or is disconnected for longer than it takes to add MaxLen
+	// entries, flushes when it resumes. So MaxLen should exceed the
+	// messages published during the longest disconnection a node should
+	// ride out without a flush: the peak rate of messages (a message
+	// carries up to BatchKeys keys of one namespace) times that time; at
+	// 1,000 messages a second and 100 seconds, the default. The stream
+	// costs Redis about MaxLen times the mean message size (a few dozen
+	// bytes plus the keys; at most MaxMessageSize). Give every node of a
+	// service the same MaxLen: each XADD trims for all. Default 100000.
 	MaxLen int64
 
 	// NodeID names this bus in the messages it publishes; see

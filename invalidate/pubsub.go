@@ -2,10 +2,11 @@ package invalidate
 
 import (
 	"context"
+	cryptorand "crypto/rand"
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -98,7 +99,6 @@ type PubSub struct {
 	linkMu  sync.Mutex    // guards the fields below
 	ps      *redis.PubSub // the current subscription; nil between connections
 	probing outstanding   // the probe waiting to come back, if any
-	nonce   uint64        // last probe nonce
 	closed  bool
 
 	closeOnce sync.Once
@@ -106,10 +106,20 @@ type PubSub struct {
 
 // outstanding is a probe published and not yet received.
 type outstanding struct {
-	payload string
-	sentAt  int64 // nanoseconds since hub.epoch, taken before publishing
-	ok      bool  // a probe is outstanding
+	payload string        // probeLen random bytes
+	ps      *redis.PubSub // the subscription it was sent for
+	sentAt  int64         // nanoseconds since hub.epoch, taken before publishing
+	ok      bool          // a probe is outstanding
 }
+
+// probeLen is the length of a probe's payload, random bytes from
+// crypto/rand. The proof channel is no secret (PUBSUB CHANNELS lists it),
+// and whoever may PUBLISH there can try payloads: were probes predictable
+// (a counter, a clock), such a client could answer a probe the node sent
+// nowhere, or that went where the invalidations do not, and so make a
+// node whose link is dead serve past MaxStaleness. 128 random bits cannot
+// be guessed while a probe is outstanding.
+const probeLen = 16
 
 var _ cache.Bus = (*PubSub)(nil)
 
@@ -386,7 +396,7 @@ func (b *PubSub) receiveLoop(ps *redis.PubSub, confirmed *bool, attempt *int) er
 			case b.channel:
 				b.hub.receive(m.Payload)
 			case b.probe:
-				b.probed(m.Payload)
+				b.probed(ps, m.Payload)
 			}
 		case *redis.Subscription:
 			if m.Channel != b.channel && m.Channel != b.probe {
@@ -427,13 +437,22 @@ func (b *PubSub) receiveLoop(ps *redis.PubSub, confirmed *bool, attempt *int) er
 	}
 }
 
-// probed handles a message on the probe channel: if it is the outstanding
-// probe, every invalidation published before the probe was sent has been
-// applied.
-func (b *PubSub) probed(payload string) {
+// probed handles a message that ps received on the probe channel: if it is
+// the outstanding probe, every invalidation published before the probe
+// was sent has been applied.
+//
+// Nothing else proves the link: a message on the probe channel counts only
+// if it is, byte for byte, the probe that is outstanding, and only on the
+// subscription it was sent for. Anybody may publish on the channel, and
+// see the probes that pass (SUBSCRIBE); a probe seen earlier is spent, as
+// the first copy to arrive clears it, and one sent before a
+// resubscription is forgotten with it (open, receiveLoop), so a replay
+// proves nothing either.
+func (b *PubSub) probed(ps *redis.PubSub, payload string) {
 	b.linkMu.Lock()
 	p := b.probing
-	match := p.ok && p.payload == payload
+	match := p.ok && p.ps == ps && len(payload) == probeLen &&
+		subtle.ConstantTimeCompare([]byte(p.payload), []byte(payload)) == 1
 	if match {
 		b.probing = outstanding{}
 	}
@@ -451,8 +470,8 @@ func (b *PubSub) kickProof() {
 }
 
 // proofLoop is the proof goroutine. Every ProofInterval, unless a probe is
-// outstanding, it has the prober publish a new one: a unique payload on
-// this bus's probe channel, through the master that orders every
+// outstanding, it has the prober publish a new one: probeLen random bytes
+// on this bus's probe channel, through the master that orders every
 // invalidation (see publishScript). The master relays it to the
 // subscription after every invalidation it handled before, so when it
 // comes back, every invalidation published before it was sent has been
@@ -492,9 +511,10 @@ func (b *PubSub) proofLoop() {
 			_ = ps.Close()
 			continue
 		}
-		b.nonce++
-		payload := strconv.FormatUint(b.nonce, 36)
-		b.probing = outstanding{payload: payload, sentAt: now, ok: true}
+		var nonce [probeLen]byte
+		_, _ = cryptorand.Read(nonce[:]) // never fails (crypto/rand.Read docs)
+		payload := string(nonce[:])
+		b.probing = outstanding{payload: payload, ps: ps, sentAt: now, ok: true}
 		b.linkMu.Unlock()
 		select {
 		case b.send1 <- payload:

@@ -150,7 +150,8 @@ func TestPubSubPublishError(t *testing.T) {
 }
 
 // TestPubSubGarbage publishes random bytes and hostile messages on the
-// channel: each is counted and flushes, and the link keeps working.
+// channel: each is counted and leads to a flush before the next proof
+// (those in between share one), and the link keeps working.
 func TestPubSubGarbage(t *testing.T) {
 	t.Parallel()
 	channel := uniqueName(t)
@@ -191,12 +192,17 @@ func TestPubSubGarbage(t *testing.T) {
 	}
 	publishKeys(t, sa, "after")
 	invalidatetest.WaitFor(t, "the key after the garbage", func() bool { return rb.Has("after") })
+	// The flush is done before the proof that follows the garbage.
+	invalidatetest.WaitProven(t, sb)
 	st := b.Stats()
-	if st.FlushesMalformed != uint64(len(garbage)) {
-		t.Errorf("FlushesMalformed = %d; want %d", st.FlushesMalformed, len(garbage))
+	if st.MessagesMalformed != uint64(len(garbage)) {
+		t.Errorf("MessagesMalformed = %d; want %d", st.MessagesMalformed, len(garbage))
 	}
-	if got := rb.Flushes(); got != len(garbage) {
-		t.Errorf("handler flushed %d times; want %d", got, len(garbage))
+	if st.FlushesMalformed == 0 || st.FlushesMalformed+st.FlushesCoalesced != uint64(len(garbage)) {
+		t.Errorf("FlushesMalformed = %d, FlushesCoalesced = %d; want at least one flush, and %d in all", st.FlushesMalformed, st.FlushesCoalesced, len(garbage))
+	}
+	if got := rb.Flushes(); got != int(st.FlushesMalformed) {
+		t.Errorf("handler flushed %d times; want %d (FlushesMalformed)", got, st.FlushesMalformed)
 	}
 	if st.FlushesResubscribe != 0 || st.Reconnects != 0 {
 		t.Errorf("garbage broke the link: %+v", st)
@@ -255,6 +261,7 @@ func TestPubSubSequenceGap(t *testing.T) {
 		}
 	}
 	invalidatetest.WaitFor(t, "the last message", func() bool { return rb.Has("y2") })
+	invalidatetest.WaitProven(t, sb) // the flush is done before the proof
 	var want []string
 	gaps := 0
 	for _, s := range steps {
@@ -268,8 +275,9 @@ func TestPubSubSequenceGap(t *testing.T) {
 	if got := rb.Keys(); strings.Join(got, " ") != strings.Join(want, " ") {
 		t.Errorf("delivered %q; want %q (a gap flushes instead of delivering; the echo is ignored)", got, want)
 	}
-	if st := b.Stats(); st.FlushesGap != uint64(gaps) || rb.Flushes() != gaps {
-		t.Errorf("FlushesGap = %d, handler flushes = %d; want %d", st.FlushesGap, rb.Flushes(), gaps)
+	// The gaps share a flush if no proof came between them.
+	if st := b.Stats(); st.FlushesGap == 0 || st.FlushesGap+st.FlushesCoalesced != uint64(gaps) || rb.Flushes() != int(st.FlushesGap) {
+		t.Errorf("FlushesGap = %d, FlushesCoalesced = %d, handler flushes = %d; want %d gaps in all, each flush once", st.FlushesGap, st.FlushesCoalesced, rb.Flushes(), gaps)
 	}
 }
 

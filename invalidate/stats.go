@@ -46,11 +46,19 @@ type Stats struct {
 	// published in between is lost (pub/sub).
 	FlushesResubscribe uint64
 	// FlushesGap counts flushes because a message from another node did
-	// not follow its predecessor from that node.
+	// not follow its predecessor from that node. Such a message makes
+	// every subscription report no proof at once, and the flush is done
+	// before the next proof; the gaps and malformed messages that come
+	// before it share it (FlushesCoalesced).
 	FlushesGap uint64
 	// FlushesMalformed counts flushes because a message could not be
-	// decoded (malformed, oversized or of an unknown format version).
+	// decoded (malformed, oversized or of an unknown format version); see
+	// FlushesGap for when they are done.
 	FlushesMalformed uint64
+	// MessagesMalformed counts messages that could not be decoded. Many of
+	// them mean that something other than coherent publishes on the
+	// channel or writes to the stream.
+	MessagesMalformed uint64
 	// FlushesProofTimeout counts flushes because a proof arrived more than
 	// MaxStaleness after the previous one without a resubscription in
 	// between (pub/sub).
@@ -60,8 +68,17 @@ type Stats struct {
 	// restart (Streams).
 	FlushesTrimmed uint64
 	// FlushesRequested counts namespace flushes published by other nodes
-	// (an empty-keys Publish).
+	// (an empty-keys Publish) and received. The subscriptions of the
+	// namespace report no proof from then on, and are flushed before the
+	// next proof, once for all the requests in between.
 	FlushesRequested uint64
+	// FlushesCoalesced counts flushes that a message called for (a
+	// malformed message, a sequence gap, a requested namespace flush) and
+	// that were not done on their own: a flush already due, or one done
+	// for another cause (a resubscription, a lost stream position), came
+	// after the message and covered it. Under a flood of such messages
+	// nearly all of them are counted here.
+	FlushesCoalesced uint64
 	// HandlerPanics counts panics of a local Handler. The bus recovered and
 	// flushed that handler.
 	HandlerPanics uint64
@@ -71,7 +88,7 @@ type Stats struct {
 type counters struct {
 	messagesSent, keysSent, messagesReceived, keysReceived atomic.Uint64
 	publishErrors, proofs, proofTimeouts, reconnects       atomic.Uint64
-	linksLost                                              atomic.Uint64
+	linksLost, messagesMalformed, flushesCoalesced         atomic.Uint64
 	flushes                                                [numCauses]atomic.Uint64
 	flushesRequested, handlerPanics                        atomic.Uint64
 }
@@ -87,6 +104,8 @@ const (
 	causeTrimmed
 	causeFirstSubscription
 	numCauses
+
+	noCause cause = -1 // no flush is due; see hub.dueAll
 )
 
 func (c cause) String() string {
@@ -108,6 +127,8 @@ func (c *counters) snapshot() Stats {
 		FlushesResubscribe:       c.flushes[causeResubscribe].Load(),
 		FlushesGap:               c.flushes[causeGap].Load(),
 		FlushesMalformed:         c.flushes[causeMalformed].Load(),
+		MessagesMalformed:        c.messagesMalformed.Load(),
+		FlushesCoalesced:         c.flushesCoalesced.Load(),
 		FlushesProofTimeout:      c.flushes[causeProofTimeout].Load(),
 		FlushesTrimmed:           c.flushes[causeTrimmed].Load(),
 		FlushesRequested:         c.flushesRequested.Load(),

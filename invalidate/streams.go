@@ -2,7 +2,6 @@ package invalidate
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -25,10 +24,13 @@ import (
 // it after them. It is safe for concurrent use.
 type Streams struct {
 	*hub
-	client redis.UniversalClient // publishes
-	reader redis.UniversalClient // reads; see readerClient
-	owned  bool                  // reader was made by NewStreams, which closes it
-	key    string
+	client  redis.UniversalClient // publishes
+	reader  redis.UniversalClient // reads; see readerClient
+	cluster *redis.ClusterClient  // reader, if it is one
+	owned   bool                  // reader was made by NewStreams, which closes it
+	key     string
+
+	xr xreader // parses the reader's XREAD replies; belongs to the reader goroutine
 
 	ctx       context.Context // cancelled by Close
 	cancel    context.CancelFunc
@@ -95,6 +97,7 @@ func NewStreams(client redis.UniversalClient, opts *StreamsOptions) (*Streams, e
 	}
 	b := &Streams{client: client, key: cfg.name}
 	b.reader, b.owned = readerClient(client)
+	b.cluster, _ = b.reader.(*redis.ClusterClient)
 	b.hub = newHub(cfg, b.send)
 	b.log = cfg.log.With("stream", cfg.name, "node", cfg.node.String())
 	b.ctx, b.cancel = context.WithCancel(context.Background())
@@ -230,24 +233,23 @@ func (b *Streams) readLoop() {
 		// A read that does not return within MaxStaleness is abandoned: the
 		// link is silent (race 5). go-redis closes the connection of a
 		// command that ends in a deadline error (isBadConn in error.go).
+		// Entries delivered before a read fails stay delivered: pos has
+		// moved past them.
 		ctx, cancel := context.WithTimeout(b.ctx, b.cfg.maxStaleness)
-		res, err := b.reader.XRead(ctx, &redis.XReadArgs{
-			Streams: []string{b.key, pos}, Count: streamReadCount, Block: b.cfg.proofInterval,
-		}).Result()
+		n, err := b.read(ctx, &pos)
 		cancel()
-		if err != nil && !errors.Is(err, redis.Nil) {
+		if err != nil {
+			if b.cluster != nil {
+				// As PubSub does before it subscribes again: after a
+				// failover or a slot move that the read did not follow
+				// (an UNBLOCKED reply, a timeout), the client's slot map
+				// may be out of date.
+				b.cluster.ReloadState(b.ctx)
+			}
 			if !fail("read", err) {
 				return
 			}
 			continue
-		}
-		n := 0
-		for _, s := range res {
-			for _, e := range s.Messages {
-				b.entry(e)
-				pos = e.ID
-				n++
-			}
 		}
 		if n == streamReadCount {
 			continue // there may be more: read on before proving
@@ -278,18 +280,55 @@ func (b *Streams) readLoop() {
 	}
 }
 
-// entry delivers one stream entry.
-func (b *Streams) entry(e redis.XMessage) {
-	if len(e.Values) == 1 {
-		if m, ok := e.Values[fieldMessage].(string); ok {
-			b.hub.receive(m)
-			return
-		}
-		if _, ok := e.Values[fieldMarker]; ok {
-			return
-		}
+// read reads the stream after *pos, with XREAD BLOCK ProofInterval, and
+// delivers the entries as they come off the socket, moving *pos past each.
+// It returns the number of entries read.
+//
+// What one read allocates is bounded, whatever the stream holds: the
+// reply is not read whole but parsed as it streams (see xreader), one
+// entry at a time, and a field name or value larger than a message can
+// be is passed over and the entry taken for a malformed message. So a
+// client that writes a huge entry to the stream, or many, costs this node
+// a flush and the time to skip the bytes, not the memory to hold them.
+func (b *Streams) read(ctx context.Context, pos *string) (int, error) {
+	b.xr.maxValue = MaxMessageSize
+	b.xr.onEntry = func(e *streamEntry) {
+		b.entry(e)
+		*pos = e.id
 	}
-	b.hub.receive("") // not ours: malformed, so flush
+	b.xr.reset()
+	block := max(b.cfg.proofInterval.Milliseconds(), 1) // BLOCK 0 would wait for ever
+	cmd := redis.NewRawWriteToCmd(ctx, &b.xr, "xread", "count", streamReadCount, "block", block, "streams", b.key, *pos)
+	err := b.reader.Process(ctx, cmd)
+	n, rerr := b.xr.result()
+	if err == nil {
+		err = rerr
+	}
+	return n, err
+}
+
+// entry delivers one stream entry.
+func (b *Streams) entry(e *streamEntry) {
+	switch {
+	case e.pairs == 1 && e.kept && e.field == fieldMessage:
+		b.hub.receive(e.value)
+	case e.pairs == 1 && e.kept && e.field == fieldMarker:
+		// a reader's position marker
+	case e.largest > MaxMessageSize:
+		// not read: malformed, so flush
+		b.hub.reject(fmt.Errorf("%w: stream entry %s has a field of %d bytes", errMalformed, e.id, e.largest), e.largest)
+	default:
+		// not ours: malformed, so flush
+		b.hub.reject(fmt.Errorf("%w: stream entry %s has %d fields, the first %q", errMalformed, e.id, e.pairs, truncate(e.field)), e.largest)
+	}
+}
+
+// truncate shortens a field name for a log line.
+func truncate(s string) string {
+	if len(s) > 16 {
+		return s[:16] + "…"
+	}
+	return s
 }
 
 // holds reports whether the stream still holds id and no entry after it
@@ -358,7 +397,10 @@ func cmpUint(a, b uint64) int {
 // and so would Close. So for a *redis.Client or *redis.ClusterClient the
 // reader gets a client of its own, with one connection (per node), the
 // user's options (address, Sentinel, TLS, credentials) and
-// ContextTimeoutEnabled. It leaves out
+// ContextTimeoutEnabled, and no ReadTimeout but the context's: the raw
+// XREAD (see Streams.read) cannot lengthen the read timeout by its BLOCK
+// time as the typed XRead does, and every command of the reader carries a
+// deadline of MaxStaleness. It leaves out
 // client-side caching and the push-notification processor, which NewClient
 // stores in the options and a second client must not share (redis.go,
 // NewClient). Other implementations are used as they are.
@@ -373,7 +415,7 @@ func readerClient(client redis.UniversalClient) (redis.UniversalClient, bool) {
 		opt.PushNotificationProcessor = nil
 		opt.ClientSideCache, opt.ClientSideCacheConfig = nil, nil
 		opt.AutoPipelineOptions = nil
-		opt.ContextTimeoutEnabled = true
+		opt.ContextTimeoutEnabled, opt.ReadTimeout = true, -1
 		opt.PoolSize, opt.MinIdleConns, opt.MaxIdleConns, opt.MaxActiveConns = 1, 0, 0, 0
 		return redis.NewClient(&opt), true
 	case *redis.ClusterClient:
@@ -384,7 +426,7 @@ func readerClient(client redis.UniversalClient) (redis.UniversalClient, bool) {
 		}
 		opt.PushNotificationProcessor = nil
 		opt.AutoPipelineOptions = nil
-		opt.ContextTimeoutEnabled = true
+		opt.ContextTimeoutEnabled, opt.ReadTimeout = true, -1
 		opt.PoolSize, opt.MinIdleConns, opt.MaxIdleConns, opt.MaxActiveConns = 1, 0, 0, 0
 		return redis.NewClusterClient(&opt), true
 	}

@@ -232,8 +232,8 @@ func TestStreamsDeletedAfterPosition(t *testing.T) {
 	// cannot tell, so it flushes either way.
 }
 
-// TestStreamsGarbage adds entries that are not ours: each flushes, and the
-// reader reads on.
+// TestStreamsGarbage adds entries that are not ours: each leads to a flush
+// before the next proof, and the reader reads on.
 func TestStreamsGarbage(t *testing.T) {
 	t.Parallel()
 	admin := newClient(t, nil)
@@ -258,8 +258,13 @@ func TestStreamsGarbage(t *testing.T) {
 	}
 	publishKeys(t, sw, "after")
 	invalidatetest.WaitFor(t, "the key after the garbage", func() bool { return r.Has("after") })
-	if st := reader.Stats(); st.FlushesMalformed != uint64(len(garbage)) {
-		t.Errorf("FlushesMalformed = %d; want %d", st.FlushesMalformed, len(garbage))
+	invalidatetest.WaitProven(t, sr) // the flush is done before the proof
+	st := reader.Stats()
+	if st.MessagesMalformed != uint64(len(garbage)) {
+		t.Errorf("MessagesMalformed = %d; want %d", st.MessagesMalformed, len(garbage))
+	}
+	if st.FlushesMalformed == 0 || st.FlushesMalformed+st.FlushesCoalesced != uint64(len(garbage)) || r.Flushes() != int(st.FlushesMalformed) {
+		t.Errorf("FlushesMalformed = %d, FlushesCoalesced = %d, handler flushes %d; want %d in all, each flush once", st.FlushesMalformed, st.FlushesCoalesced, r.Flushes(), len(garbage))
 	}
 }
 
