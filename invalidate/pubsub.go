@@ -6,7 +6,6 @@ import (
 	"crypto/subtle"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"strings"
 	"sync"
 	"time"
@@ -14,6 +13,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/internal/backoff"
 )
 
 // What this file relies on in go-redis v9.23.0, read in its source
@@ -331,7 +331,7 @@ func (b *PubSub) readLoop() {
 			// backoff below usually gives it time.
 			b.cluster.ReloadState(b.ctx)
 		}
-		d := backoff(attempt, b.cfg.maxBackoff)
+		d := backoff.Policy{Min: 10 * time.Millisecond, Max: b.cfg.maxBackoff}.Wait(attempt)
 		attempt++
 		b.log.Warn("invalidate: subscription lost; reconnecting", "err", err, "after", d)
 		select {
@@ -537,14 +537,4 @@ func (b *PubSub) probeLoop() {
 			}
 		}
 	}
-}
-
-// backoff returns the wait before reconnection attempt n (from 0): 10ms
-// doubling up to limit, each drawn at random from its upper half.
-func backoff(n int, limit time.Duration) time.Duration {
-	d := limit
-	if n < 30 {
-		d = min(10*time.Millisecond<<n, limit)
-	}
-	return d/2 + rand.N(d/2+1)
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/internal/backoff"
 )
 
 // Streams is a [cache.Bus] over a Redis stream: publications are XADDed
@@ -193,7 +194,7 @@ func (b *Streams) readLoop() {
 		// the proof now. No flush: the next read resumes from pos.
 		b.linkLost()
 		b.stats.reconnects.Add(1)
-		d := backoff(attempt, b.cfg.maxBackoff)
+		d := backoff.Policy{Min: 10 * time.Millisecond, Max: b.cfg.maxBackoff}.Wait(attempt)
 		attempt++
 		b.log.Warn("invalidate: stream "+what+" failed; retrying", "err", err, "after", d)
 		select {

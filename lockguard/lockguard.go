@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
-	"math/rand/v2"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -15,6 +14,8 @@ import (
 	"unicode/utf8"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/coherentcache/coherent/internal/backoff"
 )
 
 // Defaults for the zero fields of [Options].
@@ -399,16 +400,7 @@ func acquireReply(res []any) (status, n int64, ok bool) {
 // rate at 2/MinBackoff, falling to 2/MaxBackoff after about
 // log2(MaxBackoff/MinBackoff) attempts.
 func (g *Guard) backoff(attempt int) time.Duration {
-	b := g.minBackoff
-	for range attempt {
-		if b > g.maxBackoff/2 { // also keeps b*2 from overflowing
-			b = g.maxBackoff
-			break
-		}
-		b *= 2
-	}
-	b = min(b, g.maxBackoff)
-	return b/2 + rand.N(b/2+1)
+	return backoff.Policy{Min: g.minBackoff, Max: g.maxBackoff}.Wait(attempt)
 }
 
 // WithLock acquires the lock name like [Guard.Acquire], runs fn while

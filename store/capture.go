@@ -8,6 +8,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/coherentcache/coherent/internal/backoff"
 )
 
 // CaptureOption configures [Store.Capture].
@@ -99,11 +101,14 @@ func (s *Store) Capture(ctx context.Context, table, keyColumn, namespace string,
 		if attempt == 1 {
 			s.log.Info("store: capture waits for the writers of the table", "table", table)
 		}
-		if !sleep(ctx, backoff(attempt, time.Second), false, nil) {
+		if !backoff.Sleep(ctx, captureBackoff.Wait(attempt-1)) {
 			return fmt.Errorf("store: capture %s: %w (the table's lock was taken at every attempt: %w)", table, ctx.Err(), err)
 		}
 	}
 }
+
+// captureBackoff spaces Capture's attempts to take its locks.
+var captureBackoff = backoff.Policy{Min: 10 * time.Millisecond, Max: time.Second}
 
 // captureLockTimeout bounds each attempt of Capture to take the locks it
 // needs, and so how long it can hold up the table's writers.

@@ -4,13 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
 	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/internal/backoff"
 )
 
 // ErrUnproven is returned by [Store.RelayOnce] when the Publisher's link is
@@ -100,7 +100,7 @@ func (s *Store) RunRelay(ctx context.Context) error {
 			// notification that woke them wakes this one too: ignore
 			// it, or a relay with a broken link would take the rows
 			// again at once.
-			wait, wakeable = backoff(failures, s.poll), false
+			wait, wakeable = backoff.Policy{Min: 10 * time.Millisecond, Max: s.poll}.Wait(failures-1), false
 		default:
 			if unproven && ran {
 				s.log.Info("store: relay resumed")
@@ -137,13 +137,8 @@ func sleep(ctx context.Context, d time.Duration, wakeable bool, wake <-chan stru
 	return true
 }
 
-// backoff is the wait after the n-th consecutive failure: exponential from
-// 10 ms, capped at ceiling, with jitter.
-func backoff(n int, ceiling time.Duration) time.Duration {
-	d := 10 * time.Millisecond << min(n-1, 16)
-	d = min(d, ceiling)
-	return d/2 + rand.N(d/2+1)
-}
+// listenBackoff spaces the relay's attempts to LISTEN.
+var listenBackoff = backoff.Policy{Min: 10 * time.Millisecond, Max: 5 * time.Second}
 
 // listen signals wake on every notification on the outbox's channel until
 // ctx ends, reconnecting as needed. The backoff between attempts starts
@@ -157,7 +152,7 @@ func (s *Store) listen(ctx context.Context, wake chan<- struct{}) {
 		}
 		failures := s.listenFailures.Add(1)
 		s.log.Warn("store: relay listen", "err", err)
-		if !sleep(ctx, backoff(int(failures), 5*time.Second), false, nil) {
+		if !backoff.Sleep(ctx, listenBackoff.Wait(int(failures)-1)) {
 			return
 		}
 	}

@@ -7,13 +7,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/internal/backoff"
 	"github.com/coherentcache/coherent/lockguard"
 )
 
@@ -447,23 +447,8 @@ func ExpectRows(tag pgconn.CommandTag, n int64) error {
 // waiting a short, growing, jittered time between calls. It returns fn's
 // last error, or ctx.Err() if ctx ends while waiting.
 func RetryConflicts(ctx context.Context, attempts int, fn func(ctx context.Context) error) error {
-	var err error
-	wait := time.Millisecond
-	for i := 0; i < max(attempts, 1); i++ {
-		if err = fn(ctx); !errors.Is(err, ErrConflict) {
-			return err
-		}
-		if i == attempts-1 {
-			break
-		}
-		t := time.NewTimer(wait/2 + rand.N(wait))
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-t.C:
-		}
-		wait = min(2*wait, 100*time.Millisecond)
-	}
-	return err
+	return conflictBackoff.Retry(ctx, attempts, func(err error) bool { return errors.Is(err, ErrConflict) }, fn)
 }
+
+// conflictBackoff spaces the attempts of RetryConflicts.
+var conflictBackoff = backoff.Policy{Min: time.Millisecond, Max: 100 * time.Millisecond}
