@@ -93,13 +93,13 @@ func TestWriteBeforeFirstSubscription(t *testing.T) {
 			}
 			put := func(n node, value string) {
 				t.Helper()
-				_, err := store.UpdateOptimistic(ctx, n.store, n.items, "k", func(ctx context.Context, tx pgx.Tx) (store.Change[item], error) {
+				_, err := store.NewTable(n.store, n.items, nil).UpdateOptimistic(ctx, "k", func(ctx context.Context, tx pgx.Tx) (cache.Change[item], error) {
 					rows, _ := tx.Query(ctx, `
 						INSERT INTO `+table+` AS t (id, value, version) VALUES ('k', $1, 1)
 						ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value, version = t.version + 1
 						RETURNING id, value, version`, value)
 					it, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[item])
-					return store.Change[item]{Value: it, Version: it.Version}, err
+					return cache.Change[item]{Value: it, Version: it.Version}, err
 				})
 				if err != nil {
 					t.Fatalf("put %s: %v", value, err)

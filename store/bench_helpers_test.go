@@ -157,7 +157,7 @@ func benchKey(prefix string, i int) string { return prefix + strconv.Itoa(i%benc
 // putIf is a TxFunc for an optimistic write: it sets id's value if the row
 // is still at version, and reports a conflict otherwise.
 func (e *env) putIf(id, value string, version int64) TxFunc[item] {
-	return func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+	return func(ctx context.Context, tx pgx.Tx) (cache.Change[item], error) {
 		rows, _ := tx.Query(ctx, `
 			UPDATE `+e.table+` SET value = $2, version = version + 1
 			WHERE id = $1 AND version = $3
@@ -166,7 +166,7 @@ func (e *env) putIf(id, value string, version int64) TxFunc[item] {
 		if errors.Is(err, pgx.ErrNoRows) {
 			err = fmt.Errorf("%w: %s is no longer at version %d", ErrConflict, id, version)
 		}
-		return Change[item]{Value: it, Version: it.Version}, err
+		return cache.Change[item]{Value: it, Version: it.Version}, err
 	}
 }
 

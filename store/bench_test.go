@@ -116,7 +116,7 @@ func (w *writePath) write(ctx context.Context, path string, i int) error {
 // outbox, commit, install, PUBLISH through the bus, confirm, release.
 func (w *writePath) full(ctx context.Context, i int) error {
 	key := benchKey(fullKeys, i)
-	_, err := Update(ctx, w.n.s, w.n.c, key, w.n.e.put(key, strconv.Itoa(i)))
+	_, err := NewTable(w.n.s, w.n.c, nil).Update(ctx, key, w.n.e.put(key, strconv.Itoa(i)))
 	return err
 }
 
@@ -132,7 +132,7 @@ func (w *writePath) raw(ctx context.Context, i int) (rawParts, error) {
 // optimistic writes key i through UpdateOptimistic with a version check.
 func (w *writePath) optimistic(ctx context.Context, i int) error {
 	key := benchKey(optimisticKeys, i)
-	ch, err := UpdateOptimistic(ctx, w.n.s, w.n.c, key, w.n.e.putIf(key, strconv.Itoa(i), w.versions[key]))
+	ch, err := NewTable(w.n.s, w.n.c, nil).UpdateOptimistic(ctx, key, w.n.e.putIf(key, strconv.Itoa(i), w.versions[key]))
 	if err != nil {
 		return err
 	}
@@ -398,7 +398,7 @@ func BenchmarkCaptureTrigger(b *testing.B) {
 			}
 			e.seed(b, plain, "k")
 			e.seed(b, e.table, "k")
-			if err := n.s.Capture(ctx, e.table, "id", "items", WithVersionColumn("version")); err != nil {
+			if err := n.s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id", VersionColumn: "version"}); err != nil {
 				b.Fatal(err)
 			}
 			if bc.notifyOff {

@@ -12,33 +12,23 @@ import (
 	"github.com/coherentcache/coherent/internal/backoff"
 )
 
-// CaptureOption configures [Store.Capture].
-type CaptureOption func(*captureConfig)
-
-type captureConfig struct{ versionColumn string }
-
-// WithVersionColumn names the table's version column. Captured invalidations
-// then carry the row's version, so that caches keep a newer value they
-// already hold and keep installing write-throughs (see cache.Cache.Set).
-// Deletes still carry no version.
-func WithVersionColumn(column string) CaptureOption {
-	return func(c *captureConfig) { c.versionColumn = column }
-}
-
-// Capture installs triggers on table so that every INSERT, UPDATE, DELETE
-// and TRUNCATE, from any client (psql, another service, a migration),
-// records an outbox row for the key in keyColumn, which the relay then
-// publishes to namespace (G4). A TRUNCATE flushes the namespace.
+// Capture installs triggers on opts.Table so that every INSERT, UPDATE,
+// DELETE and TRUNCATE, from any client (psql, another service, a
+// migration), records an outbox row for the key in opts.KeyColumn, which
+// the relay then publishes to namespace (G4). A TRUNCATE flushes the
+// namespace. [Table.Capture] calls it with the cache's namespace; call it
+// directly for a table that this process writes but does not cache.
 //
-// The key is the column's text form, keyColumn::text, printed with
+// The key is the column's text form, KeyColumn::text, printed with
 // DateStyle ISO, IntervalStyle postgres and TimeZone UTC whatever the
 // writing session has set: 42, a text as it is, 2024-01-02 03:04:05 for a
 // timestamp, 2024-01-02 01:04:05+00 for a timestamptz, a uuid in lower
 // case. It must match the cache's key encoding: the default codecs (the
 // string itself, or base-10 integers) match text and integer columns. An
 // empty key cannot be cached; the relay drops and counts it
-// ([Stats].PoisonRows). The version column, if any ([WithVersionColumn]),
-// must be of an integer type (smallint, integer or bigint).
+// ([Stats].PoisonRows). The version column, if any
+// ([TableOptions.VersionColumn]), must be of an integer type (smallint,
+// integer or bigint).
 //
 // A write through this package records its own outbox row for its key,
 // with its version; the trigger skips exactly that row. Every other row
@@ -58,23 +48,19 @@ func WithVersionColumn(column string) CaptureOption {
 // needs a lock that conflicts with the table's writers; Capture asks for
 // it with a short lock_timeout and retries until ctx ends, so that it never
 // holds the writers up behind a long transaction. Running it again can
-// change the namespace or the version column. table may be
-// schema-qualified and is resolved like any table name in SQL; every
-// argument is passed as a bind parameter. The functions are named capture_
+// change the namespace or the version column. Every name is passed as a
+// bind parameter. The functions are named capture_
 // and the table's oid, in the library's schema.
 //
 // Cost: each row written runs the trigger, which reads the key (and
 // version) columns and upserts one outbox row (two for an UPDATE that
 // changes the key); the relay later publishes and deletes it.
 // BenchmarkCaptureTrigger measures it; BENCHMARKS.md has the figures.
-func (s *Store) Capture(ctx context.Context, table, keyColumn, namespace string, opts ...CaptureOption) error {
-	var cfg captureConfig
-	for _, o := range opts {
-		o(&cfg)
+func (s *Store) Capture(ctx context.Context, namespace string, opts *TableOptions) error {
+	if opts == nil || opts.Table == "" || opts.KeyColumn == "" {
+		return fmt.Errorf("%w: capture needs TableOptions.Table and KeyColumn", ErrInvalidOptions)
 	}
-	if table == "" || keyColumn == "" {
-		return fmt.Errorf("%w: table and key column must be named", ErrInvalidOptions)
-	}
+	table, keyColumn, versionColumn := opts.Table, opts.KeyColumn, opts.VersionColumn
 	if err := checkName(namespace, "-"); err != nil {
 		return err
 	}
@@ -88,7 +74,7 @@ func (s *Store) Capture(ctx context.Context, table, keyColumn, namespace string,
 				return err
 			}
 			_, err := tx.Exec(ctx, `SELECT `+s.ident+`.install_capture($1::text::regclass, $2, $3, $4)`,
-				table, namespace, keyColumn, cfg.versionColumn)
+				table, namespace, keyColumn, versionColumn)
 			return err
 		})
 		var pgErr *pgconn.PgError

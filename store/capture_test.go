@@ -62,7 +62,7 @@ func TestCaptureWritesOfARestrictedRole(t *testing.T) {
 			}
 		}
 	})
-	if err := s.Capture(ctx, table, "id", "orders", WithVersionColumn("version")); err != nil {
+	if err := s.Capture(ctx, "orders", &TableOptions{Table: table, KeyColumn: "id", VersionColumn: "version"}); err != nil {
 		t.Fatal(err)
 	}
 	err := pgx.BeginFunc(ctx, e.pool, func(tx pgx.Tx) error {
@@ -110,7 +110,7 @@ func TestCaptureDoesNotQueueBehindLongWrites(t *testing.T) {
 				t.Fatal(err)
 			}
 			if installed {
-				if err := s.Capture(ctx, e.table, "id", "items", WithVersionColumn("version")); err != nil {
+				if err := s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id", VersionColumn: "version"}); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -123,7 +123,9 @@ func TestCaptureDoesNotQueueBehindLongWrites(t *testing.T) {
 				t.Fatal(err)
 			}
 			captured := make(chan error, 1)
-			go func() { captured <- s.Capture(ctx, e.table, "id", "items", WithVersionColumn("version")) }()
+			go func() {
+				captured <- s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id", VersionColumn: "version"})
+			}()
 			if installed {
 				select {
 				case err := <-captured:
@@ -182,7 +184,7 @@ func TestCaptureFailsClearlyOrFlushes(t *testing.T) {
 	t.Run("text version column", func(t *testing.T) {
 		tbl := pgx.Identifier{e.schema, "textver"}.Sanitize()
 		e.outsideWrite(t, `CREATE TABLE `+tbl+` (id text PRIMARY KEY, version text)`)
-		err := s.Capture(ctx, tbl, "id", "textver", WithVersionColumn("version"))
+		err := s.Capture(ctx, "textver", &TableOptions{Table: tbl, KeyColumn: "id", VersionColumn: "version"})
 		var pgErr *pgconn.PgError
 		if err == nil || !errors.As(err, &pgErr) || !strings.Contains(err.Error(), "integer") {
 			t.Errorf("Capture with a text version column = %v; want an error naming the integer types", err)
@@ -193,7 +195,7 @@ func TestCaptureFailsClearlyOrFlushes(t *testing.T) {
 			tbl := pgx.Identifier{e.schema, testenv.Name("t")}.Sanitize()
 			ns := testenv.Name("ns")
 			e.outsideWrite(t, `CREATE TABLE `+tbl+` (id text PRIMARY KEY, other text, version bigint)`)
-			if err := s.Capture(ctx, tbl, "id", ns, WithVersionColumn("version")); err != nil {
+			if err := s.Capture(ctx, ns, &TableOptions{Table: tbl, KeyColumn: "id", VersionColumn: "version"}); err != nil {
 				t.Fatal(err)
 			}
 			e.outsideWrite(t, `INSERT INTO `+tbl+` VALUES ('k', 'x', 1)`)
@@ -220,7 +222,7 @@ func TestCaptureFailsClearlyOrFlushes(t *testing.T) {
 	t.Run("empty key", func(t *testing.T) {
 		tbl := pgx.Identifier{e.schema, "emptykey"}.Sanitize()
 		e.outsideWrite(t, `CREATE TABLE `+tbl+` (id text PRIMARY KEY)`)
-		if err := s.Capture(ctx, tbl, "id", "emptykey"); err != nil {
+		if err := s.Capture(ctx, "emptykey", &TableOptions{Table: tbl, KeyColumn: "id"}); err != nil {
 			t.Fatal(err)
 		}
 		e.outsideWrite(t, `INSERT INTO `+tbl+` VALUES ('')`)

@@ -8,21 +8,27 @@
 //	if err := store.Migrate(ctx, pool, ""); err != nil { ... } // explicit, idempotent
 //	s, err := store.New(pool, &store.Options{Locks: locks, Publisher: bus})
 //	go s.RunRelay(ctx)                                         // on every node
-//	err = s.Capture(ctx, "items", "id", "items", store.WithVersionColumn("version"))
 //
-//	items, err := cache.New("items", 100_000,
+//	itemsCache, err := cache.New("items", 100_000,
 //		store.Loader[string](pool, `SELECT id, value, version FROM items WHERE id = $1`, pgx.RowToStructByName[Item]),
 //		&cache.Options[string, Item]{Bus: bus, Version: func(it Item) int64 { return it.Version }})
+//	items := store.NewTable(s, itemsCache, &store.TableOptions{Table: "items", KeyColumn: "id", VersionColumn: "version"})
+//	err = items.Capture(ctx) // writes from other clients invalidate too
 //
-//	ch, err := store.Update(ctx, s, items, "a", func(ctx context.Context, tx pgx.Tx) (store.Change[Item], error) {
+//	it, err := items.Get(ctx, "a")
+//	ch, err := items.Update(ctx, "a", func(ctx context.Context, tx pgx.Tx) (cache.Change[Item], error) {
 //		rows, _ := tx.Query(ctx, `UPDATE items SET value = $2, version = version + 1 WHERE id = $1 RETURNING *`, "a", "x")
 //		it, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Item])
-//		return store.Change[Item]{Value: it, Version: it.Version}, err
+//		return cache.Change[Item]{Value: it, Version: it.Version}, err
 //	})
+//
+// A [Table] is the handle a repository layer holds: the Store, the cache of
+// the table on this node, and the table's columns. [Store.Write] is the
+// write path for code that holds no cache of the namespace.
 //
 // # The write path
 //
-// [Update] takes the lockguard lock of the key, begins a transaction,
+// [Table.Update] takes the lockguard lock of the key, begins a transaction,
 // checks and advances the lock's fencing token in the table fences (a
 // token not greater than the stored one rolls back with a [*FenceError]:
 // its holder stalled past its lease and someone else has written since),
@@ -33,7 +39,7 @@
 // serialisation safe when a lease runs out, because Postgres, not Redis,
 // has the last word.
 //
-// [UpdateOptimistic] skips the lock: the function detects a concurrent
+// [Table.UpdateOptimistic] skips the lock: the function detects a concurrent
 // change with a version check ([ExpectRows]) and the write fails with
 // [ErrConflict], which [RetryConflicts] retries. Serialization failures and
 // deadlocks are reported as ErrConflict too.
@@ -56,7 +62,7 @@
 //
 // # Change capture
 //
-// [Store.Capture] installs triggers on a table so that every INSERT,
+// [Table.Capture] (or [Store.Capture]) installs triggers on a table so that every INSERT,
 // UPDATE, DELETE and TRUNCATE from any client records an outbox row that
 // the relay publishes at once (woken by NOTIFY): psql sessions, other
 // services and migrations invalidate the caches too (G4). Staleness after

@@ -49,25 +49,26 @@ func Example() {
 		log.Fatal(err)
 	}
 	go s.RunRelay(ctx)
-	if err := s.Capture(ctx, "items", "id", "items", store.WithVersionColumn("version")); err != nil {
-		log.Fatal(err)
-	}
 
-	items, err := cache.New("items", 100_000,
+	itemsCache, err := cache.New("items", 100_000,
 		store.Loader[string](pool, `SELECT id, value, version FROM items WHERE id = $1`, pgx.RowToStructByName[Item]),
 		&cache.Options[string, Item]{Bus: bus, Version: func(it Item) int64 { return it.Version }})
 	if err != nil {
 		log.Fatal(err)
 	}
-	defer items.Close()
+	defer itemsCache.Close()
+	items := store.NewTable(s, itemsCache, &store.TableOptions{Table: "items", KeyColumn: "id", VersionColumn: "version"})
+	if err := items.Capture(ctx); err != nil { // writes from other clients invalidate too
+		log.Fatal(err)
+	}
 
-	ch, err := store.Update(ctx, s, items, "a", func(ctx context.Context, tx pgx.Tx) (store.Change[Item], error) {
+	ch, err := items.Update(ctx, "a", func(ctx context.Context, tx pgx.Tx) (cache.Change[Item], error) {
 		rows, _ := tx.Query(ctx, `
 			INSERT INTO items AS t (id, value, version) VALUES ($1, $2, 1)
 			ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value, version = t.version + 1
 			RETURNING id, value, version`, "a", "hello")
 		it, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Item])
-		return store.Change[Item]{Value: it, Version: it.Version}, err
+		return cache.Change[Item]{Value: it, Version: it.Version}, err
 	})
 	fmt.Println(ch.Value, err)
 

@@ -134,25 +134,25 @@ func (e *env) read(id string) (item, bool) {
 
 // put is a TxFunc that sets id's value and bumps its version.
 func (e *env) put(id, value string) TxFunc[item] {
-	return func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+	return func(ctx context.Context, tx pgx.Tx) (cache.Change[item], error) {
 		rows, _ := tx.Query(ctx, `
 			INSERT INTO `+e.table+` AS t (id, value, version) VALUES ($1, $2, 1)
 			ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value, version = t.version + 1
 			RETURNING id, value, version`, id, value)
 		it, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[item])
-		return Change[item]{Value: it, Version: it.Version}, err
+		return cache.Change[item]{Value: it, Version: it.Version}, err
 	}
 }
 
 // add is a TxFunc that reads id's value as an integer, adds delta and
 // writes it back: a read-modify-write that loses updates unless serialised.
 func (e *env) add(id string, delta int) TxFunc[item] {
-	return func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+	return func(ctx context.Context, tx pgx.Tx) (cache.Change[item], error) {
 		var cur item
 		rows, _ := tx.Query(ctx, `SELECT id, value, version FROM `+e.table+` WHERE id = $1`, id)
 		cur, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[item])
 		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
-			return Change[item]{}, err
+			return cache.Change[item]{}, err
 		}
 		var n int
 		if cur.Value != "" {

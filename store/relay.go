@@ -13,11 +13,6 @@ import (
 	"github.com/coherentcache/coherent/internal/backoff"
 )
 
-// ErrUnproven is returned by [Store.RelayOnce] when the Publisher's link is
-// not proven (see [Publisher]): the relay claims nothing and leaves the
-// rows to the relays of nodes whose link is.
-var ErrUnproven = errors.New("store: the publisher's link is not proven")
-
 // RunRelay publishes the outbox rows nobody confirmed: changes recorded by
 // capture triggers (at once), changes whose writer's publication failed
 // (at once), and changes of writers that crashed between commit and
@@ -383,16 +378,6 @@ func (s *Store) nextDue(ctx context.Context) (time.Duration, error) {
 	return max(time.Duration(*secs*float64(time.Second)), time.Millisecond), nil
 }
 
-// makeDue makes the outbox row of a change due now, unless a newer change
-// replaced it: its writer could not publish it. The notification wakes
-// the relays.
-func (s *Store) makeDue(ctx context.Context, ns, key string, seq int64) error {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-	defer cancel()
-	_, err := s.pool.Exec(ctx, s.sql.makeDue, []byte(ns), []byte(key), seq)
-	return err
-}
-
 // poison counts a row no cache can hold and logs it the first time its
 // namespace is seen.
 func (s *Store) poison(ns, what string, keyLen int) {
@@ -436,25 +421,4 @@ func (l *poisonLog) first(ns string) bool {
 	}
 	l.seen[ns] = struct{}{}
 	return true
-}
-
-// Pending returns the number of outbox rows not yet published, due or not.
-func (s *Store) Pending(ctx context.Context) (int64, error) {
-	var n int64
-	err := s.pool.QueryRow(ctx, `SELECT count(*) FROM `+s.ident+`.outbox`).Scan(&n)
-	return n, err
-}
-
-// OutboxLag returns how long the oldest due outbox row has been waiting
-// for a relay: 0 when no row is due. Rows a relay has claimed are not due
-// until it hands them back or its lease ends. A lag of more than a few
-// seconds means that no relay runs, or none can publish; a health check
-// can report it.
-func (s *Store) OutboxLag(ctx context.Context) (time.Duration, error) {
-	var secs *float64
-	err := s.pool.QueryRow(ctx, `SELECT extract(epoch FROM now() - min(relay_after))::float8 FROM `+s.ident+`.outbox WHERE relay_after <= now()`).Scan(&secs)
-	if err != nil || secs == nil {
-		return 0, err
-	}
-	return time.Duration(*secs * float64(time.Second)), nil
 }

@@ -86,7 +86,7 @@ func TestRelayWithASilentLinkHoldsNoRows(t *testing.T) {
 			silent := newSilentPublisher(tc.proven)
 			a := e.store(&Options{Publisher: silent, RelayPoll: time.Hour, PublishTimeout: 100 * time.Millisecond})
 			b := e.store(&Options{RelayPoll: time.Hour}) // only notifications wake it
-			if err := a.Capture(ctx, e.table, "id", "items", WithVersionColumn("version")); err != nil {
+			if err := a.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id", VersionColumn: "version"}); err != nil {
 				t.Fatal(err)
 			}
 			reader := e.node(b)
@@ -141,7 +141,7 @@ func TestPoisonRowsDoNotWedgeTheRelay(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
 	s := e.store(&Options{RelayPoll: time.Hour})
-	if err := s.Capture(ctx, e.table, "id", "items", WithVersionColumn("version")); err != nil {
+	if err := s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id", VersionColumn: "version"}); err != nil {
 		t.Fatal(err)
 	}
 	reader := e.node(e.store(nil))
@@ -185,7 +185,7 @@ func TestFailedPublishMakesTheRowDueAtOnce(t *testing.T) {
 		write func(t *testing.T, e *env, s *Store, c *cache.Cache[string, item]) error
 	}{
 		{"Update", func(t *testing.T, e *env, s *Store, c *cache.Cache[string, item]) error {
-			_, err := Update(context.Background(), s, c, "k", e.put("k", "new"))
+			_, err := NewTable(s, c, nil).Update(context.Background(), "k", e.put("k", "new"))
 			return err
 		}},
 		{"Store.Write", func(t *testing.T, e *env, s *Store, c *cache.Cache[string, item]) error {
@@ -208,7 +208,7 @@ func TestFailedPublishMakesTheRowDueAtOnce(t *testing.T) {
 			}
 			t.Cleanup(func() { w.Close() })
 			reader := e.node(healthy)
-			if _, err := Update(ctx, writer, w, "k", e.put("k", "old")); err != nil {
+			if _, err := NewTable(writer, w, nil).Update(ctx, "k", e.put("k", "old")); err != nil {
 				t.Fatal(err)
 			}
 			if it, _ := reader.Get(ctx, "k"); it.Value != "old" {
@@ -269,7 +269,7 @@ func TestFailedRelayHandsRowsBack(t *testing.T) {
 	ctx := context.Background()
 	silent := newSilentPublisher(true)
 	s := e.store(&Options{Publisher: silent, PublishTimeout: time.Second})
-	if err := s.Capture(ctx, e.table, "id", "items"); err != nil {
+	if err := s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id"}); err != nil {
 		t.Fatal(err)
 	}
 	if lag, err := s.OutboxLag(ctx); err != nil || lag != 0 {

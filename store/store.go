@@ -2,7 +2,6 @@ package store
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"strconv"
@@ -10,57 +9,11 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/coherentcache/coherent/cache"
 	"github.com/coherentcache/coherent/lockguard"
 )
-
-var (
-	// ErrFenced reports that a write was rejected because its lock's
-	// fencing token was not greater than the newest one Postgres has seen
-	// for that lock: the lock expired while its holder was stalled, and
-	// another holder has written since (DESIGN race 6). The write rolled
-	// back. The error is a [*FenceError].
-	ErrFenced = errors.New("store: fencing token rejected")
-
-	// ErrConflict reports a lost optimistic race: the row changed since it
-	// was read (see [ExpectRows]), or Postgres aborted the transaction with
-	// a serialization failure or a deadlock. The write rolled back and may
-	// be retried; see [RetryConflicts].
-	ErrConflict = errors.New("store: conflict")
-
-	// ErrCommitUnknown reports a write whose outcome is unknown: the
-	// connection failed, or ctx ended, after COMMIT was sent and before
-	// its reply came. The write may have committed; if it did, its outbox
-	// row announces it (after [Options.Grace]). Do not report it as
-	// "nothing written", and retry only a write that is safe to apply
-	// twice.
-	ErrCommitUnknown = errors.New("store: commit outcome unknown")
-
-	// ErrNoLocks is returned by lock-guarded writes of a Store built
-	// without [Options.Locks].
-	ErrNoLocks = errors.New("store: no lock guard configured")
-
-	// ErrInvalidOptions is returned by [New] and [Migrate] for arguments
-	// they cannot use.
-	ErrInvalidOptions = errors.New("store: invalid options")
-)
-
-// FenceError is the error of a write whose fencing token was rejected.
-type FenceError struct {
-	Lock   string // the lock's name
-	Token  int64  // the writer's token
-	Stored int64  // the newest token Postgres has seen for the lock
-}
-
-func (e *FenceError) Error() string {
-	return fmt.Sprintf("store: fencing token %d of lock %q rejected: Postgres has seen %d", e.Token, e.Lock, e.Stored)
-}
-
-// Is reports whether target is ErrFenced.
-func (e *FenceError) Is(target error) bool { return target == ErrFenced }
 
 // Publisher announces invalidations to every node, this one included.
 // The Redis transports and the in-process bus of package invalidate
@@ -138,11 +91,6 @@ type Store struct {
 	pubTTL time.Duration // Options.PublishTimeout
 	log    *slog.Logger
 	tracer WriteTracer
-
-	// afterCommit, when set by a test, runs right after a commit; an error
-	// simulates a crash there: nothing is installed, published or
-	// confirmed.
-	afterCommit func() error
 
 	// sql holds the statements of the write path, built once.
 	sql struct{ fence, outboxPut, confirm, claim, handBack, nextDue, makeDue string }
@@ -310,15 +258,9 @@ func lockName(namespace, key string) string {
 	return strconv.Itoa(len(namespace)) + ":" + namespace + ":" + key
 }
 
-// translate maps Postgres errors callers may want to handle to this
-// package's errors, keeping the original in the chain.
-func translate(err error) error {
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		switch pgErr.Code {
-		case "40001", "40P01": // serialization_failure, deadlock_detected
-			return fmt.Errorf("%w: %w", ErrConflict, err)
-		}
+func checkName(namespace, key string) error {
+	if namespace == "" || len(namespace) > cache.MaxKeyLen || key == "" || len(key) > cache.MaxKeyLen {
+		return fmt.Errorf("%w: namespace and key must be 1 to %d bytes", cache.ErrInvalidKey, cache.MaxKeyLen)
 	}
-	return err
+	return nil
 }

@@ -112,7 +112,7 @@ func TestMigrationKeepsCapturedTables(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Capture(ctx, schema+".events", "at", "events", WithVersionColumn("version")); err != nil {
+	if err := s.Capture(ctx, "events", &TableOptions{Table: schema + ".events", KeyColumn: "at", VersionColumn: "version"}); err != nil {
 		t.Fatal(err)
 	}
 	if fn := rowTrigger(); !strings.Contains(fn, ".capture_") || strings.HasSuffix(fn, ".capture_changes") {
@@ -154,13 +154,13 @@ func TestWriteThroughReachesEveryNode(t *testing.T) {
 	ctx := context.Background()
 	s1, s2 := e.store(nil), e.store(nil)
 	a, b := e.node(s1), e.node(s2)
-	if _, err := Update(ctx, s1, a, "k", e.put("k", "one")); err != nil {
+	if _, err := NewTable(s1, a, nil).Update(ctx, "k", e.put("k", "one")); err != nil {
 		t.Fatal(err)
 	}
 	if it, err := b.Get(ctx, "k"); err != nil || it.Value != "one" {
 		t.Fatalf("b.Get = %v, %v; want one", it, err)
 	}
-	ch, err := Update(ctx, s1, a, "k", e.put("k", "two"))
+	ch, err := NewTable(s1, a, nil).Update(ctx, "k", e.put("k", "two"))
 	if err != nil || ch.Value.Value != "two" || ch.Version != 2 {
 		t.Fatalf("Update = %+v, %v; want value two at version 2", ch, err)
 	}
@@ -181,12 +181,12 @@ func TestDeleteThroughUpdate(t *testing.T) {
 	ctx := context.Background()
 	s := e.store(nil)
 	a, b := e.node(s), e.node(s)
-	Update(ctx, s, a, "k", e.put("k", "v"))
+	NewTable(s, a, nil).Update(ctx, "k", e.put("k", "v"))
 	b.Get(ctx, "k")
-	_, err := Update(ctx, s, a, "k", func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+	_, err := NewTable(s, a, nil).Update(ctx, "k", func(ctx context.Context, tx pgx.Tx) (cache.Change[item], error) {
 		var v int64
 		err := tx.QueryRow(ctx, `DELETE FROM `+e.table+` WHERE id = $1 RETURNING version + 1`, "k").Scan(&v)
-		return Change[item]{Version: v, Deleted: true}, err
+		return cache.Change[item]{Version: v, Deleted: true}, err
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -213,7 +213,7 @@ func TestNoLostUpdatesUnderTheLock(t *testing.T) {
 		for range workers {
 			wg.Go(func() {
 				for range adds {
-					if _, err := Update(ctx, s, c, "counter", e.add("counter", 1)); err != nil {
+					if _, err := NewTable(s, c, nil).Update(ctx, "counter", e.add("counter", 1)); err != nil {
 						t.Error(err)
 						return
 					}
@@ -239,13 +239,13 @@ func TestNoLostUpdatesOptimistic(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
 	s := e.store(nil)
-	if _, err := UpdateOptimistic(ctx, s, e.node(s), "counter", e.put("counter", "0")); err != nil {
+	if _, err := NewTable(s, e.node(s), nil).UpdateOptimistic(ctx, "counter", e.put("counter", "0")); err != nil {
 		t.Fatal(err)
 	}
-	casAdd := func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+	casAdd := func(ctx context.Context, tx pgx.Tx) (cache.Change[item], error) {
 		var cur item
 		if err := tx.QueryRow(ctx, `SELECT id, value, version FROM `+e.table+` WHERE id = 'counter'`).Scan(&cur.ID, &cur.Value, &cur.Version); err != nil {
-			return Change[item]{}, err
+			return cache.Change[item]{}, err
 		}
 		var n int
 		fmt.Sscan(cur.Value, &n)
@@ -255,7 +255,7 @@ func TestNoLostUpdatesOptimistic(t *testing.T) {
 		if err == nil {
 			err = ExpectRows(tag, 1)
 		}
-		return Change[item]{Value: next, Version: next.Version}, err
+		return cache.Change[item]{Value: next, Version: next.Version}, err
 	}
 	const nodes, workers, adds = 3, 3, 15
 	var conflicts atomic.Int64
@@ -267,7 +267,7 @@ func TestNoLostUpdatesOptimistic(t *testing.T) {
 			wg.Go(func() {
 				for range adds {
 					err := RetryConflicts(ctx, 1000, func(ctx context.Context) error {
-						_, err := UpdateOptimistic(ctx, s, c, "counter", casAdd)
+						_, err := NewTable(s, c, nil).UpdateOptimistic(ctx, "counter", casAdd)
 						if errors.Is(err, ErrConflict) {
 							conflicts.Add(1)
 						}
@@ -312,11 +312,12 @@ func TestFencingRejectsAStalledHolder(t *testing.T) {
 	// A stalls (a GC pause, say) until its lease has run out...
 	waitFor(t, "A's lease to run out", func() bool { return expired(lockA) })
 	// ...meanwhile B takes the lock and writes.
-	if _, err := Update(ctx, sB, b, "k", e.put("k", "B")); err != nil {
+	if _, err := NewTable(sB, b, nil).Update(ctx, "k", e.put("k", "B")); err != nil {
 		t.Fatal(err)
 	}
 	// A wakes up and commits under its stale lock.
-	_, committed, _, err := writeThrough(ctx, sA, a, "k", "k", lockA, e.put("k", "A"))
+	var ch cache.Change[item]
+	committed, _, err := NewTable(sA, a, nil).txBody("k", "k", e.put("k", "A"), &ch)(ctx, lockA)
 	var fe *FenceError
 	if committed || !errors.As(err, &fe) || !errors.Is(err, ErrFenced) {
 		t.Fatalf("stale holder's write: committed %v, err %v; want a *FenceError", committed, err)
@@ -351,17 +352,17 @@ func TestFenceHealsACounterThatWentBackwards(t *testing.T) {
 	s := e.store(nil)
 	c := e.node(s)
 	for range 3 {
-		if _, err := Update(ctx, s, c, "k", e.put("k", "v")); err != nil {
+		if _, err := NewTable(s, c, nil).Update(ctx, "k", e.put("k", "v")); err != nil {
 			t.Fatal(err)
 		}
 	}
 	keys, _ := e.rdb.Keys(ctx, e.prefix+"*").Result()
 	e.rdb.Del(ctx, keys...) // the counter is gone
-	_, err := Update(ctx, s, c, "k", e.put("k", "lost"))
+	_, err := NewTable(s, c, nil).Update(ctx, "k", e.put("k", "lost"))
 	if !errors.Is(err, ErrFenced) {
 		t.Fatalf("first write after the counter reset = %v; want ErrFenced", err)
 	}
-	if _, err := Update(ctx, s, c, "k", e.put("k", "healed")); err != nil {
+	if _, err := NewTable(s, c, nil).Update(ctx, "k", e.put("k", "healed")); err != nil {
 		t.Fatalf("second write after the counter reset = %v; want success", err)
 	}
 	if it, _ := e.read("k"); it.Value != "healed" {
@@ -378,7 +379,7 @@ func TestLockLostMidTransaction(t *testing.T) {
 	t.Cleanup(func() { shortLocks.Close() })
 	s := e.store(&Options{Locks: shortLocks})
 	c := e.node(s)
-	_, err := Update(ctx, s, c, "k", func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+	_, err := NewTable(s, c, nil).Update(ctx, "k", func(ctx context.Context, tx pgx.Tx) (cache.Change[item], error) {
 		ch, err := e.put("k", "late")(ctx, tx)
 		if err != nil {
 			return ch, err
@@ -394,6 +395,22 @@ func TestLockLostMidTransaction(t *testing.T) {
 	}
 }
 
+// crashTracer is a CommitTracer that, when armed, stands for a process
+// that dies right after a commit: it panics with errCrash.
+type crashTracer struct{ armed atomic.Bool }
+
+var errCrash = errors.New("crashed after commit")
+
+func (c *crashTracer) TraceWriteStart(ctx context.Context, _ TraceWriteStartData) context.Context {
+	return ctx
+}
+func (c *crashTracer) TraceWriteEnd(context.Context, TraceWriteEndData) {}
+func (c *crashTracer) TraceCommit(context.Context, TraceCommitData) {
+	if c.armed.Load() {
+		panic(errCrash)
+	}
+}
+
 // TestCrashBetweenCommitAndPublish guards DESIGN race 3: the writer commits
 // and dies before publishing; the relay publishes from the outbox and every
 // node converges. Without the outbox row (checked by removing the
@@ -401,17 +418,28 @@ func TestLockLostMidTransaction(t *testing.T) {
 func TestCrashBetweenCommitAndPublish(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	writer := e.store(&Options{Grace: time.Millisecond})
+	crash := &crashTracer{}
+	writer := e.store(&Options{Grace: time.Millisecond, Tracer: crash})
 	other := e.store(&Options{Grace: time.Millisecond})
 	a, b := e.node(writer), e.node(other)
-	Update(ctx, writer, a, "k", e.put("k", "old"))
+	NewTable(writer, a, nil).Update(ctx, "k", e.put("k", "old"))
 	if it, _ := b.Get(ctx, "k"); it.Value != "old" {
 		t.Fatalf("b.Get = %v; want old", it)
 	}
 
-	writer.afterCommit = func() error { return errors.New("crashed after commit") }
-	Update(ctx, writer, a, "k", e.put("k", "new"))
-	writer.afterCommit = nil
+	// The writer dies right after its commit: the CommitTracer, the
+	// documented place for that fault, panics, and nothing of the write
+	// after it runs.
+	crash.armed.Store(true)
+	func() {
+		defer func() {
+			if r := recover(); r != errCrash {
+				t.Fatalf("Update with a crash after commit: recovered %v; want the crash", r)
+			}
+		}()
+		NewTable(writer, a, nil).Update(ctx, "k", e.put("k", "new"))
+	}()
+	crash.armed.Store(false)
 	if it, _ := b.Get(ctx, "k"); it.Value != "old" {
 		t.Fatalf("b.Get before the relay = %v; want old (nothing was published)", it)
 	}
@@ -446,12 +474,12 @@ func TestPublishFailureAfterCommit(t *testing.T) {
 		return c
 	}
 	a, b := newNode(), newNode()
-	Update(ctx, s, a, "k", e.put("k", "old"))
+	NewTable(s, a, nil).Update(ctx, "k", e.put("k", "old"))
 	b.Get(ctx, "k")
 
 	bus.setFail(errors.New("bus down"))
 	e.pub.setFail(errors.New("bus down"))
-	if _, err := Update(ctx, s, a, "k", e.put("k", "new")); err != nil {
+	if _, err := NewTable(s, a, nil).Update(ctx, "k", e.put("k", "new")); err != nil {
 		t.Fatalf("Update with the bus down = %v; want success (the outbox covers it)", err)
 	}
 	if st := s.Stats(); st.PublishFailures != 1 {
@@ -505,7 +533,7 @@ func TestRelayPublishesCapturedWrites(t *testing.T) {
 	e := newEnv(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	s := e.store(&Options{RelayPoll: time.Hour}) // only the notification may wake the relay
-	if err := s.Capture(ctx, e.table, "id", "items", WithVersionColumn("version")); err != nil {
+	if err := s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id", VersionColumn: "version"}); err != nil {
 		t.Fatal(err)
 	}
 	relayDone := make(chan error)
@@ -562,14 +590,14 @@ func TestStoreWritesSkipCapture(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
 	s := e.store(nil) // no relay runs: nothing deletes rows behind the test's back
-	if err := s.Capture(ctx, e.table, "id", "items"); err != nil {
+	if err := s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id"}); err != nil {
 		t.Fatal(err)
 	}
 	c := e.node(s)
-	if _, err := Update(ctx, s, c, "mine", e.put("mine", "v")); err != nil {
+	if _, err := NewTable(s, c, nil).Update(ctx, "mine", e.put("mine", "v")); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := UpdateOptimistic(ctx, s, c, "mine", e.put("mine", "w")); err != nil {
+	if _, err := NewTable(s, c, nil).UpdateOptimistic(ctx, "mine", e.put("mine", "w")); err != nil {
 		t.Fatal(err)
 	}
 	if n, _ := s.Pending(ctx); n != 0 {
@@ -596,14 +624,14 @@ func TestConfirmationsWhileTheRelayRuns(t *testing.T) {
 	waitFor(t, "the relay to start", func() bool { return s.relays.Load() == 1 })
 	for i := range 50 {
 		key := fmt.Sprint("k", i)
-		if _, err := Update(context.Background(), s, c, key, e.put(key, "v")); err != nil {
+		if _, err := NewTable(s, c, nil).Update(context.Background(), key, e.put(key, "v")); err != nil {
 			t.Fatal(err)
 		}
 	}
 	waitFor(t, "the confirmations", func() bool { n, err := s.Pending(context.Background()); return err == nil && n == 0 })
 	for i := range 20 {
 		key := fmt.Sprint("k", i)
-		Update(context.Background(), s, c, key, e.put(key, "w"))
+		NewTable(s, c, nil).Update(context.Background(), key, e.put(key, "w"))
 	}
 	cancel()
 	<-done
@@ -616,13 +644,13 @@ func TestCaptureRejectsUnknownColumns(t *testing.T) {
 	e := newEnv(t)
 	s := e.store(nil)
 	ctx := context.Background()
-	if err := s.Capture(ctx, e.table, "nope", "items"); err == nil {
+	if err := s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "nope"}); err == nil {
 		t.Error("Capture of a missing key column succeeded")
 	}
-	if err := s.Capture(ctx, e.table, "id", "items", WithVersionColumn("nope")); err == nil {
+	if err := s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id", VersionColumn: "nope"}); err == nil {
 		t.Error("Capture of a missing version column succeeded")
 	}
-	if err := s.Capture(ctx, e.schema+".missing", "id", "items"); err == nil {
+	if err := s.Capture(ctx, "items", &TableOptions{Table: e.schema + ".missing", KeyColumn: "id"}); err == nil {
 		t.Error("Capture of a missing table succeeded")
 	}
 }
@@ -635,7 +663,7 @@ func TestHostileKeys(t *testing.T) {
 	s := e.store(nil)
 	c := e.node(s)
 	for _, key := range []string{`'; DROP TABLE items; --`, `"quoted" \ back`, "semi;colon", "ünïcödé", "{brace}"} {
-		if _, err := Update(ctx, s, c, key, e.put(key, key)); err != nil {
+		if _, err := NewTable(s, c, nil).Update(ctx, key, e.put(key, key)); err != nil {
 			t.Errorf("Update(%q): %v", key, err)
 			continue
 		}
@@ -647,12 +675,12 @@ func TestHostileKeys(t *testing.T) {
 		}
 	}
 	// Postgres text cannot hold NUL: the write fails cleanly.
-	if _, err := Update(ctx, s, c, "nul\x00key", e.put("nul\x00key", "x")); err == nil {
+	if _, err := NewTable(s, c, nil).Update(ctx, "nul\x00key", e.put("nul\x00key", "x")); err == nil {
 		t.Error("Update of a key with NUL succeeded")
 	}
 	// A megabyte key never reaches Postgres or Redis.
 	huge := strings.Repeat("k", 1<<20)
-	if _, err := Update(ctx, s, c, huge, e.put(huge, "x")); !errors.Is(err, cache.ErrInvalidKey) {
+	if _, err := NewTable(s, c, nil).Update(ctx, huge, e.put(huge, "x")); !errors.Is(err, cache.ErrInvalidKey) {
 		t.Errorf("Update of a 1 MiB key = %v; want cache.ErrInvalidKey", err)
 	}
 	var tables int
@@ -673,19 +701,19 @@ func TestDeadlockIsAConflict(t *testing.T) {
 	var both sync.WaitGroup
 	both.Add(2)
 	lockBoth := func(first, second string) TxFunc[item] {
-		return func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+		return func(ctx context.Context, tx pgx.Tx) (cache.Change[item], error) {
 			if _, err := tx.Exec(ctx, `UPDATE `+e.table+` SET value = value WHERE id = $1`, first); err != nil {
-				return Change[item]{}, err
+				return cache.Change[item]{}, err
 			}
 			both.Done()
 			both.Wait() // each holds its first row now
 			_, err := tx.Exec(ctx, `UPDATE `+e.table+` SET value = value WHERE id = $1`, second)
-			return Change[item]{}, err
+			return cache.Change[item]{}, err
 		}
 	}
 	errs := make(chan error, 2)
-	go func() { _, err := UpdateOptimistic(ctx, s, c, "x", lockBoth("x", "y")); errs <- err }()
-	go func() { _, err := UpdateOptimistic(ctx, s, c, "y", lockBoth("y", "x")); errs <- err }()
+	go func() { _, err := NewTable(s, c, nil).UpdateOptimistic(ctx, "x", lockBoth("x", "y")); errs <- err }()
+	go func() { _, err := NewTable(s, c, nil).UpdateOptimistic(ctx, "y", lockBoth("y", "x")); errs <- err }()
 	conflicts := 0
 	for range 2 {
 		if err := <-errs; errors.Is(err, ErrConflict) {
@@ -719,7 +747,7 @@ func TestPostgresConnectionsKilled(t *testing.T) {
 				default:
 				}
 				key := fmt.Sprint("k", (w+i)%3)
-				if _, err := Update(ctx, s, a, key, e.put(key, fmt.Sprint(w, "-", i))); err != nil {
+				if _, err := NewTable(s, a, nil).Update(ctx, key, e.put(key, fmt.Sprint(w, "-", i))); err != nil {
 					failed.Add(1)
 				} else {
 					done.Add(1)
@@ -787,9 +815,9 @@ func TestTracer(t *testing.T) {
 	tr := &recordingTracer{}
 	s := e.store(&Options{Tracer: tr})
 	c := e.node(s)
-	Update(ctx, s, c, "k", e.put("k", "v"))
-	UpdateOptimistic(ctx, s, c, "k", func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
-		return Change[item]{}, errors.New("refused")
+	NewTable(s, c, nil).Update(ctx, "k", e.put("k", "v"))
+	NewTable(s, c, nil).UpdateOptimistic(ctx, "k", func(ctx context.Context, tx pgx.Tx) (cache.Change[item], error) {
+		return cache.Change[item]{}, errors.New("refused")
 	})
 	want := []string{
 		"start items/k locked=true",
@@ -826,7 +854,7 @@ func TestPublishOutlivesTheCallersContext(t *testing.T) {
 	if it, _ := b.Get(context.Background(), "k"); it.Value != "old" {
 		t.Fatalf("b.Get = %v; want old", it)
 	}
-	if _, err := Update(ctx, s, a, "k", e.put("k", "new")); err != nil {
+	if _, err := NewTable(s, a, nil).Update(ctx, "k", e.put("k", "new")); err != nil {
 		t.Fatalf("Update = %v; want success (it committed)", err)
 	}
 	if st := s.Stats(); st.PublishFailures != 0 {
@@ -848,25 +876,27 @@ func TestFailedFnIsAFailedWrite(t *testing.T) {
 	ctx := context.Background()
 	s := e.store(nil)
 	a, b := e.node(s), e.node(s)
-	if _, err := Update(ctx, s, a, "k", e.put("k", "v1")); err != nil {
+	if _, err := NewTable(s, a, nil).Update(ctx, "k", e.put("k", "v1")); err != nil {
 		t.Fatal(err)
 	}
 	if it, err := b.Get(ctx, "k"); err != nil || it.Value != "v1" {
 		t.Fatalf("b.Get = %v, %v; want v1", it, err)
 	}
 	lookup := e.loader(s.pool)
-	for name, write := range map[string]func(TxFunc[item]) (Change[item], error){
-		"Update":           func(fn TxFunc[item]) (Change[item], error) { return Update(ctx, s, a, "k", fn) },
-		"UpdateOptimistic": func(fn TxFunc[item]) (Change[item], error) { return UpdateOptimistic(ctx, s, a, "k", fn) },
+	for name, write := range map[string]func(TxFunc[item]) (cache.Change[item], error){
+		"Update": func(fn TxFunc[item]) (cache.Change[item], error) { return NewTable(s, a, nil).Update(ctx, "k", fn) },
+		"UpdateOptimistic": func(fn TxFunc[item]) (cache.Change[item], error) {
+			return NewTable(s, a, nil).UpdateOptimistic(ctx, "k", fn)
+		},
 	} {
 		received := b.Stats().InvalidationsReceived
-		ch, err := write(func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+		ch, err := write(func(ctx context.Context, tx pgx.Tx) (cache.Change[item], error) {
 			if _, err := e.put("k", "half-written")(ctx, tx); err != nil {
-				return Change[item]{}, err
+				return cache.Change[item]{}, err
 			}
 			// The row this write depends on does not exist.
 			other, err := lookup(ctx, "missing")
-			return Change[item]{Value: other}, err
+			return cache.Change[item]{Value: other}, err
 		})
 		if !errors.Is(err, cache.ErrNotFound) {
 			t.Errorf("%s with a failing fn = %+v, %v; want fn's error", name, ch, err)
@@ -902,10 +932,10 @@ func TestCaptureInsideStoreTransactions(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := e.store(&Options{RelayPoll: time.Hour}) // only the notification may wake the relay
-	if err := s.Capture(ctx, e.table, "id", "items", WithVersionColumn("version")); err != nil {
+	if err := s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id", VersionColumn: "version"}); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Capture(ctx, orders, "id", "orders", WithVersionColumn("version")); err != nil {
+	if err := s.Capture(ctx, "orders", &TableOptions{Table: orders, KeyColumn: "id", VersionColumn: "version"}); err != nil {
 		t.Fatal(err)
 	}
 	relayDone := make(chan error)
@@ -938,13 +968,13 @@ func TestCaptureInsideStoreTransactions(t *testing.T) {
 		t.Fatalf("orders.Get(o1) = %+v, %v; want version 1", it, err)
 	}
 
-	_, err = Update(ctx, s, writer, "a", func(ctx context.Context, tx pgx.Tx) (Change[item], error) {
+	_, err = NewTable(s, writer, nil).Update(ctx, "a", func(ctx context.Context, tx pgx.Tx) (cache.Change[item], error) {
 		for _, sql := range []string{
 			`UPDATE ` + e.table + ` SET value = 'b2', version = 2 WHERE id = 'b'`,
 			`UPDATE ` + orders + ` SET value = 'o2', version = 2 WHERE id = 'o1'`,
 		} {
 			if _, err := tx.Exec(ctx, sql); err != nil {
-				return Change[item]{}, err
+				return cache.Change[item]{}, err
 			}
 		}
 		return e.put("a", "a2")(ctx, tx)
@@ -992,7 +1022,7 @@ func TestCaptureKeysAreTheColumnTextForm(t *testing.T) {
 		if _, err := e.pool.Exec(ctx, `CREATE TABLE `+table+` (k `+tc.typ+` PRIMARY KEY)`); err != nil {
 			t.Fatal(err)
 		}
-		if err := s.Capture(ctx, table, "k", ns); err != nil {
+		if err := s.Capture(ctx, ns, &TableOptions{Table: table, KeyColumn: "k"}); err != nil {
 			t.Fatal(err)
 		}
 		// An outside session with settings unlike the server's defaults.
@@ -1067,13 +1097,13 @@ func TestCommitOfUnknownOutcome(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	_, err = Update(ctx, s, c, "bad", e.put("bad", "v"))
+	_, err = NewTable(s, c, nil).Update(ctx, "bad", e.put("bad", "v"))
 	if err == nil || errors.Is(err, ErrCommitUnknown) {
 		t.Errorf("a write the server refused = %v; want an error that is not ErrCommitUnknown", err)
 	}
 	done := make(chan error, 1)
 	go func() {
-		_, err := Update(ctx, s, c, "slow", e.put("slow", "v"))
+		_, err := NewTable(s, c, nil).Update(ctx, "slow", e.put("slow", "v"))
 		done <- err
 	}()
 	waitFor(t, "the final round trip to be on the server", func() bool {

@@ -2,7 +2,7 @@
 // 1, 2, 4, 8 and 16 nodes in this process, each with its own Redis client
 // and invalidate.PubSub bus and a cache.Cache of one namespace, under a
 // fixed, open-loop write rate spread over the nodes. A write is cache.Set of
-// a fresh key on one node (what store.Update does after its commit), which
+// a fresh key on one node (what Table.Update does after its commit), which
 // every other node then applies. For each node count it reports writes/s,
 // messages/s through Redis (the buses' Stats: PUBLISHes sent, and
 // deliveries received), keys per message, applied invalidations/s, this

@@ -42,12 +42,12 @@ type node struct {
 	bus   *invalidate.PubSub
 	locks *lockguard.Guard
 	store *store.Store
-	items *cache.Cache[int64, row]
+	items *store.Table[int64, row]
 }
 
 func (n *node) close() {
 	if n.items != nil {
-		n.items.Close()
+		n.items.Cache().Close()
 	}
 	if n.bus != nil {
 		n.bus.Close()
@@ -291,7 +291,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (*result, error) {
 					}
 					// A write that started finishes even if the run ends
 					// meanwhile.
-					ch, err := store.Update(ctx, n.store, n.items, k, add(k, 1))
+					ch, err := n.items.Update(ctx, k, add(k, 1))
 					if err != nil {
 						if wctx.Err() == nil {
 							writeErrors.Add(1)
@@ -319,7 +319,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) (*result, error) {
 	r.maxStaleness = time.Duration(maxStale.Load())
 	r.kills = kills.Load()
 	for i, n := range nodes {
-		r.cache = addCacheStats(r.cache, n.items.Stats())
+		r.cache = addCacheStats(r.cache, n.items.Cache().Stats())
 		r.bus = addBusStats(r.bus, n.bus.Stats())
 		r.latency = append(r.latency, tracers[i].latency...)
 	}
@@ -363,7 +363,7 @@ func (n *node) attach(cfg config, tr *tracer, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	n.items, err = cache.New("items", cfg.keys,
+	c, err := cache.New("items", cfg.keys,
 		store.Loader[int64](n.pool, `SELECT id, value, version FROM `+schema+`.items WHERE id = $1`, pgx.RowToStructByName[row]),
 		&cache.Options[int64, row]{
 			Bus:          n.bus,
@@ -372,16 +372,20 @@ func (n *node) attach(cfg config, tr *tracer, log *slog.Logger) error {
 			Tracer:       tr,
 			Logger:       log,
 		})
-	return err
+	if err != nil {
+		return err
+	}
+	n.items = store.NewTable(n.store, c, nil)
+	return nil
 }
 
 // add is a read-modify-write of key k.
 func add(k, delta int64) store.TxFunc[row] {
-	return func(ctx context.Context, tx pgx.Tx) (store.Change[row], error) {
+	return func(ctx context.Context, tx pgx.Tx) (cache.Change[row], error) {
 		var r row
 		err := tx.QueryRow(ctx, `UPDATE `+schema+`.items SET value = value + $2, version = version + 1
 			WHERE id = $1 RETURNING id, value, version`, k, delta).Scan(&r.ID, &r.Value, &r.Version)
-		return store.Change[row]{Value: r, Version: r.Version}, err
+		return cache.Change[row]{Value: r, Version: r.Version}, err
 	}
 }
 
@@ -444,7 +448,7 @@ func progress(ctx context.Context, start time.Time, nodes []*node, reads, writes
 		var st cache.Stats
 		var bus invalidate.Stats
 		for _, n := range nodes {
-			st = addCacheStats(st, n.items.Stats())
+			st = addCacheStats(st, n.items.Cache().Stats())
 			bus = addBusStats(bus, n.bus.Stats())
 		}
 		r, w := reads.Load(), writes.Load()

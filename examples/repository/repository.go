@@ -76,12 +76,11 @@ func (p Postgres) Delete(ctx context.Context, id int64) error {
 }
 
 // Cached decorates a UserRepository with a coherent cache. Reads come from
-// memory; writes go through store.Update, which locks the user across all
-// instances, commits with an outbox row, installs the new row in this
+// memory; writes go through the table's Update, which locks the user across
+// all instances, commits with an outbox row, installs the new row in this
 // instance's cache and tells every other instance to drop its copy.
 type Cached struct {
-	Store *store.Store
-	Users *cache.Cache[int64, User]
+	Users *store.Table[int64, User]
 }
 
 // NewCached builds the cache of users. bus is the process's invalidation
@@ -98,7 +97,7 @@ func NewCached(pool *pgxpool.Pool, s *store.Store, bus cache.Bus) (*Cached, erro
 	if err != nil {
 		return nil, err
 	}
-	return &Cached{Store: s, Users: users}, nil
+	return &Cached{Users: store.NewTable(s, users, &store.TableOptions{Table: "users", KeyColumn: "id", VersionColumn: "version"})}, nil
 }
 
 var _ UserRepository = (*Cached)(nil)
@@ -112,22 +111,22 @@ func (c *Cached) Get(ctx context.Context, id int64) (User, error) {
 }
 
 func (c *Cached) Rename(ctx context.Context, id int64, name string) (User, error) {
-	ch, err := store.Update(ctx, c.Store, c.Users, id, func(ctx context.Context, tx pgx.Tx) (store.Change[User], error) {
+	ch, err := c.Users.Update(ctx, id, func(ctx context.Context, tx pgx.Tx) (cache.Change[User], error) {
 		u, err := rename(ctx, tx, id, name)
-		return store.Change[User]{Value: u, Version: u.Version}, err
+		return cache.Change[User]{Value: u, Version: u.Version}, err
 	})
 	return ch.Value, err
 }
 
 func (c *Cached) Delete(ctx context.Context, id int64) error {
-	_, err := store.Update(ctx, c.Store, c.Users, id, func(ctx context.Context, tx pgx.Tx) (store.Change[User], error) {
+	_, err := c.Users.Update(ctx, id, func(ctx context.Context, tx pgx.Tx) (cache.Change[User], error) {
 		_, err := tx.Exec(ctx, `DELETE FROM users WHERE id = $1`, id)
 		// A user created again starts over at version 1: the deletion
 		// carries no version (0), or it would outrank the new row.
-		return store.Change[User]{Deleted: true}, err
+		return cache.Change[User]{Deleted: true}, err
 	})
 	return err
 }
 
 // Close releases the cache.
-func (c *Cached) Close() error { return c.Users.Close() }
+func (c *Cached) Close() error { return c.Users.Cache().Close() }

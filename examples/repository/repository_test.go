@@ -74,7 +74,7 @@ func TestCachedRepository(t *testing.T) {
 			t.Errorf("%s.Get(1) after Delete = %v; want ErrNotFound", name, err)
 		}
 	}
-	if st := a.Users.Stats(); st.Hits == 0 {
+	if st := a.Users.Cache().Stats(); st.Hits == 0 {
 		t.Errorf("cache a never hit: %+v", st)
 	}
 }

@@ -57,7 +57,7 @@ func newTestApp(t testing.TB, redisAddr string) *testApp {
 		t.Fatalf("newApp: %v", err)
 	}
 	t.Cleanup(a.close)
-	for !a.items.Proven() {
+	for !a.items.Cache().Proven() {
 		if ctx.Err() != nil {
 			t.Fatalf("the bus link was not proven within 30s; log:\n%s", logs)
 		}

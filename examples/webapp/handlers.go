@@ -209,13 +209,13 @@ func (a *app) getItem(w http.ResponseWriter, r *http.Request) {
 // upsert is the write of a new value: version 1 for a new row, one more
 // otherwise.
 func upsert(id, value string) store.TxFunc[Item] {
-	return func(ctx context.Context, tx pgx.Tx) (store.Change[Item], error) {
+	return func(ctx context.Context, tx pgx.Tx) (cache.Change[Item], error) {
 		rows, _ := tx.Query(ctx, `
 			INSERT INTO items AS t (id, value, version) VALUES ($1, $2, 1)
 			ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value, version = t.version + 1
 			RETURNING id, value, version`, id, value)
 		it, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Item])
-		return store.Change[Item]{Value: it, Version: it.Version}, err
+		return cache.Change[Item]{Value: it, Version: it.Version}, err
 	}
 }
 
@@ -238,7 +238,7 @@ func (a *app) putItem(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, msg)
 		return
 	}
-	ch, err := store.Update(r.Context(), a.store, a.items, id, upsert(id, *body.Value))
+	ch, err := a.items.Update(r.Context(), id, upsert(id, *body.Value))
 	if err != nil {
 		a.fail(w, r, err)
 		return
@@ -251,12 +251,12 @@ func (a *app) deleteItem(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	_, err := store.Update(r.Context(), a.store, a.items, id, func(ctx context.Context, tx pgx.Tx) (store.Change[Item], error) {
+	_, err := a.items.Update(r.Context(), id, func(ctx context.Context, tx pgx.Tx) (cache.Change[Item], error) {
 		_, err := tx.Exec(ctx, `DELETE FROM items WHERE id = $1`, id)
 		// An item created again starts over at version 1, so the deletion
 		// has no version that orders it against later writes: 0. (Any
 		// version here would outrank the new item's first versions.)
-		return store.Change[Item]{Deleted: true}, err
+		return cache.Change[Item]{Deleted: true}, err
 	})
 	if err != nil {
 		a.fail(w, r, err)
@@ -304,21 +304,21 @@ func (a *app) addItem(w http.ResponseWriter, r *http.Request) {
 	}
 	// Read, add and write under the lock: concurrent adds on any instance
 	// are serialised, and none is lost.
-	ch, err := store.Update(r.Context(), a.store, a.items, id, func(ctx context.Context, tx pgx.Tx) (store.Change[Item], error) {
+	ch, err := a.items.Update(r.Context(), id, func(ctx context.Context, tx pgx.Tx) (cache.Change[Item], error) {
 		var cur string
 		err := tx.QueryRow(ctx, `SELECT value FROM items WHERE id = $1`, id).Scan(&cur)
 		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
-			return store.Change[Item]{}, err
+			return cache.Change[Item]{}, err
 		}
 		n := int64(0)
 		if err == nil {
 			if n, err = strconv.ParseInt(cur, 10, 64); err != nil {
-				return store.Change[Item]{}, errNotInteger
+				return cache.Change[Item]{}, errNotInteger
 			}
 		}
 		sum, err := add(n, delta)
 		if err != nil {
-			return store.Change[Item]{}, err
+			return cache.Change[Item]{}, err
 		}
 		return upsert(id, strconv.FormatInt(sum, 10))(ctx, tx)
 	})
@@ -336,7 +336,7 @@ func (a *app) addItem(w http.ResponseWriter, r *http.Request) {
 
 func (a *app) stats(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{
-		"cache": a.items.Stats(),
+		"cache": a.items.Cache().Stats(),
 		"bus":   a.bus.Stats(),
 		"store": a.store.Stats(),
 	})
@@ -355,7 +355,7 @@ func (a *app) healthz(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusServiceUnavailable, "redis unreachable")
 		return
 	}
-	if !a.items.Proven() {
+	if !a.items.Cache().Proven() {
 		writeError(w, http.StatusServiceUnavailable, "bus link not proven within MaxStaleness: serving from Postgres")
 		return
 	}

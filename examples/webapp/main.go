@@ -252,7 +252,7 @@ type app struct {
 	locks   *lockguard.Guard
 	store   *store.Store
 	metrics *prometheus.Registry
-	items   *cache.Cache[string, Item]
+	items   *store.Table[string, Item]
 	log     *slog.Logger
 	cancel  context.CancelFunc
 	relay   chan error
@@ -302,11 +302,7 @@ func newApp(ctx context.Context, cfg config, pool *pgxpool.Pool, rdb *redis.Clie
 		bus.Close()
 		return nil, err
 	}
-	if err := s.Capture(ctx, "items", "id", "items", store.WithVersionColumn("version")); err != nil {
-		bus.Close()
-		return nil, err
-	}
-	items, err := cache.New("items", 100_000,
+	itemsCache, err := cache.New("items", 100_000,
 		store.Loader[string](pool, `SELECT id, value, version FROM items WHERE id = $1`, pgx.RowToStructByName[Item]),
 		&cache.Options[string, Item]{
 			Bus:          bus,
@@ -327,7 +323,13 @@ func newApp(ctx context.Context, cfg config, pool *pgxpool.Pool, rdb *redis.Clie
 		bus.Close()
 		return nil, err
 	}
-	reg.MustRegister(statsCollector{cache: items.Stats, bus: bus.Stats, store: s.Stats},
+	items := store.NewTable(s, itemsCache, &store.TableOptions{Table: "items", KeyColumn: "id", VersionColumn: "version"})
+	if err := items.Capture(ctx); err != nil { // writes from other clients invalidate too
+		itemsCache.Close()
+		bus.Close()
+		return nil, err
+	}
+	reg.MustRegister(statsCollector{cache: itemsCache.Stats, bus: bus.Stats, store: s.Stats},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	a := &app{pool: pool, rdb: rdb, bus: bus, locks: locks, store: s, items: items, metrics: reg, log: log, cancel: cancel, relay: make(chan error, 1)}
@@ -338,7 +340,7 @@ func newApp(ctx context.Context, cfg config, pool *pgxpool.Pool, rdb *redis.Clie
 func (a *app) close() {
 	a.cancel()
 	<-a.relay
-	a.items.Close()
+	a.items.Cache().Close()
 	a.bus.Close()
 	a.locks.Close()
 }

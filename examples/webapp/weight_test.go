@@ -28,7 +28,7 @@ func TestLargeValuesStayWithinTheByteBudget(t *testing.T) {
 			t.Fatalf("GET %s = %d %.100s", path, code, body)
 		}
 	}
-	st := ta.items.Stats()
+	st := ta.items.Cache().Stats()
 	if st.Weight > 64<<20 {
 		t.Errorf("cache weight after 150 values of 1 MiB = %d; want at most 64 MiB", st.Weight)
 	}
