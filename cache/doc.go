@@ -10,16 +10,35 @@
 //		Bus: bus, // shared by every cache of the process
 //	})
 //	u, err := users.Get(ctx, 42)
-//	...
-//	// after a write has committed:
-//	err = users.Set(ctx, 42, u, u.Version)
+//	err = users.Update(ctx, 42, func(ctx context.Context) (cache.Change[User], error) {
+//		u, err := db.Rename(ctx, 42, "Ada") // commits, and returns the row
+//		return cache.Change[User]{Value: u, Version: u.Version}, err
+//	})
+//
+// Over Postgres, package store wraps the cache in a table handle whose
+// writes lock, fence and record the change in an outbox.
+//
+// # Writing
+//
+// The write side is [Cache.Update], [Cache.Invalidate] and
+// [Cache.InvalidateAll]. Update brackets the write itself: it knows when
+// the write began, so it installs the committed value on this node whenever
+// nothing newer can have reached it, with or without versions, and every
+// other node drops its copy. Invalidate drops keys everywhere after a write
+// the cache did not run. [Cache.Set] and [Cache.Delete] remain for a change
+// that was committed elsewhere and arrives with its version (a change
+// stream, a message from another service): use them instead of Update when
+// the cache did not run the write, and its version is known. [Cache.EncodeKey]
+// gives the text form of a key that the bus, the outbox and lock names use
+// (for package store's Store.Write, say), and [Cache.Namespace] names the
+// cache in logs and metrics.
 //
 // # Guarantees
 //
 // With Δ the bus's propagation delay:
 //
-//   - G1, read your writes: after Set, Delete or Invalidate returns on a
-//     node, every later Get on that node sees the write or a newer one.
+//   - G1, read your writes: after Update, Set, Delete or Invalidate returns
+//     on a node, every later Get on that node sees the write or a newer one.
 //   - G2, bounded staleness: a Get on any node that starts later than Δ
 //     after a write returned sees it or a newer one. A node that cannot
 //     prove its bus link live and in order stops serving cached values once
