@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/coherentcache/coherent/internal/services"
+	"github.com/coherentcache/coherent/examples/services"
 	"github.com/coherentcache/coherent/internal/testenv"
 )
 

@@ -18,7 +18,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/coherentcache/coherent/cache"
-	svc "github.com/coherentcache/coherent/internal/services"
+	svc "github.com/coherentcache/coherent/examples/services"
 	"github.com/coherentcache/coherent/invalidate"
 	"github.com/coherentcache/coherent/lockguard"
 	"github.com/coherentcache/coherent/store"

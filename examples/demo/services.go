@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 
-	svc "github.com/coherentcache/coherent/internal/services"
+	svc "github.com/coherentcache/coherent/examples/services"
 )
 
 // services are the Postgres and Redis the demo runs against, and the

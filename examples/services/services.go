@@ -1,6 +1,7 @@
-// Package services finds the Postgres and Redis that examples/demo and the
-// integration tests run against, and starts the missing ones with
-// testcontainers-go when a Docker engine answers.
+// Package services finds the Postgres and Redis that examples/demo (and
+// the project's integration tests) run against, and starts the missing
+// ones with testcontainers-go when a Docker engine answers. It is part of
+// the examples: copy it with the demo.
 package services
 
 import (
