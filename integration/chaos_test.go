@@ -107,18 +107,11 @@ func runChaos(t *testing.T, d time.Duration) {
 				n.resume()
 				count("SIGSTOP past the lock's lease")
 			case 1:
+				// A process killed under load dies between a commit and
+				// its publication now and then; TestCrashAfterCommit
+				// makes that happen on purpose.
 				n.kill()
-				if err := n.up("-crash-after-commit", strconv.Itoa(1+rand.IntN(3))); err != nil {
-					t.Errorf("restarting %s to crash: %v", n.short, err)
-					return
-				}
-				select {
-				case <-n.exited():
-					count("crash after commit")
-				case <-time.After(3 * time.Second):
-					n.kill() // it did not write enough: kill it anyway
-					count("SIGKILL")
-				}
+				count("SIGKILL")
 				if err := n.up(); err != nil {
 					t.Errorf("restarting %s: %v", n.short, err)
 					return

@@ -294,8 +294,8 @@ func (c *cluster) node(short string) *node {
 // again whenever it exits first: the webapp exits at once if Redis or
 // Postgres is unreachable at start-up (as during a restart of Redis), or if
 // another process took its port (then it moves to another). It gives up
-// after 30 seconds. An incarnation started with -crash-after-commit is
-// expected to exit; any other exit after up returned fails the test.
+// after 30 seconds. An exit after up returned fails the test, unless the
+// test killed the node.
 func (n *node) up(flags ...string) error {
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -305,9 +305,9 @@ func (n *node) up(flags ...string) error {
 		err := n.awaitHealthy(time.Until(deadline))
 		if err == nil {
 			n.mu.Lock()
-			n.expected = slices.Contains(flags, "-crash-after-commit")
+			n.expected = false
 			n.mu.Unlock()
-			if !n.running() && !slices.Contains(flags, "-crash-after-commit") {
+			if !n.running() {
 				return errors.New("exited right after it was healthy")
 			}
 			return nil
@@ -465,15 +465,13 @@ func (n *node) resume() {
 	}
 }
 
-// kill kills n's current incarnation with SIGKILL and waits for it.
+// kill kills n's current incarnation with SIGKILL and waits for it. A
+// stopped (paused) incarnation dies without running again.
 func (n *node) kill() {
 	n.mu.Lock()
 	cmd, done := n.cmd, n.done
 	n.expected = true
-	if cmd != nil && n.stopped {
-		_ = cmd.Process.Signal(syscall.SIGCONT)
-		n.stopped = false
-	}
+	n.stopped = false
 	n.mu.Unlock()
 	if cmd == nil {
 		return

@@ -42,7 +42,6 @@ import (
 	"os"
 	"os/signal"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -63,11 +62,10 @@ type config struct {
 	addr, node      string
 	dbURL, redisURL string
 	// The rest serve operators and the fault tests of integration/.
-	schema          string        // the library's tables
-	redisPrefix     string        // the bus channel and lock keys
-	lockTTL         time.Duration // lease of the write locks
-	maxStaleness    time.Duration
-	crashAfterWrite int // SIGKILL self after the commit of the n-th write (0: never)
+	schema       string        // the library's tables
+	redisPrefix  string        // the bus channel and lock keys
+	lockTTL      time.Duration // lease of the write locks
+	maxStaleness time.Duration
 }
 
 func main() {
@@ -109,7 +107,6 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	fs.StringVar(&cfg.redisPrefix, "redis-prefix", "coherent:", "prefix of the bus channel and the lock keys")
 	fs.DurationVar(&cfg.lockTTL, "lock-ttl", lockguard.DefaultTTL, "lease of a write's lock")
 	fs.DurationVar(&cfg.maxStaleness, "max-staleness", time.Second, "serve from memory only while the bus link was proven this recently")
-	fs.IntVar(&cfg.crashAfterWrite, "crash-after-commit", 0, "fault injection: kill this process right after the commit of its n-th write, before it publishes (0: never)")
 	if err := fs.Parse(args); err != nil {
 		return cfg, err
 	}
@@ -291,12 +288,8 @@ func newApp(ctx context.Context, cfg config, pool *pgxpool.Pool, rdb *redis.Clie
 		bus.Close()
 		return nil, err
 	}
-	var crash *crasher
-	if cfg.crashAfterWrite > 0 {
-		crash = &crasher{after: int64(cfg.crashAfterWrite), log: log}
-	}
 	reg := prometheus.NewRegistry()
-	tr := newTracer(reg, crash)
+	tr := newTracer(reg)
 	s, err := store.New(pool, &store.Options{Schema: cfg.schema, Locks: locks, Publisher: bus, Tracer: tr, Logger: log})
 	if err != nil {
 		bus.Close()
@@ -349,19 +342,4 @@ func (a *app) close() {
 // overhead for the entry.
 func itemWeight(id string, it Item) uint32 {
 	return uint32(min(uint64(64+len(id)+len(it.ID)+len(it.Value)), math.MaxUint32))
-}
-
-// crasher kills the process right after the commit of its n-th write,
-// before the invalidation is published: the crash that the outbox and the
-// relay must cover (DESIGN race 3).
-type crasher struct {
-	after, writes int64
-	log           *slog.Logger
-}
-
-func (c *crasher) TraceCommit(_ context.Context, d store.TraceCommitData) {
-	if atomic.AddInt64(&c.writes, 1) == c.after {
-		c.log.Warn("fault injection: crashing after commit", "key", d.Key, "version", d.Version)
-		syscall.Kill(os.Getpid(), syscall.SIGKILL)
-	}
 }

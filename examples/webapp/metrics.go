@@ -106,14 +106,12 @@ func (c statsCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// tracer times loads (cache.LoadTracer) and writes (store.WriteTracer),
-// and injects the crash of -crash-after-commit (store.CommitTracer).
+// tracer times loads (cache.LoadTracer) and writes (store.WriteTracer).
 type tracer struct {
 	loads, writes *prometheus.HistogramVec
-	crash         *crasher // nil unless -crash-after-commit
 }
 
-func newTracer(reg prometheus.Registerer, crash *crasher) *tracer {
+func newTracer(reg prometheus.Registerer) *tracer {
 	t := &tracer{
 		loads: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "coherent_cache_load_duration_seconds", Help: "Duration of loads from Postgres.",
@@ -123,7 +121,6 @@ func newTracer(reg prometheus.Registerer, crash *crasher) *tracer {
 			Name: "coherent_store_write_duration_seconds", Help: "Duration of writes through the store.",
 			Buckets: prometheus.ExponentialBuckets(100e-6, 2, 14),
 		}, []string{"outcome"}),
-		crash: crash,
 	}
 	reg.MustRegister(t.loads, t.writes)
 	return t
@@ -162,11 +159,5 @@ func (t *tracer) TraceWriteEnd(ctx context.Context, d store.TraceWriteEndData) {
 	}
 	if start, ok := ctx.Value(startKey{}).(time.Time); ok {
 		t.writes.WithLabelValues(outcome).Observe(time.Since(start).Seconds())
-	}
-}
-
-func (t *tracer) TraceCommit(ctx context.Context, d store.TraceCommitData) {
-	if t.crash != nil {
-		t.crash.TraceCommit(ctx, d)
 	}
 }
