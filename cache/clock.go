@@ -17,7 +17,7 @@ var epoch = time.Now()
 // Every lookup reads it, because the staleness bound must hold for a Get
 // that starts after the process was stalled (a VM freeze, CPU throttling,
 // SIGSTOP). A clock cached by a ticking goroutine, read with an atomic load,
-// costs less (about 25 ns less per hit on the CI machine), but after a stall
+// costs less (BENCHMARKS.md), but after a stall
 // request goroutines can run before the ticker does and see the time from
 // before the stall: they would serve entries whose proof expired during it.
 // The integration test TestStalledReaderResumes caught exactly that.

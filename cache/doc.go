@@ -90,8 +90,8 @@
 // lookup, not cached by a ticking goroutine, so that the staleness bound
 // holds for reads that start right after the process was stalled.
 //
-// An entry costs about 200 bytes with small keys and values (golang-lru
-// alone: about 110), for the LRU's node, the index's node and its bucket.
+// An entry costs the LRU's node, the index's node and its bucket beside the
+// key and value (BENCHMARKS.md has the bytes per entry against golang-lru).
 // Memory follows the entries, not the capacity: each shard's index starts
 // small and doubles as the shard fills, and a flush shrinks it again, so
 // a capacity far above what will ever be held (math.MaxInt, say) costs

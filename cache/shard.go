@@ -156,9 +156,8 @@ func (s *shard[K, V]) lookup(key K, h uint64, now int64) (e entry[V], hit, count
 // eviction until the entry has drifted that far anyway; so the eviction
 // order is exact for the back two-thirds, from which entries are evicted,
 // and a hot entry moves once per window of other moves rather than on
-// every hit. A third, measured on Zipf(1.1) (bench/size), costs 0.1–0.3
-// points of hit ratio against an exact LRU; a quarter cost 0.05–0.2 but
-// left most hits moving in a shard a quarter full.
+// every hit. A third trades a little hit ratio against an exact LRU for
+// fewer moves; BENCHMARKS.md has the hit ratios of the windows tried.
 //
 // touch does not wait for the lock: if another goroutine holds it, the
 // move is left to a later hit. It reports whether it took the lock and
