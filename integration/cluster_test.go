@@ -412,13 +412,6 @@ func (n *node) serving() bool {
 	return !stopped && n.running()
 }
 
-// exited returns a channel closed when n's current incarnation exits.
-func (n *node) exited() <-chan struct{} {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	return n.done
-}
-
 // awaitHealthy waits until n answers /healthz with 200: connected to
 // Postgres and Redis, with a proven bus link.
 func (n *node) awaitHealthy(timeout time.Duration) error {
