@@ -17,7 +17,7 @@ import (
 // proven its link, a new cache reads through and stores nothing.
 func TestNoServingBeforeFirstProof(t *testing.T) {
 	clock := newFakeClock()
-	bus := &fakeBus{}
+	bus := &fakeBus{clock: clock}
 	src := newSource()
 	src.write("k", "v1")
 	c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: bus, Clock: clock})
@@ -41,7 +41,7 @@ func TestNoServingBeforeFirstProof(t *testing.T) {
 // cache stops serving cached values, and serves them again after a proof.
 func TestBypassAfterMaxStaleness(t *testing.T) {
 	clock := newFakeClock()
-	bus := &fakeBus{}
+	bus := &fakeBus{clock: clock}
 	src := newSource()
 	src.write("k", "v1")
 	const maxStale = time.Second
@@ -73,11 +73,109 @@ func TestBypassAfterMaxStaleness(t *testing.T) {
 	}
 }
 
+// TestSubscribeGetsMaxStaleness checks that the staleness bound is set in
+// one place: New hands the cache's MaxStaleness (or its default) to the
+// bus, and fails with the bus's error if the bus cannot keep it.
+func TestSubscribeGetsMaxStaleness(t *testing.T) {
+	for _, tt := range []struct {
+		set, want time.Duration
+	}{
+		{0, time.Second},
+		{250 * time.Millisecond, 250 * time.Millisecond},
+	} {
+		bus := &fakeBus{}
+		newTestCache(t, 10, newSource().load, &Options[string, row]{Bus: bus, MaxStaleness: tt.set})
+		if bus.maxStaleness != tt.want {
+			t.Errorf("MaxStaleness %v: Subscribe got %v; want %v", tt.set, bus.maxStaleness, tt.want)
+		}
+	}
+	bus := &refusingBus{err: fmt.Errorf("%w: MaxStaleness too short for this bus", ErrInvalidOptions)}
+	if _, err := New("test", 10, newSource().load, &Options[string, row]{Bus: bus, MaxStaleness: time.Millisecond}); !errors.Is(err, ErrInvalidOptions) {
+		t.Errorf("New on a bus that rejects its MaxStaleness: error = %v; want ErrInvalidOptions", err)
+	}
+}
+
+// refusingBus is a Bus whose Subscribe fails with err.
+type refusingBus struct{ err error }
+
+func (b *refusingBus) Subscribe(string, Handler, time.Duration) (Subscription, error) {
+	return nil, b.err
+}
+
+// TestProofAgeNeedsNoSharedClock checks that a bus whose clock reads
+// nothing like the cache's (another epoch) still bounds what the cache
+// serves by MaxStaleness after the proof: the bus reports how old its
+// proof is, not when it was made.
+func TestProofAgeNeedsNoSharedClock(t *testing.T) {
+	cacheClock := newFakeClock()
+	busClock := &fakeClock{t: time.Date(1999, 1, 1, 0, 0, 0, 0, time.UTC)}
+	bus := &fakeBus{clock: busClock}
+	src := newSource()
+	src.write("k", "v1")
+	const maxStale = time.Second
+	c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: bus, Clock: cacheClock, MaxStaleness: maxStale})
+	bus.prove(busClock.Now())
+	mustGet(t, c, "k") // stored
+	src.write("k", "v2")
+	for _, c := range []*fakeClock{cacheClock, busClock} {
+		c.Advance(maxStale - time.Nanosecond)
+	}
+	if r := mustGet(t, c, "k"); r.Value != "v1" {
+		t.Fatalf("Get within MaxStaleness of the proof = %v; want the cached v1", r)
+	}
+	for _, c := range []*fakeClock{cacheClock, busClock} {
+		c.Advance(time.Nanosecond)
+	}
+	if r := mustGet(t, c, "k"); r.Value != "v2" {
+		t.Errorf("Get MaxStaleness after the proof = %v; want v2 read through", r)
+	}
+}
+
+// TestProofAgeIsConservative pins the order in which the cache reads its
+// clock and asks the bus for the age of its proof:
+//
+//	cache: now = T ...................................... provenUntil = T-age+MaxStaleness
+//	bus:             age measured at T ... (time passes) ... returned
+//
+// Time that passes between the two must shorten the proof, not extend it:
+// had the cache read its clock after the bus answered, it would serve
+// until T+Δ-age+MaxStaleness, Δ past the proof's end.
+func TestProofAgeIsConservative(t *testing.T) {
+	clock := newFakeClock()
+	bus := &gatedBus{fakeBus: &fakeBus{clock: clock}, entered: make(chan bool), release: make(chan struct{})}
+	src := newSource()
+	src.write("k", "v1")
+	const maxStale = time.Second
+	c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: bus, Clock: clock, MaxStaleness: maxStale, TTL: time.Hour})
+	bus.prove(clock.Now())
+	mustGet(t, c, "k") // stored
+	bus.prove(time.Time{})
+	bus.handler().LinkLost()
+	bus.prove(clock.Now()) // a new proof, at T
+
+	bus.armed.Store(true)
+	done := make(chan bool)
+	go func() { done <- c.Proven() }() // reads T, then asks the bus
+	if ok := <-bus.entered; !ok {
+		t.Fatalf("the gated ProofAge read no proof")
+	}
+	clock.Advance(maxStale / 2) // while the bus answers
+	close(bus.release)
+	if !<-done {
+		t.Fatalf("Proven() on a fresh proof = false")
+	}
+	clock.Advance(maxStale / 2) // T+MaxStaleness: the proof has run out
+	src.write("k", "v2")
+	if r := mustGet(t, c, "k"); r.Value != "v2" {
+		t.Errorf("Get MaxStaleness after the proof = %v; want v2 read through", r)
+	}
+}
+
 // TestLoadFinishingUnprovenIsNotStored: a load that started while the link
 // was proven but finishes after the proof ran out must not store.
 func TestLoadFinishingUnprovenIsNotStored(t *testing.T) {
 	clock := newFakeClock()
-	bus := &fakeBus{}
+	bus := &fakeBus{clock: clock}
 	src := newGatedSource(1)
 	src.write("k", "v1")
 	c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: bus, Clock: clock})
@@ -454,7 +552,7 @@ func TestUpdate(t *testing.T) {
 
 func TestProven(t *testing.T) {
 	clock := newFakeClock()
-	bus := &fakeBus{}
+	bus := &fakeBus{clock: clock}
 	c := newTestCache(t, 10, newSource().load, &Options[string, row]{Bus: bus, Clock: clock, MaxStaleness: time.Second})
 	if c.Proven() {
 		t.Error("Proven before the first proof = true")

@@ -57,10 +57,13 @@
 //     SPUBLISH sent to a replica is delivered there at once, ahead of what
 //     the master relays.) Streams reads with XREAD BLOCK ProofInterval: a read
 //     that returns with fewer entries than it asked for has returned
-//     everything added before it was sent. [cache.Subscription.LastProof]
-//     reports the time that probe or XREAD was sent. A cache serves cached
-//     values only until LastProof plus its MaxStaleness, and serves nothing
-//     cached before the first proof after it subscribed (race 12).
+//     everything added before it was sent. [cache.Subscription.ProofAge]
+//     reports how long ago, by the bus's clock, that probe or XREAD was
+//     sent. A cache serves cached values only until its MaxStaleness after
+//     the proof, and serves nothing cached before the first proof after it
+//     subscribed (race 12). The bus keeps the smallest MaxStaleness of its
+//     subscriptions (1s, or ten ProofIntervals if longer, without one) and
+//     rejects, at Subscribe, one not longer than its ProofInterval.
 //   - Gaps flush (race 4). Whenever a node may have missed an invalidation
 //     it flushes every local subscription, before it reports a newer
 //     proof: after every subscription (go-redis resubscribes by itself
@@ -82,8 +85,8 @@
 //   - Lost links end the proof at once. The moment a bus notices that its
 //     link failed (a connection error, a server-side unsubscribe, a probe
 //     that did not come back, a failed read or position check, a position
-//     the stream no longer holds), every subscription's LastProof reports
-//     the zero Time, and then its Handler is told
+//     the stream no longer holds), every subscription's ProofAge reports
+//     no proof, and then its Handler is told
 //     ([cache.Handler.LinkLost]): caches read through from that moment, not
 //     MaxStaleness after the last proof, until the bus proves its link
 //     again. That is not a flush: Streams resumes from its position and

@@ -30,6 +30,11 @@ type hub struct {
 	subs   map[string][]*subscription // namespace → subscriptions; guarded by mu, copied on write
 	closed atomic.Bool
 
+	// bound is the staleness bound the bus keeps, in nanoseconds: the
+	// smallest MaxStaleness of the subscriptions, or defaultBound without
+	// one. It is set under mu whenever subs changes.
+	bound atomic.Int64
+
 	// proof is the time of the last proof in nanoseconds since epoch, or
 	// noProof while the link is unproven: before the first proof, and from
 	// the moment the reader detects that the link failed until the next
@@ -64,6 +69,7 @@ func newHub(cfg *config, send func(ctx context.Context, msgs [][]byte) error) *h
 	h := &hub{cfg: cfg, log: cfg.log, subs: make(map[string][]*subscription)}
 	h.epoch = h.clockNow()
 	h.proof.Store(noProof)
+	h.bound.Store(int64(h.defaultBound()))
 	h.lastProof, h.lastDue, h.dueAll = noProof, noProof, noCause
 	h.batch = newBatcher(cfg.batchWindow, cfg.batchKeys, func(ctx context.Context, batches []*nsBatch) error {
 		return h.sendBatches(ctx, batches, send)
@@ -81,13 +87,48 @@ func (h *hub) clockNow() time.Time {
 // now returns the current time in nanoseconds since h.epoch.
 func (h *hub) now() int64 { return int64(h.clockNow().Sub(h.epoch)) }
 
-// subscribe registers handler for namespace.
-func (h *hub) subscribe(namespace string, handler cache.Handler) (*subscription, error) {
+// defaultBound is the staleness bound of a bus without a subscription (a
+// process that only publishes, such as package store's relay): the
+// caches' default MaxStaleness, or ten proof intervals if that is longer,
+// so that a bus with a long ProofInterval does not time its own probes
+// out.
+func (h *hub) defaultBound() time.Duration {
+	return max(time.Second, 10*h.cfg.proofInterval)
+}
+
+// maxStaleness returns the staleness bound the bus keeps: how long a probe
+// or read may take before the bus gives up on the link, and how long after
+// a proof Proven holds.
+func (h *hub) maxStaleness() time.Duration { return time.Duration(h.bound.Load()) }
+
+// setBound recomputes bound from subs. The caller holds mu.
+func (h *hub) setBound() {
+	b := time.Duration(math.MaxInt64)
+	for _, subs := range h.subs {
+		for _, s := range subs {
+			b = min(b, s.maxStaleness)
+		}
+	}
+	if len(h.subs) == 0 {
+		b = h.defaultBound()
+	}
+	h.bound.Store(int64(b))
+}
+
+// subscribe registers handler for namespace, with its cache's staleness
+// bound.
+func (h *hub) subscribe(namespace string, handler cache.Handler, maxStaleness time.Duration) (*subscription, error) {
 	if handler == nil {
 		return nil, errors.New("invalidate: nil handler")
 	}
 	if !validLen(len(namespace)) {
 		return nil, fmt.Errorf("invalidate: namespace length %d not in [1, %d]", len(namespace), cache.MaxKeyLen)
+	}
+	if maxStaleness <= h.cfg.proofInterval {
+		// A proof takes a probe's or a read's round trip after it was
+		// sent, and one is sent every ProofInterval: with a bound no
+		// longer than that, the link would go unproven between proofs.
+		return nil, fmt.Errorf("%w: MaxStaleness (%v) must be longer than the bus's ProofInterval (%v)", cache.ErrInvalidOptions, maxStaleness, h.cfg.proofInterval)
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -99,8 +140,9 @@ func (h *hub) subscribe(namespace string, handler cache.Handler) (*subscription,
 	// and only proofs sent at or after since count for this subscription:
 	// it is not proven before the bus has shown, once it existed, that the
 	// link is live and in order (race 12).
-	s := &subscription{hub: h, namespace: namespace, h: handler, since: h.now()}
+	s := &subscription{hub: h, namespace: namespace, h: handler, maxStaleness: maxStaleness, since: h.now()}
 	h.subs[namespace] = append(slices.Clone(h.subs[namespace]), s)
+	h.setBound()
 	return s, nil
 }
 
@@ -113,6 +155,7 @@ func (h *hub) unsubscribe(s *subscription) {
 	} else {
 		h.subs[s.namespace] = subs
 	}
+	h.setBound()
 }
 
 // peers returns the subscriptions of namespace.
@@ -244,8 +287,8 @@ func (h *hub) reject(err error, size int) {
 // distrust answers a message that calls for a flush of every subscription,
 // one this node cannot read or one that shows that an earlier message went
 // missing, with a flush that is due rather than done: the link is unproven
-// at once (every LastProof reports the zero Time, then every Handler is
-// told, LinkLost), and the flush is done at the next proof, before it is
+// at once (no ProofAge reports a proof, then every Handler is told,
+// LinkLost), and the flush is done at the next proof, before it is
 // recorded (prove), for every such message received in between. So a
 // flood of them costs reads through to the source while it lasts and one
 // flush per proof, where a flush per message, each the work of every cache
@@ -253,7 +296,7 @@ func (h *hub) reject(err error, size int) {
 //
 // No flush that correctness needs is lost by the delay. Between the
 // message and the flush a cache serves nothing it holds: it asks
-// LastProof before it serves, and LinkLost has revoked the proof it had
+// ProofAge before it serves, and LinkLost has revoked the proof it had
 // cached. What it may store meanwhile (a load that began before the
 // message and finds its guard token unchanged, since the message's
 // invalidations were never applied; a value written through by this
@@ -289,7 +332,7 @@ func (h *hub) requestFlush(namespace string) {
 			continue
 		}
 		// The flag first, then LinkLost, as in unprove: a cache that asks
-		// LastProof after its revocation gets no proof back.
+		// ProofAge after its revocation gets no proof back.
 		s.flushDue.Store(true)
 		h.dueSubs = append(h.dueSubs, s)
 		s.linkLost()
@@ -322,7 +365,7 @@ func (h *hub) settleDue() bool {
 	}
 	for _, s := range h.dueSubs {
 		s.deliver(nil, true)
-		s.flushDue.Store(false) // after the flush, which LastProof waits for
+		s.flushDue.Store(false) // after the flush, which ProofAge waits for
 	}
 	clear(h.dueSubs)
 	h.dueSubs = h.dueSubs[:0]
@@ -379,10 +422,10 @@ func (h *hub) flushAll(c cause) {
 // unsubscribe, a read or position check that failed, a position the
 // stream no longer holds. Invalidations may be going past this node from
 // now on, so the bus no longer vouches for what its subscriptions' caches
-// hold: first every LastProof reports the zero Time, until the next proof,
-// then every Handler is told (LinkLost), so that its cache stops serving
-// at once rather than when MaxStaleness has run out since the last proof.
-// In that order: a cache that asked LastProof after its revocation would
+// hold: first no ProofAge reports a proof, until the next proof, then
+// every Handler is told (LinkLost), so that its cache stops serving at
+// once rather than when MaxStaleness has run out since the last proof. In
+// that order: a cache that asked ProofAge after its revocation would
 // otherwise be given the old proof back. linkLost does not flush: Streams
 // resumes from its position, and PubSub flushes when it subscribes again.
 // It runs on the reader goroutine only.
@@ -392,11 +435,11 @@ func (h *hub) linkLost() {
 	}
 }
 
-// unprove makes LastProof report the zero Time, then tells every Handler
+// unprove makes ProofAge report no proof, then tells every Handler
 // (LinkLost), and reports whether the link was proven. If it was not,
 // every Handler was told when it last became unproven, or has never been
-// proven: a cache extends its proof only from a LastProof that is not
-// zero, which takes a proof after this.
+// proven: a cache extends its proof only from a ProofAge that reports
+// one, which takes a proof after this.
 func (h *hub) unprove() bool {
 	if h.proof.Swap(noProof) == noProof {
 		return false
@@ -419,7 +462,7 @@ func (h *hub) prove(sentAt int64, lateFlush bool) {
 		return
 	}
 	last := h.lastProof
-	if lateFlush && last != noProof && sentAt-last > int64(h.cfg.maxStaleness) && !h.flushedSinceProof {
+	if lateFlush && last != noProof && sentAt-last > int64(h.maxStaleness()) && !h.flushedSinceProof {
 		h.flushAll(causeProofTimeout)
 	}
 	if sentAt > last {
@@ -431,12 +474,13 @@ func (h *hub) prove(sentAt int64, lateFlush bool) {
 	h.stats.proofs.Add(1)
 }
 
-// proven reports whether the link was proven within MaxStaleness and has
-// not been detected lost since: whether a cache on this bus, with the same
-// MaxStaleness, would serve cached values now.
+// proven reports whether the link was proven within the bus's staleness
+// bound and has not been detected lost since: whether a cache on this bus
+// with the smallest MaxStaleness of its subscriptions would serve cached
+// values now.
 func (h *hub) proven() bool {
 	p := h.proof.Load()
-	return p != noProof && !h.closed.Load() && h.now() < p+int64(h.cfg.maxStaleness)
+	return p != noProof && !h.closed.Load() && h.now()-p < int64(h.maxStaleness())
 }
 
 // close stops publication and delivery. The transport has stopped its
@@ -453,10 +497,11 @@ func (h *hub) close() {
 
 // subscription is one local Handler's link to a hub.
 type subscription struct {
-	hub       *hub
-	namespace string
-	h         cache.Handler
-	since     int64 // registration time, nanoseconds since hub.epoch
+	hub          *hub
+	namespace    string
+	h            cache.Handler
+	maxStaleness time.Duration // its cache's; see hub.bound
+	since        int64         // registration time, nanoseconds since hub.epoch
 
 	mu        sync.RWMutex // held for reading while delivering to h, for writing by Close
 	closed    atomic.Bool  // set under mu
@@ -472,18 +517,19 @@ func (s *subscription) Publish(ctx context.Context, keys []cache.Invalidation) e
 	return s.hub.publish(ctx, s, s.namespace, keys)
 }
 
-// LastProof implements [cache.Subscription]. It returns the zero Time until
-// the bus has proven its link after this subscription was made, from the
-// moment the bus detects a failure of its link until it proves it again,
-// from a message that calls for a flush until that flush is done, after
-// the bus or the subscription was closed, and while the Handler is broken
-// (its Flush panicked).
-func (s *subscription) LastProof() time.Time {
+// ProofAge implements [cache.Subscription]: the time since the last proof
+// was sent, by the bus's clock. It reports no proof until the bus has
+// proven its link after this subscription was made, from the moment the
+// bus detects a failure of its link until it proves it again, from a
+// message that calls for a flush until that flush is done, after the bus
+// or the subscription was closed, and while the Handler is broken (its
+// Flush panicked).
+func (s *subscription) ProofAge() (time.Duration, bool) {
 	p := s.hub.proof.Load()
 	if p == noProof || p < s.since || s.broken.Load() || s.flushDue.Load() || s.closed.Load() || s.hub.closed.Load() {
-		return time.Time{}
+		return 0, false
 	}
-	return s.hub.epoch.Add(time.Duration(p))
+	return time.Duration(max(s.hub.now()-p, 0)), true
 }
 
 // Close implements [cache.Subscription]. After it returns, the Handler

@@ -32,17 +32,14 @@ type PubSubOptions struct {
 
 	// ProofInterval is how often the bus proves its link: it publishes a
 	// probe on its own proof channel and, when the probe comes back on its
-	// subscription, reports the time it was sent as
-	// [cache.Subscription.LastProof]. It must be shorter than MaxStaleness.
+	// subscription, dates its proof from when the probe was sent (see
+	// [cache.Subscription.ProofAge]). A probe that stays away longer than
+	// the smallest [cache.Options.MaxStaleness] of the bus's caches makes
+	// the bus close the connection and subscribe again (which flushes), and
+	// a proof that arrives that long after the previous one flushes too.
+	// Subscribe rejects a MaxStaleness not longer than ProofInterval.
 	// Default 100ms.
 	ProofInterval time.Duration
-
-	// MaxStaleness is how long a probe may stay away before the bus
-	// declares the connection dead, closes it and resubscribes (which
-	// flushes). A proof that arrives more than MaxStaleness after the
-	// previous one flushes too. Use the caches' [cache.Options.MaxStaleness].
-	// Default 1s.
-	MaxStaleness time.Duration
 
 	// BatchWindow is how long a message may wait for more publications
 	// under a burst. Publications always share messages: those that arrive
@@ -69,9 +66,10 @@ type PubSubOptions struct {
 	// Default nil: discard.
 	Logger *slog.Logger
 
-	// Clock tells the bus the time of its proofs. It must be the clock of
-	// the caches that subscribe ([cache.Options.Clock]). Default nil:
-	// time.Now.
+	// Clock tells the bus the time, by which it dates its proofs and times
+	// its probes out, for tests. It is the bus's own: the bus reports the
+	// age of its proofs, not their time, so the caches that subscribe need
+	// not share it ([cache.Options.Clock] is theirs). Default nil: time.Now.
 	Clock cache.Clock
 }
 
@@ -104,14 +102,11 @@ type StreamsOptions struct {
 
 	// ProofInterval is the BLOCK timeout of the reader's XREAD: a read that
 	// returns, with entries or empty, proves that everything added before
-	// it was sent has been delivered. It must be shorter than MaxStaleness.
-	// Default 100ms.
+	// it was sent has been delivered. A read that takes longer than the
+	// smallest [cache.Options.MaxStaleness] of the bus's caches is
+	// abandoned and retried on a new connection. Subscribe rejects a
+	// MaxStaleness not longer than ProofInterval. Default 100ms.
 	ProofInterval time.Duration
-
-	// MaxStaleness bounds one XREAD round trip; a read that takes longer
-	// is abandoned and retried on a new connection. Use the caches'
-	// [cache.Options.MaxStaleness]. Default 1s.
-	MaxStaleness time.Duration
 
 	// BatchWindow: see [PubSubOptions.BatchWindow]. Default 0: no wait.
 	BatchWindow time.Duration
@@ -136,7 +131,6 @@ type config struct {
 	maxLen        int64
 	node          nodeID
 	proofInterval time.Duration
-	maxStaleness  time.Duration
 	batchWindow   time.Duration
 	batchKeys     int
 	maxBackoff    time.Duration
@@ -151,8 +145,8 @@ func (o *PubSubOptions) config() (*config, error) {
 	}
 	c := &config{
 		name: opts.Channel, node: opts.NodeID,
-		proofInterval: opts.ProofInterval, maxStaleness: opts.MaxStaleness,
-		batchWindow: opts.BatchWindow, batchKeys: opts.BatchKeys,
+		proofInterval: opts.ProofInterval,
+		batchWindow:   opts.BatchWindow, batchKeys: opts.BatchKeys,
 		maxBackoff: opts.MaxBackoff, log: opts.Logger, clock: opts.Clock,
 	}
 	if c.name == "" {
@@ -168,8 +162,8 @@ func (o *StreamsOptions) config() (*config, error) {
 	}
 	c := &config{
 		name: opts.Stream, maxLen: opts.MaxLen, node: opts.NodeID,
-		proofInterval: opts.ProofInterval, maxStaleness: opts.MaxStaleness,
-		batchWindow: opts.BatchWindow, batchKeys: opts.BatchKeys,
+		proofInterval: opts.ProofInterval,
+		batchWindow:   opts.BatchWindow, batchKeys: opts.BatchKeys,
 		maxBackoff: opts.MaxBackoff, log: opts.Logger, clock: opts.Clock,
 	}
 	if c.name == "" {
@@ -193,8 +187,6 @@ func (c *config) finish() error {
 	switch {
 	case c.proofInterval < 0:
 		return bad("ProofInterval must not be negative, got %v", c.proofInterval)
-	case c.maxStaleness < 0:
-		return bad("MaxStaleness must not be negative, got %v", c.maxStaleness)
 	case c.batchWindow < 0:
 		return bad("BatchWindow must not be negative, got %v", c.batchWindow)
 	case c.batchKeys < 0:
@@ -204,12 +196,6 @@ func (c *config) finish() error {
 	}
 	if c.proofInterval == 0 {
 		c.proofInterval = 100 * time.Millisecond
-	}
-	if c.maxStaleness == 0 {
-		c.maxStaleness = time.Second
-	}
-	if c.proofInterval >= c.maxStaleness {
-		return bad("ProofInterval (%v) must be shorter than MaxStaleness (%v)", c.proofInterval, c.maxStaleness)
 	}
 	if c.batchKeys == 0 {
 		c.batchKeys = 512

@@ -182,11 +182,15 @@ func probeChannel(channel string, node nodeID, cluster bool) (string, error) {
 }
 
 // Subscribe registers h for the invalidations of namespace published by
-// other nodes and by the other subscriptions of this PubSub. The returned
+// other nodes and by the other subscriptions of this PubSub, for a cache
+// whose staleness bound is maxStaleness; the bus keeps the smallest bound
+// of its subscriptions (see [PubSubOptions.ProofInterval]). The returned
 // Subscription reports no proof until the bus has proven its link after
-// this call. Subscribe returns ErrClosed after Close.
-func (b *PubSub) Subscribe(namespace string, h cache.Handler) (cache.Subscription, error) {
-	s, err := b.subscribe(namespace, h)
+// this call. Subscribe returns ErrClosed after Close, and an error for
+// which errors.Is(err, cache.ErrInvalidOptions) is true for a maxStaleness
+// not longer than ProofInterval.
+func (b *PubSub) Subscribe(namespace string, h cache.Handler, maxStaleness time.Duration) (cache.Subscription, error) {
+	s, err := b.subscribe(namespace, h, maxStaleness)
 	if err != nil {
 		return nil, err
 	}
@@ -208,13 +212,14 @@ func (b *PubSub) Publish(ctx context.Context, namespace string, keys []cache.Inv
 // Stats returns a snapshot of the counters.
 func (b *PubSub) Stats() Stats { return b.stats.snapshot() }
 
-// Proven reports whether the bus's link was proven within MaxStaleness and
-// has not been detected lost since: whether a cache on this bus, with the
-// same MaxStaleness, serves cached values now. It is false before the
-// first proof, from the moment the bus notices a failed connection, a
-// server-side unsubscribe or a probe that did not come back until the next
-// proof, once MaxStaleness has passed since the last proof (a silent
-// link), and after Close. A publisher that must not act on an unproven
+// Proven reports whether the bus's link was proven within its staleness
+// bound and has not been detected lost since: whether a cache on this bus
+// with the smallest MaxStaleness of its subscriptions serves cached values
+// now. Without a subscription the bound is 1s, or ten ProofIntervals if
+// that is longer. Proven is false before the first proof, from the moment
+// the bus notices a failed connection, a server-side unsubscribe or a
+// probe that did not come back until the next proof, once the bound has
+// passed since the last proof (a silent link), and after Close. A publisher that must not act on an unproven
 // link, such as package store's outbox relay (DESIGN race 17), checks it;
 // so can a health check. It is cheap: two atomic loads and a clock read.
 func (b *PubSub) Proven() bool { return b.hub.proven() }
@@ -478,7 +483,8 @@ func (b *PubSub) kickProof() {
 // delivered (race 5). A PING would only show that the subscribed server
 // is alive, not that it is the one the invalidations go through.
 //
-// A probe that has not come back after MaxStaleness means the link is dead
+// A probe that has not come back within the bus's staleness bound (the
+// smallest MaxStaleness of its subscriptions) means the link is dead
 // or goes to the wrong place, although TCP may not know it yet: proofLoop
 // closes the subscription, and the reader subscribes again (maybe
 // elsewhere) and flushes.
@@ -500,7 +506,7 @@ func (b *PubSub) proofLoop() {
 			continue
 		}
 		if p.ok {
-			if now-p.sentAt <= int64(b.cfg.maxStaleness) {
+			if now-p.sentAt <= int64(b.maxStaleness()) {
 				b.linkMu.Unlock()
 				continue
 			}

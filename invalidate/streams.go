@@ -109,11 +109,15 @@ func NewStreams(client redis.UniversalClient, opts *StreamsOptions) (*Streams, e
 }
 
 // Subscribe registers h for the invalidations of namespace published by
-// other nodes and by the other subscriptions of this Streams. The returned
+// other nodes and by the other subscriptions of this Streams, for a cache
+// whose staleness bound is maxStaleness; the bus keeps the smallest bound
+// of its subscriptions (see [StreamsOptions.ProofInterval]). The returned
 // Subscription reports no proof until a read of the stream started after
-// this call has returned. Subscribe returns ErrClosed after Close.
-func (b *Streams) Subscribe(namespace string, h cache.Handler) (cache.Subscription, error) {
-	s, err := b.subscribe(namespace, h)
+// this call has returned. Subscribe returns ErrClosed after Close, and an
+// error for which errors.Is(err, cache.ErrInvalidOptions) is true for a
+// maxStaleness not longer than ProofInterval.
+func (b *Streams) Subscribe(namespace string, h cache.Handler, maxStaleness time.Duration) (cache.Subscription, error) {
+	s, err := b.subscribe(namespace, h, maxStaleness)
 	if err != nil {
 		return nil, err
 	}
@@ -129,13 +133,12 @@ func (b *Streams) Publish(ctx context.Context, namespace string, keys []cache.In
 // Stats returns a snapshot of the counters.
 func (b *Streams) Stats() Stats { return b.stats.snapshot() }
 
-// Proven reports whether the bus's link was proven within MaxStaleness and
-// has not been detected lost since: whether a cache on this bus, with the
-// same MaxStaleness, serves cached values now. It is false before the
-// first read of the stream, from the moment a read, a marker or a position
-// check fails, or the stream no longer holds the reader's position, until
-// the next read that proves the link, once MaxStaleness has passed since
-// the last proof (a silent link), and after Close. See [PubSub.Proven].
+// Proven reports whether the bus's link was proven within its staleness
+// bound and has not been detected lost since; see [PubSub.Proven]. It is
+// false before the first read of the stream, from the moment a read, a
+// marker or a position check fails, or the stream no longer holds the
+// reader's position, until the next read that proves the link, once the
+// bound has passed since the last proof (a silent link), and after Close.
 func (b *Streams) Proven() bool { return b.hub.proven() }
 
 // Close stops every goroutine of the bus and waits for them (up to
@@ -213,7 +216,7 @@ func (b *Streams) readLoop() {
 			// loaded into a cache without a proof, but a local write may
 			// have installed a value that an entry before the marker,
 			// never to be read here, overwrote.
-			ctx, cancel := context.WithTimeout(b.ctx, b.cfg.maxStaleness)
+			ctx, cancel := context.WithTimeout(b.ctx, b.maxStaleness())
 			id, err := b.xadd(b.reader, ctx, fieldMarker, b.cfg.node.String()).Result()
 			cancel()
 			if err != nil {
@@ -236,7 +239,7 @@ func (b *Streams) readLoop() {
 		// command that ends in a deadline error (isBadConn in error.go).
 		// Entries delivered before a read fails stay delivered: pos has
 		// moved past them.
-		ctx, cancel := context.WithTimeout(b.ctx, b.cfg.maxStaleness)
+		ctx, cancel := context.WithTimeout(b.ctx, b.maxStaleness())
 		n, err := b.read(ctx, &pos)
 		cancel()
 		if err != nil {
@@ -335,7 +338,7 @@ func truncate(s string) string {
 // holds reports whether the stream still holds id and no entry after it
 // was deleted.
 func (b *Streams) holds(id string) (bool, error) {
-	ctx, cancel := context.WithTimeout(b.ctx, b.cfg.maxStaleness)
+	ctx, cancel := context.WithTimeout(b.ctx, b.maxStaleness())
 	defer cancel()
 	res, err := holdsScript.Run(ctx, b.reader, []string{b.key}, id).Slice()
 	if err != nil {
