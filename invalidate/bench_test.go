@@ -182,7 +182,7 @@ func BenchmarkThroughput(b *testing.B) {
 		} {
 			b.Run(tt.name+"/writers="+itoa(publishers), func(b *testing.B) {
 				channel := uniqueName(b)
-				from := newPubSub(b, newClient(b, func(o *redis.Options) { o.PoolSize = publishers }), &PubSubOptions{Channel: channel, BatchKeys: tt.batchKeys, BatchWindow: tt.window})
+				from := newPubSub(b, newClient(b, func(o *redis.Options) { o.PoolSize = publishers }), &PubSubOptions{Channel: channel, Options: Options{BatchKeys: tt.batchKeys, BatchWindow: tt.window}})
 				to := newPubSub(b, newClient(b, nil), &PubSubOptions{Channel: channel})
 				sa, _ := from.Subscribe("users", new(invalidatetest.Recorder), staleness)
 				sig := &signal{keys: make(chan string)}

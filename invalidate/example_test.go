@@ -24,7 +24,7 @@ func ExampleNewPubSub() {
 	defer rdb.Close()
 	bus, err := invalidate.NewPubSub(rdb, &invalidate.PubSubOptions{
 		Channel: "myservice:invalidations",
-		Logger:  slog.Default(),
+		Options: invalidate.Options{Logger: slog.Default()},
 	})
 	if err != nil {
 		log.Fatal(err)

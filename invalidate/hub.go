@@ -14,17 +14,38 @@ import (
 	"github.com/hashicorp/golang-lru/v2/simplelru"
 
 	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/internal/backoff"
 )
 
-// hub is the half of a Redis bus that does not depend on the transport: the
-// local subscriptions and delivery to them, the check of each origin's
-// sequence, the proof, and the batching of publications. PubSub and Streams
-// each own one and feed it what their reader goroutine receives.
+// transport is what a Redis bus does through Redis; the hub does the rest.
+// PubSub and Streams implement it.
+type transport interface {
+	// send sends one round of messages, in order, and returns once Redis
+	// has acknowledged them. It runs on the batcher goroutine only.
+	send(ctx context.Context, msgs [][]byte) error
+	// run is the reader: it receives what the other nodes publish and
+	// hands it to the hub (receive, reject), proves the link (prove) and
+	// reports its losses (linkLost, retry) until ctx ends. It returns once
+	// every goroutine it started has returned and it has released what it
+	// holds.
+	run(ctx context.Context)
+}
+
+// hub is the core of a Redis bus, whatever its transport: the local
+// subscriptions and delivery to them, the check of each origin's
+// sequence, the proof, the batching of publications, the counters, and the
+// lifecycle of the goroutines. PubSub and Streams each own one, and the
+// transport they implement feeds it what their reader receives.
 type hub struct {
 	cfg   *config
 	log   *slog.Logger
 	epoch time.Time // origin of the int64 times below
 	stats counters
+	t     transport
+
+	stop      context.CancelFunc // ends the goroutines' context; set by start
+	wg        sync.WaitGroup     // the batcher and the transport's run
+	closeOnce sync.Once
 
 	mu     sync.RWMutex
 	subs   map[string][]*subscription // namespace → subscriptions; guarded by mu, copied on write
@@ -65,21 +86,55 @@ type hub struct {
 
 const noProof = math.MinInt64
 
-func newHub(cfg *config, send func(ctx context.Context, msgs [][]byte) error) *hub {
-	h := &hub{cfg: cfg, log: cfg.log, subs: make(map[string][]*subscription)}
+// newHub returns the core of a bus that sends and reads through t. It
+// starts nothing; see start.
+func newHub(cfg *config, t transport) *hub {
+	h := &hub{cfg: cfg, log: cfg.Logger, t: t, subs: make(map[string][]*subscription)}
 	h.epoch = h.clockNow()
 	h.proof.Store(noProof)
 	h.bound.Store(int64(h.defaultBound()))
 	h.lastProof, h.lastDue, h.dueAll = noProof, noProof, noCause
-	h.batch = newBatcher(cfg.batchWindow, cfg.batchKeys, func(ctx context.Context, batches []*nsBatch) error {
-		return h.sendBatches(ctx, batches, send)
-	})
+	h.batch = newBatcher(cfg.BatchWindow, cfg.BatchKeys, h.sendBatches)
 	return h
 }
 
+// start starts the batcher and the transport's reader, which run until
+// close.
+func (h *hub) start() {
+	ctx, cancel := context.WithCancel(context.Background())
+	h.stop = cancel
+	h.wg.Go(func() { h.batch.run(ctx) })
+	h.wg.Go(func() { h.t.run(ctx) })
+}
+
+// close stops the goroutines and waits for them, then stops publication
+// and delivery and ends the proof of every subscription still open (their
+// caches outlive the bus) at once, not MaxStaleness after the last one.
+// It is safe to call more than once.
+func (h *hub) close() {
+	h.closeOnce.Do(func() {
+		h.stop()
+		h.wg.Wait()
+		h.mu.Lock()
+		h.closed.Store(true)
+		h.mu.Unlock()
+		h.unprove()
+	})
+}
+
+// retry records that the link failed, for the reason err, and waits the
+// backoff before attempt (from 0) to recover it. It reports false if ctx
+// ended first. It runs on the reader goroutine only.
+func (h *hub) retry(ctx context.Context, attempt int, what string, err error) bool {
+	h.stats.reconnects.Add(1)
+	d := backoff.Policy{Min: 10 * time.Millisecond, Max: h.cfg.MaxBackoff}.Wait(attempt)
+	h.log.Warn("invalidate: "+what+"; retrying", "err", err, "after", d)
+	return backoff.Sleep(ctx, d)
+}
+
 func (h *hub) clockNow() time.Time {
-	if h.cfg.clock != nil {
-		return h.cfg.clock.Now()
+	if h.cfg.Clock != nil {
+		return h.cfg.Clock.Now()
 	}
 	return time.Now()
 }
@@ -93,7 +148,7 @@ func (h *hub) now() int64 { return int64(h.clockNow().Sub(h.epoch)) }
 // so that a bus with a long ProofInterval does not time its own probes
 // out.
 func (h *hub) defaultBound() time.Duration {
-	return max(time.Second, 10*h.cfg.proofInterval)
+	return max(time.Second, 10*h.cfg.ProofInterval)
 }
 
 // maxStaleness returns the staleness bound the bus keeps: how long a probe
@@ -116,19 +171,19 @@ func (h *hub) setBound() {
 }
 
 // subscribe registers handler for namespace, with its cache's staleness
-// bound.
-func (h *hub) subscribe(namespace string, handler cache.Handler, maxStaleness time.Duration) (*subscription, error) {
+// bound: [cache.Bus.Subscribe].
+func (h *hub) subscribe(namespace string, handler cache.Handler, maxStaleness time.Duration) (cache.Subscription, error) {
 	if handler == nil {
 		return nil, errors.New("invalidate: nil handler")
 	}
 	if !validLen(len(namespace)) {
 		return nil, fmt.Errorf("invalidate: namespace length %d not in [1, %d]", len(namespace), cache.MaxKeyLen)
 	}
-	if maxStaleness <= h.cfg.proofInterval {
+	if maxStaleness <= h.cfg.ProofInterval {
 		// A proof takes a probe's or a read's round trip after it was
 		// sent, and one is sent every ProofInterval: with a bound no
 		// longer than that, the link would go unproven between proofs.
-		return nil, fmt.Errorf("%w: MaxStaleness (%v) must be longer than the bus's ProofInterval (%v)", cache.ErrInvalidOptions, maxStaleness, h.cfg.proofInterval)
+		return nil, fmt.Errorf("%w: MaxStaleness (%v) must be longer than the bus's ProofInterval (%v)", cache.ErrInvalidOptions, maxStaleness, h.cfg.ProofInterval)
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -194,16 +249,16 @@ func (h *hub) publish(ctx context.Context, from *subscription, namespace string,
 	return h.batch.publish(ctx, namespace, keys)
 }
 
-// sendBatches encodes batches into messages and sends them with send, in
-// order. It runs on the batcher goroutine only.
-func (h *hub) sendBatches(ctx context.Context, batches []*nsBatch, send func(context.Context, [][]byte) error) error {
+// sendBatches encodes batches into messages and has the transport send
+// them, in order. It runs on the batcher goroutine only.
+func (h *hub) sendBatches(ctx context.Context, batches []*nsBatch) error {
 	buf := h.buf[:0]
 	var ends []int
 	var nkeys int
 	for _, b := range batches {
 		if b.flush {
 			h.seq++
-			buf = appendMessage(buf, &message{namespace: b.namespace, origin: h.cfg.node, seq: h.seq, flush: true})
+			buf = appendMessage(buf, &message{namespace: b.namespace, origin: h.cfg.node(), seq: h.seq, flush: true})
 			ends = append(ends, len(buf))
 			continue
 		}
@@ -212,13 +267,13 @@ func (h *hub) sendBatches(ctx context.Context, batches []*nsBatch, send func(con
 			h.seq++
 			// Take keys while the message stays within BatchKeys and
 			// MaxMessageSize. The header is sized for the largest count.
-			size := headerSize(b.namespace, h.seq, h.cfg.batchKeys)
+			size := headerSize(b.namespace, h.seq, h.cfg.BatchKeys)
 			n := 0
-			for n < len(keys) && n < h.cfg.batchKeys && size+keySize(keys[n]) <= MaxMessageSize {
+			for n < len(keys) && n < h.cfg.BatchKeys && size+keySize(keys[n]) <= MaxMessageSize {
 				size += keySize(keys[n])
 				n++
 			}
-			buf = appendMessage(buf, &message{namespace: b.namespace, origin: h.cfg.node, seq: h.seq, keys: keys[:n]})
+			buf = appendMessage(buf, &message{namespace: b.namespace, origin: h.cfg.node(), seq: h.seq, keys: keys[:n]})
 			ends = append(ends, len(buf))
 			keys = keys[n:]
 		}
@@ -229,7 +284,7 @@ func (h *hub) sendBatches(ctx context.Context, batches []*nsBatch, send func(con
 		msgs[i] = buf[start:end:end]
 		start = end
 	}
-	err := send(ctx, msgs)
+	err := h.t.send(ctx, msgs)
 	if cap(buf) <= 4*MaxMessageSize {
 		h.buf = buf
 	}
@@ -250,7 +305,7 @@ func (h *hub) receive(payload string) {
 		h.reject(err, len(payload))
 		return
 	}
-	if m.origin == h.cfg.node {
+	if m.origin == h.cfg.node() {
 		return // our own echo: applied locally before it was published
 	}
 	h.stats.messagesReceived.Add(1)
@@ -354,7 +409,7 @@ func (h *hub) settleDue() bool {
 		return true
 	}
 	now := h.now()
-	if h.lastDue != noProof && now-h.lastDue < int64(h.cfg.proofInterval/2) {
+	if h.lastDue != noProof && now-h.lastDue < int64(h.cfg.ProofInterval/2) {
 		return h.dueAll == noCause
 	}
 	h.lastDue = now
@@ -483,18 +538,6 @@ func (h *hub) proven() bool {
 	return p != noProof && !h.closed.Load() && h.now()-p < int64(h.maxStaleness())
 }
 
-// close stops publication and delivery. The transport has stopped its
-// goroutines already.
-func (h *hub) close() {
-	h.mu.Lock()
-	h.closed.Store(true)
-	h.mu.Unlock()
-	// Subscriptions that are still open (their caches outlive the bus)
-	// receive nothing more: end their caches' proofs now, not MaxStaleness
-	// after the last one.
-	h.unprove()
-}
-
 // subscription is one local Handler's link to a hub.
 type subscription struct {
 	hub          *hub
@@ -547,30 +590,22 @@ func (s *subscription) Close() error {
 // deliver hands keys, or a flush, to the Handler. Whatever goes wrong in
 // the Handler ends in a flush, never in a skipped key (race 14).
 func (s *subscription) deliver(keys []cache.Invalidation, flush bool) {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	if s.closed.Load() {
-		return
-	}
 	if flush {
-		s.flush()
+		s.call("flushing", s.flush) // flush recovers by itself
 		return
 	}
-	defer func() {
-		if r := recover(); r != nil {
-			s.hub.stats.handlerPanics.Add(1)
-			s.hub.log.Error("invalidate: handler panicked applying an invalidation; flushing it", "namespace", s.namespace, "panic", r)
-			s.flush()
-		}
-	}()
-	s.h.Invalidate(keys)
+	s.call("applying an invalidation", func() { s.h.Invalidate(keys) })
 }
 
 // linkLost tells the Handler that the link failed; see hub.linkLost. A
-// Handler that panics is flushed instead, as in deliver: its cache may
-// then serve until MaxStaleness after the last proof, but nothing cached
-// before the loss.
-func (s *subscription) linkLost() {
+// Handler that panics is flushed instead: its cache may then serve until
+// MaxStaleness after the last proof, but nothing cached before the loss.
+func (s *subscription) linkLost() { s.call("on a lost link", s.h.LinkLost) }
+
+// call runs fn, a call of the Handler, unless the subscription is closed;
+// Close waits for it. A panic in fn is counted and logged, and the Handler
+// flushed.
+func (s *subscription) call(during string, fn func()) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	if s.closed.Load() {
@@ -579,11 +614,11 @@ func (s *subscription) linkLost() {
 	defer func() {
 		if r := recover(); r != nil {
 			s.hub.stats.handlerPanics.Add(1)
-			s.hub.log.Error("invalidate: handler panicked on a lost link; flushing it", "namespace", s.namespace, "panic", r)
+			s.hub.log.Error("invalidate: handler panicked "+during+"; flushing it", "namespace", s.namespace, "panic", r)
 			s.flush()
 		}
 	}()
-	s.h.LinkLost()
+	fn()
 }
 
 // flush flushes the Handler. If Flush panics, the subscription reports no

@@ -30,14 +30,14 @@ var (
 	_ provenBus = (*Streams)(nil)
 )
 
-// transport makes a Redis bus of one kind on a channel or stream that
+// busMaker makes a Redis bus of one kind on a channel or stream that
 // name identifies.
-type transport struct {
+type busMaker struct {
 	name   string
 	newBus func(t *testing.T, client redis.UniversalClient, name string) provenBus
 }
 
-var transports = []transport{
+var transports = []busMaker{
 	{"PubSub", func(t *testing.T, client redis.UniversalClient, name string) provenBus {
 		return newPubSub(t, client, testOptions(name))
 	}},
@@ -200,7 +200,7 @@ func TestProven(t *testing.T) {
 	})
 }
 
-func testProven(t *testing.T, tr transport, subscribed bool) {
+func testProven(t *testing.T, tr busMaker, subscribed bool) {
 	addr, _ := privateRedis(t)
 	client, proxy := proxiedClient(t, addr)
 	proxy.Pause()

@@ -36,10 +36,10 @@ func TestNewPubSubRejects(t *testing.T) {
 		{"nil client", nil, nil},
 		{"ring", ring, nil},
 		{"cluster reading replicas", replicas, nil},
-		{"negative ProofInterval", client, &PubSubOptions{ProofInterval: -1}},
-		{"negative BatchWindow", client, &PubSubOptions{BatchWindow: -1}},
-		{"negative BatchKeys", client, &PubSubOptions{BatchKeys: -1}},
-		{"negative MaxBackoff", client, &PubSubOptions{MaxBackoff: -1}},
+		{"negative ProofInterval", client, &PubSubOptions{Options: Options{ProofInterval: -1}}},
+		{"negative BatchWindow", client, &PubSubOptions{Options: Options{BatchWindow: -1}}},
+		{"negative BatchKeys", client, &PubSubOptions{Options: Options{BatchKeys: -1}}},
+		{"negative MaxBackoff", client, &PubSubOptions{Options: Options{MaxBackoff: -1}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -247,7 +247,7 @@ func TestPubSubSequenceGap(t *testing.T) {
 		{x, 10, "x10", true}, // 9 is missing
 		{x, 11, "x11", false},
 		{x, 11, "x11again", true}, // a replay
-		{b.cfg.node, 99, "echo", false},
+		{b.hub.cfg.node(), 99, "echo", false},
 		{y, 2, "y2", false},
 	}
 	ctx := context.Background()
@@ -265,7 +265,7 @@ func TestPubSubSequenceGap(t *testing.T) {
 		switch {
 		case s.gap:
 			gaps++
-		case s.origin != b.cfg.node:
+		case s.origin != b.hub.cfg.node():
 			want = append(want, s.key)
 		}
 	}
@@ -637,7 +637,7 @@ func TestProveLateFlushes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := newHub(cfg, func(context.Context, [][]byte) error { return nil })
+	h := newHub(cfg, idleTransport{})
 	r := new(invalidatetest.Recorder)
 	if _, err := h.subscribe("ns", r, time.Second); err != nil {
 		t.Fatal(err)
@@ -684,15 +684,15 @@ func TestStalenessBound(t *testing.T) {
 		{0, time.Second}, // default ProofInterval, 100ms
 		{500 * time.Millisecond, 5 * time.Second}, // ten ProofIntervals
 	} {
-		cfg, err := (&PubSubOptions{ProofInterval: tt.interval}).config()
+		cfg, err := (&PubSubOptions{Options: Options{ProofInterval: tt.interval}}).config()
 		if err != nil {
 			t.Fatal(err)
 		}
-		h := newHub(cfg, func(context.Context, [][]byte) error { return nil })
+		h := newHub(cfg, idleTransport{})
 		if got := h.maxStaleness(); got != tt.def {
-			t.Errorf("ProofInterval %v: bound without a subscription = %v; want %v", cfg.proofInterval, got, tt.def)
+			t.Errorf("ProofInterval %v: bound without a subscription = %v; want %v", cfg.ProofInterval, got, tt.def)
 		}
-		var subs []*subscription
+		var subs []cache.Subscription
 		for _, ms := range []time.Duration{3 * tt.def, 2 * tt.def, 4 * tt.def} {
 			s, err := h.subscribe("ns", new(invalidatetest.Recorder), ms)
 			if err != nil {
@@ -713,12 +713,12 @@ func TestStalenessBound(t *testing.T) {
 				_ = subs[step.close].Close()
 			}
 			if got := h.maxStaleness(); got != step.want {
-				t.Errorf("ProofInterval %v, after closing subscription %d: bound = %v; want %v", cfg.proofInterval, step.close, got, step.want)
+				t.Errorf("ProofInterval %v, after closing subscription %d: bound = %v; want %v", cfg.ProofInterval, step.close, got, step.want)
 			}
 		}
-		for _, ms := range []time.Duration{-1, 0, cfg.proofInterval} {
+		for _, ms := range []time.Duration{-1, 0, cfg.ProofInterval} {
 			if _, err := h.subscribe("ns", new(invalidatetest.Recorder), ms); !errors.Is(err, cache.ErrInvalidOptions) {
-				t.Errorf("ProofInterval %v: subscribe(%v) error = %v; want cache.ErrInvalidOptions", cfg.proofInterval, ms, err)
+				t.Errorf("ProofInterval %v: subscribe(%v) error = %v; want cache.ErrInvalidOptions", cfg.ProofInterval, ms, err)
 			}
 		}
 		if got := h.maxStaleness(); got != tt.def {
@@ -728,7 +728,7 @@ func TestStalenessBound(t *testing.T) {
 	// Through a cache, the error is the cache's own invalid options.
 	client := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"})
 	t.Cleanup(func() { _ = client.Close() })
-	b := newPubSub(t, client, &PubSubOptions{ProofInterval: time.Second})
+	b := newPubSub(t, client, &PubSubOptions{Options: Options{ProofInterval: time.Second}})
 	load := func(context.Context, string) (int, error) { return 0, nil }
 	if _, err := cache.New("ns", 10, load, &cache.Options[string, int]{Bus: b}); !errors.Is(err, cache.ErrInvalidOptions) {
 		t.Errorf("cache.New with the default MaxStaleness on a bus proving every second: error = %v; want cache.ErrInvalidOptions", err)
@@ -737,3 +737,10 @@ func TestStalenessBound(t *testing.T) {
 		t.Errorf("InProcess.Subscribe(0) error = %v; want cache.ErrInvalidOptions", err)
 	}
 }
+
+// idleTransport is a transport that sends nothing anywhere, for tests of
+// a hub on its own.
+type idleTransport struct{}
+
+func (idleTransport) send(context.Context, [][]byte) error { return nil }
+func (idleTransport) run(ctx context.Context)              { <-ctx.Done() }

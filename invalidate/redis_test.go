@@ -46,8 +46,11 @@ func uniqueName(t testing.TB) string {
 // testOptions are fast proofs for tests: with subscriptions of staleness,
 // faults show within a fraction of a second.
 func testOptions(channel string) *PubSubOptions {
-	return &PubSubOptions{Channel: channel, ProofInterval: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond}
+	return &PubSubOptions{Channel: channel, Options: testBusOptions}
 }
+
+// testBusOptions are the options of testOptions and testStreamsOptions.
+var testBusOptions = Options{ProofInterval: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond}
 
 // staleness is the MaxStaleness with which the tests subscribe, unless
 // they need another.

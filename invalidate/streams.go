@@ -1,17 +1,16 @@
 package invalidate
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
 
 	"github.com/coherentcache/coherent/cache"
-	"github.com/coherentcache/coherent/internal/backoff"
 )
 
 // Streams is a [cache.Bus] over a Redis stream: publications are XADDed
@@ -24,7 +23,7 @@ import (
 // Create one Streams per process, pass it to every [cache.Cache], and close
 // it after them. It is safe for concurrent use.
 type Streams struct {
-	*hub
+	hub     *hub
 	client  redis.UniversalClient // publishes
 	reader  redis.UniversalClient // reads; see readerClient
 	cluster *redis.ClusterClient  // reader, if it is one
@@ -32,11 +31,6 @@ type Streams struct {
 	key     string
 
 	xr xreader // parses the reader's XREAD replies; belongs to the reader goroutine
-
-	ctx       context.Context // cancelled by Close
-	cancel    context.CancelFunc
-	wg        sync.WaitGroup
-	closeOnce sync.Once
 }
 
 var _ cache.Bus = (*Streams)(nil)
@@ -99,12 +93,8 @@ func NewStreams(client redis.UniversalClient, opts *StreamsOptions) (*Streams, e
 	b := &Streams{client: client, key: cfg.name}
 	b.reader, b.owned = readerClient(client)
 	b.cluster, _ = b.reader.(*redis.ClusterClient)
-	b.hub = newHub(cfg, b.send)
-	b.log = cfg.log.With("stream", cfg.name, "node", cfg.node.String())
-	b.ctx, b.cancel = context.WithCancel(context.Background())
-	b.wg.Add(2)
-	go func() { defer b.wg.Done(); b.batch.run(b.ctx) }()
-	go func() { defer b.wg.Done(); b.readLoop() }()
+	b.hub = newHub(cfg, b)
+	b.hub.start()
 	return b, nil
 }
 
@@ -117,11 +107,7 @@ func NewStreams(client redis.UniversalClient, opts *StreamsOptions) (*Streams, e
 // error for which errors.Is(err, cache.ErrInvalidOptions) is true for a
 // maxStaleness not longer than ProofInterval.
 func (b *Streams) Subscribe(namespace string, h cache.Handler, maxStaleness time.Duration) (cache.Subscription, error) {
-	s, err := b.subscribe(namespace, h, maxStaleness)
-	if err != nil {
-		return nil, err
-	}
-	return s, nil
+	return b.hub.subscribe(namespace, h, maxStaleness)
 }
 
 // Publish announces that keys of namespace changed to every node, this one
@@ -131,7 +117,7 @@ func (b *Streams) Publish(ctx context.Context, namespace string, keys []cache.In
 }
 
 // Stats returns a snapshot of the counters.
-func (b *Streams) Stats() Stats { return b.stats.snapshot() }
+func (b *Streams) Stats() Stats { return b.hub.stats.snapshot() }
 
 // Proven reports whether the bus's link was proven within its staleness
 // bound and has not been detected lost since; see [PubSub.Proven]. It is
@@ -141,40 +127,44 @@ func (b *Streams) Stats() Stats { return b.stats.snapshot() }
 // bound has passed since the last proof (a silent link), and after Close.
 func (b *Streams) Proven() bool { return b.hub.proven() }
 
-// Close stops every goroutine of the bus and waits for them (up to
-// MaxStaleness for a read in progress, and the client's timeouts for a
-// publication in progress), and fails pending and later publications with
-// ErrClosed. It does not close the client. Subscriptions report no proof afterwards. It is safe to call more
-// than once and always returns nil.
+// Close stops every goroutine of the bus and waits for them (a read in
+// progress ends by its deadline, the bus's staleness bound at most; a
+// publication in progress by the client's timeouts), and fails pending and
+// later publications with ErrClosed. It does not close the client.
+// Subscriptions report no proof afterwards. It is safe to call more than
+// once and always returns nil.
 func (b *Streams) Close() error {
-	b.closeOnce.Do(func() {
-		b.cancel()
-		b.wg.Wait() // a blocked XREAD ends by its deadline, MaxStaleness at most
-		b.hub.close()
-		if b.owned {
-			_ = b.reader.Close()
-		}
-	})
+	b.hub.close()
 	return nil
 }
 
-func (b *Streams) xadd(p redis.Cmdable, ctx context.Context, field string, value any) *redis.StringCmd {
-	return p.XAdd(ctx, &redis.XAddArgs{Stream: b.key, MaxLen: b.cfg.maxLen, Approx: true, Values: []any{field, value}})
+// xadd adds an entry of one field to the stream through p.
+func (b *Streams) xadd(ctx context.Context, p redis.Cmdable, field string, value any) *redis.StringCmd {
+	return p.XAdd(ctx, &redis.XAddArgs{Stream: b.key, MaxLen: b.hub.cfg.maxLen, Approx: true, Values: []any{field, value}})
 }
 
-// send adds msgs to the stream in order: one XADD, or a pipeline on one
-// connection, which Redis executes in order.
+// send implements transport: it adds msgs to the stream in order, with one
+// XADD, or a pipeline on one connection, which Redis executes in order.
 func (b *Streams) send(ctx context.Context, msgs [][]byte) error {
 	if len(msgs) == 1 {
-		return b.xadd(b.client, ctx, fieldMessage, msgs[0]).Err()
+		return b.xadd(ctx, b.client, fieldMessage, msgs[0]).Err()
 	}
 	_, err := b.client.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for _, m := range msgs {
-			b.xadd(p, ctx, fieldMessage, m)
+			b.xadd(ctx, p, fieldMessage, m)
 		}
 		return nil
 	})
 	return err
+}
+
+// run implements transport: it runs the reader until ctx ends, then
+// closes the reader's client if NewStreams made it.
+func (b *Streams) run(ctx context.Context) {
+	b.readLoop(ctx)
+	if b.owned {
+		_ = b.reader.Close()
+	}
 }
 
 // readLoop is the reader goroutine. It keeps two positions: pos, the last
@@ -183,29 +173,22 @@ func (b *Streams) send(ctx context.Context, msgs [][]byte) error {
 // the stream must still hold anchor, which shows that nothing after anchor
 // was trimmed before that read. When the stream no longer holds it, the
 // loop adds a marker entry, flushes, and reads on from the marker.
-func (b *Streams) readLoop() {
+func (b *Streams) readLoop(ctx context.Context) {
 	var (
 		pos, anchor string // "" until the first marker is added
 		first       = true
 		attempt     int
 	)
 	fail := func(what string, err error) bool {
-		if b.ctx.Err() != nil {
+		if ctx.Err() != nil {
 			return false
 		}
 		// Entries are added meanwhile that this node has not read: end
 		// the proof now. No flush: the next read resumes from pos.
-		b.linkLost()
-		b.stats.reconnects.Add(1)
-		d := backoff.Policy{Min: 10 * time.Millisecond, Max: b.cfg.maxBackoff}.Wait(attempt)
+		b.hub.linkLost()
+		ok := b.hub.retry(ctx, attempt, "stream "+what+" failed", err)
 		attempt++
-		b.log.Warn("invalidate: stream "+what+" failed; retrying", "err", err, "after", d)
-		select {
-		case <-b.ctx.Done():
-			return false
-		case <-time.After(d):
-			return true
-		}
+		return ok
 	}
 	for {
 		if anchor == "" {
@@ -216,8 +199,8 @@ func (b *Streams) readLoop() {
 			// loaded into a cache without a proof, but a local write may
 			// have installed a value that an entry before the marker,
 			// never to be read here, overwrote.
-			ctx, cancel := context.WithTimeout(b.ctx, b.maxStaleness())
-			id, err := b.xadd(b.reader, ctx, fieldMarker, b.cfg.node.String()).Result()
+			mctx, cancel := context.WithTimeout(ctx, b.hub.maxStaleness())
+			id, err := b.xadd(mctx, b.reader, fieldMarker, b.hub.cfg.node().String()).Result()
 			cancel()
 			if err != nil {
 				if !fail("marker", err) {
@@ -226,21 +209,21 @@ func (b *Streams) readLoop() {
 				continue
 			}
 			if first {
-				b.flushAll(causeFirstSubscription)
+				b.hub.flushAll(causeFirstSubscription)
 			} else {
-				b.flushAll(causeTrimmed)
+				b.hub.flushAll(causeTrimmed)
 			}
 			first = false
 			pos, anchor = id, id
 		}
-		sentAt := b.now()
+		sentAt := b.hub.now()
 		// A read that does not return within MaxStaleness is abandoned: the
 		// link is silent (race 5). go-redis closes the connection of a
 		// command that ends in a deadline error (isBadConn in error.go).
 		// Entries delivered before a read fails stay delivered: pos has
 		// moved past them.
-		ctx, cancel := context.WithTimeout(b.ctx, b.maxStaleness())
-		n, err := b.read(ctx, &pos)
+		rctx, cancel := context.WithTimeout(ctx, b.hub.maxStaleness())
+		n, err := b.read(rctx, &pos)
 		cancel()
 		if err != nil {
 			if b.cluster != nil {
@@ -248,7 +231,7 @@ func (b *Streams) readLoop() {
 				// failover or a slot move that the read did not follow
 				// (an UNBLOCKED reply, a timeout), the client's slot map
 				// may be out of date.
-				b.cluster.ReloadState(b.ctx)
+				b.cluster.ReloadState(ctx)
 			}
 			if !fail("read", err) {
 				return
@@ -258,7 +241,7 @@ func (b *Streams) readLoop() {
 		if n == streamReadCount {
 			continue // there may be more: read on before proving
 		}
-		ok, err := b.holds(anchor)
+		ok, err := b.holds(ctx, anchor)
 		if err != nil {
 			if !fail("position check", err) {
 				return
@@ -269,8 +252,8 @@ func (b *Streams) readLoop() {
 			// Entries this node has not read are gone: end the proof now,
 			// not after the marker's round trip (or its retries), and
 			// flush once the marker is in.
-			b.log.Warn("invalidate: the stream no longer holds this node's position", "position", anchor)
-			b.linkLost()
+			b.hub.log.Warn("invalidate: the stream no longer holds this node's position", "position", anchor)
+			b.hub.linkLost()
 			anchor = ""
 			continue
 		}
@@ -301,7 +284,7 @@ func (b *Streams) read(ctx context.Context, pos *string) (int, error) {
 		*pos = e.id
 	}
 	b.xr.reset()
-	block := max(b.cfg.proofInterval.Milliseconds(), 1) // BLOCK 0 would wait for ever
+	block := max(b.hub.cfg.ProofInterval.Milliseconds(), 1) // BLOCK 0 would wait for ever
 	cmd := redis.NewRawWriteToCmd(ctx, &b.xr, "xread", "count", streamReadCount, "block", block, "streams", b.key, *pos)
 	err := b.reader.Process(ctx, cmd)
 	n, rerr := b.xr.result()
@@ -336,9 +319,9 @@ func truncate(s string) string {
 }
 
 // holds reports whether the stream still holds id and no entry after it
-// was deleted.
-func (b *Streams) holds(id string) (bool, error) {
-	ctx, cancel := context.WithTimeout(b.ctx, b.maxStaleness())
+// was deleted. The check takes the bus's staleness bound at most.
+func (b *Streams) holds(ctx context.Context, id string) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, b.hub.maxStaleness())
 	defer cancel()
 	res, err := holdsScript.Run(ctx, b.reader, []string{b.key}, id).Slice()
 	if err != nil {
@@ -368,9 +351,9 @@ func compareIDs(a, b string) int {
 	case !okB:
 		return -1
 	case pa[0] != pb[0]:
-		return cmpUint(pa[0], pb[0])
+		return cmp.Compare(pa[0], pb[0])
 	default:
-		return cmpUint(pa[1], pb[1])
+		return cmp.Compare(pa[1], pb[1])
 	}
 }
 
@@ -382,16 +365,6 @@ func parseID(id string) ([2]uint64, bool) {
 	a, err1 := strconv.ParseUint(ms, 10, 64)
 	b, err2 := strconv.ParseUint(seq, 10, 64)
 	return [2]uint64{a, b}, err1 == nil && err2 == nil
-}
-
-func cmpUint(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // readerClient returns the client the reader goroutine uses. go-redis

@@ -17,7 +17,7 @@ import (
 )
 
 func testStreamsOptions(stream string) *StreamsOptions {
-	return &StreamsOptions{Stream: stream, ProofInterval: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond}
+	return &StreamsOptions{Stream: stream, Options: testBusOptions}
 }
 
 func newStreams(t testing.TB, client redis.UniversalClient, opts *StreamsOptions) *Streams {
@@ -63,7 +63,7 @@ func TestNewStreamsRejects(t *testing.T) {
 		{"nil client", nil, nil},
 		{"ring", ring, nil},
 		{"negative MaxLen", client, &StreamsOptions{MaxLen: -1}},
-		{"negative ProofInterval", client, &StreamsOptions{ProofInterval: -1}},
+		{"negative ProofInterval", client, &StreamsOptions{Options: Options{ProofInterval: -1}}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			if b, err := NewStreams(tt.client, tt.opts); !errors.Is(err, ErrInvalidOptions) {

@@ -277,7 +277,7 @@ func newApp(ctx context.Context, cfg config, pool *pgxpool.Pool, rdb *redis.Clie
 	}
 	bus, err := invalidate.NewPubSub(rdb, &invalidate.PubSubOptions{
 		Channel: cfg.redisPrefix + "invalidations",
-		Logger:  log,
+		Options: invalidate.Options{Logger: log},
 	})
 	if err != nil {
 		return nil, err

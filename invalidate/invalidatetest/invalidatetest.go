@@ -32,6 +32,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -283,21 +284,11 @@ func testVersions(t *testing.T, newNodes NewNodes) {
 	for _, e := range rb.Events() {
 		got = append(got, e.Keys...)
 	}
-	slices.SortFunc(got, func(x, y cache.Invalidation) int { return cmpString(x.Key, y.Key) })
-	slices.SortFunc(want, func(x, y cache.Invalidation) int { return cmpString(x.Key, y.Key) })
+	slices.SortFunc(got, func(x, y cache.Invalidation) int { return strings.Compare(x.Key, y.Key) })
+	slices.SortFunc(want, func(x, y cache.Invalidation) int { return strings.Compare(x.Key, y.Key) })
 	if !slices.Equal(got, want) {
 		t.Errorf("received %v; want %v", got, want)
 	}
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 func testFlush(t *testing.T, newNodes NewNodes) {
