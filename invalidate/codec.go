@@ -3,7 +3,6 @@ package invalidate
 import (
 	"encoding/binary"
 	"encoding/hex"
-	"errors"
 	"fmt"
 
 	"github.com/coherentcache/coherent/cache"
@@ -25,15 +24,6 @@ const (
 	kindFlush = 2 // every key of one namespace
 
 	originLen = 16
-)
-
-var (
-	// errMalformed reports a message that does not follow the format. The
-	// receiver cannot know what it missed, so it flushes.
-	errMalformed = errors.New("invalidate: malformed message")
-	// errVersion reports a message of a format version this package does not
-	// know, such as one from a newer node during a rolling upgrade.
-	errVersion = errors.New("invalidate: unknown message format version")
 )
 
 // nodeID names one bus object, the origin of the messages it publishes.

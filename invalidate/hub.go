@@ -2,7 +2,6 @@ package invalidate
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"math"
@@ -174,7 +173,7 @@ func (h *hub) setBound() {
 // bound: [cache.Bus.Subscribe].
 func (h *hub) subscribe(namespace string, handler cache.Handler, maxStaleness time.Duration) (cache.Subscription, error) {
 	if handler == nil {
-		return nil, errors.New("invalidate: nil handler")
+		return nil, errNilHandler
 	}
 	if !validLen(len(namespace)) {
 		return nil, fmt.Errorf("invalidate: namespace length %d not in [1, %d]", len(namespace), cache.MaxKeyLen)

@@ -2,7 +2,6 @@ package invalidate
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -10,10 +9,6 @@ import (
 
 	"github.com/coherentcache/coherent/cache"
 )
-
-// ErrClosed is returned when publishing through a closed subscription or
-// bus, and when subscribing to a closed bus.
-var ErrClosed = errors.New("invalidate: closed")
 
 // InProcess is a [cache.Bus] inside one process. Every subscription is a
 // node: a publication reaches every other subscription of its namespace
@@ -45,7 +40,7 @@ func NewInProcess() *InProcess { return new(InProcess) }
 // positive.
 func (b *InProcess) Subscribe(namespace string, h cache.Handler, maxStaleness time.Duration) (cache.Subscription, error) {
 	if h == nil {
-		return nil, errors.New("invalidate: nil handler")
+		return nil, errNilHandler
 	}
 	if maxStaleness <= 0 {
 		return nil, fmt.Errorf("%w: MaxStaleness must be positive, got %v", cache.ErrInvalidOptions, maxStaleness)

@@ -3,7 +3,6 @@ package invalidate
 import (
 	"cmp"
 	"crypto/rand"
-	"errors"
 	"fmt"
 	"log/slog"
 	"time"
@@ -12,10 +11,6 @@ import (
 
 	"github.com/coherentcache/coherent/cache"
 )
-
-// ErrInvalidOptions is wrapped by the errors [NewPubSub] and [NewStreams]
-// return for arguments they cannot use.
-var ErrInvalidOptions = errors.New("invalidate: invalid options")
 
 // Options are the settings that [PubSub] and [Streams] share. Each is
 // embedded in [PubSubOptions] and [StreamsOptions]; its zero value, and

@@ -4,7 +4,6 @@ import (
 	"context"
 	cryptorand "crypto/rand"
 	"crypto/subtle"
-	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -368,10 +367,6 @@ func (b *PubSub) open(ctx context.Context) (*redis.PubSub, error) {
 	b.linkMu.Unlock()
 	return ps, nil
 }
-
-// errUnsubscribed reports that the server ended the subscription by itself,
-// as Redis Cluster does when the channel's slot migrates (race 15).
-var errUnsubscribed = errors.New("invalidate: the server unsubscribed the channel")
 
 // receiveLoop reads ps until it fails and returns the error. It applies
 // every message before reading the next, so a probe is processed after

@@ -55,9 +55,6 @@ const (
 	maxFieldName = 16   // fieldMessage and fieldMarker are one byte
 )
 
-// errProtocol reports a reply xreader does not understand.
-var errProtocol = errors.New("invalidate: unexpected XREAD reply")
-
 // replyError is an error reply from the server, such as MOVED, ASK or
 // WRONGTYPE. Its text is the server's, and it implements redis.Error, so
 // that go-redis handles it as an error reply it parsed itself (see above):
