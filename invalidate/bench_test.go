@@ -101,12 +101,12 @@ func BenchmarkPropagation(b *testing.B) {
 			name := uniqueName(b)
 			b.Cleanup(func() { _ = newClient(b, nil).Del(context.Background(), name).Err() })
 			from, to := bus.make(b, name), bus.make(b, name)
-			sa, err := from.Subscribe("users", new(invalidatetest.Recorder), staleness)
+			sa, err := from.Subscribe("users", new(invalidatetest.Recorder), invalidatetest.MaxStaleness)
 			if err != nil {
 				b.Fatal(err)
 			}
 			sig := &signal{keys: make(chan string, 1)}
-			sb, err := to.Subscribe("users", sig, staleness)
+			sb, err := to.Subscribe("users", sig, invalidatetest.MaxStaleness)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -184,9 +184,9 @@ func BenchmarkThroughput(b *testing.B) {
 				channel := uniqueName(b)
 				from := newPubSub(b, newClient(b, func(o *redis.Options) { o.PoolSize = publishers }), &PubSubOptions{Channel: channel, Options: Options{BatchKeys: tt.batchKeys, BatchWindow: tt.window}})
 				to := newPubSub(b, newClient(b, nil), &PubSubOptions{Channel: channel})
-				sa, _ := from.Subscribe("users", new(invalidatetest.Recorder), staleness)
+				sa, _ := from.Subscribe("users", new(invalidatetest.Recorder), invalidatetest.MaxStaleness)
 				sig := &signal{keys: make(chan string)}
-				sb, _ := to.Subscribe("users", sig, staleness)
+				sb, _ := to.Subscribe("users", sig, invalidatetest.MaxStaleness)
 				invalidatetest.WaitProven(b, sa, sb)
 				var i atomic.Int64
 				b.ResetTimer()
