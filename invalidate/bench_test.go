@@ -135,8 +135,8 @@ func BenchmarkPropagation(b *testing.B) {
 // without batching (BatchKeys 1), with it (the defaults: group commit), and
 // with a BatchWindow of 1ms, which these writers, each waiting for its
 // publication, only slow down. Under group commit a message carries the
-// writers that arrived while the previous one was in flight, about half
-// of them.
+// writers that arrived while the previous one was in flight. BENCHMARKS.md
+// ("The bus alone") has figures.
 func BenchmarkThroughput(b *testing.B) {
 	payload := appendMessage(nil, &message{namespace: "users", origin: testOrigin, seq: 1, keys: []cache.Invalidation{{Key: "user:123456", Version: 42}}})
 	for _, publishers := range []int{64, 256} {

@@ -508,9 +508,10 @@ func (h *hub) unprove() bool {
 // epoch) has been delivered. The flushes that are due are done first (see
 // distrust and settleDue), and while a flush of every subscription stays
 // due the proof is not recorded. With lateFlush, a proof that comes more
-// than MaxStaleness after the previous one flushes first: the caches have
-// been bypassing themselves, and the bus does not vouch for what they
-// cached before the silence. prove runs on the reader goroutine only.
+// than the staleness bound after the previous one flushes first: the
+// caches have been bypassing themselves, and the bus does not vouch for
+// what they cached before the silence. prove runs on the reader goroutine
+// only.
 func (h *hub) prove(sentAt int64, lateFlush bool) {
 	if !h.settleDue() {
 		return

@@ -14,65 +14,9 @@ import (
 	"github.com/coherentcache/coherent/cache"
 )
 
-// What this file relies on in go-redis v9.23.0, read in its source
-// (pubsub.go unless another file is named):
-//
-//   - PubSub reconnects by itself. Receive (ReceiveTimeout) takes the
-//     connection through conn(), which dials and calls resubscribe() when
-//     the previous one was dropped; releaseConn drops it after a read or
-//     write error (isBadConn in error.go). Nothing tells the caller except
-//     the *Subscription replies that the new SUBSCRIBE produces, one per
-//     channel (newMessage), so every subscribe confirmation of the
-//     invalidation channel is a gap here (the first as well: what was
-//     published before it is lost too).
-//   - ReceiveTimeout with a timeout keeps the connection after a read
-//     timeout (releaseConn passes allowTimeout; isBadConn in error.go then
-//     returns false), even if the timeout struck in the middle of a reply.
-//     Receive (timeout 0) sets no deadline at all (Conn.deadline in
-//     internal/pool/conn.go returns noDeadline). So the reader calls
-//     Receive, with no deadline, and a separate watchdog closes the PubSub
-//     when proofs stop; Close makes the blocked read return an error
-//     (pool.Conn.Close closes the net.Conn; safe while a read is blocked).
-//   - Ping(ctx, payload) takes the PubSub's mutex, writes PING on the
-//     subscribed connection (the one Receive reads) and returns without
-//     reading; the reply comes through Receive as *Pong{Payload}: in RESP2
-//     as the ["pong", payload] array, in RESP3 as a plain string
-//     (newMessage). A PONG proves that the subscribed server has delivered
-//     what it received, not that it receives what the other nodes publish:
-//     a subscription left on a replica, or on a node that lost the slot,
-//     answers PINGs as well (seen in TestClusterSlotMigration). So the
-//     proof here is a probe published like an invalidation instead (see
-//     proofLoop), and PubSub.Ping is not used.
-//   - The Channel() health check (channel.initHealthCheck) sends PING and
-//     reconnects only if the write fails; it never waits for the PONG, so
-//     a half-open link goes unnoticed. Channel() also drops a message once
-//     its buffer stays full for chanSendTimeout, and ignores *Subscription
-//     and *Pong (channel.initMsgChan). This file uses neither.
-//   - Script.Run sends EVALSHA and falls back to EVAL on NOSCRIPT
-//     (script.go), so the publish scripts survive a server restart.
-//     READONLY errors make a command retried (shouldRetry in error.go) on
-//     a new connection, since they mark the old one bad (isBadConn).
-//   - In RESP3, the push processor leaves message, subscribe, unsubscribe
-//     and their sharded forms to PubSub (willHandleNotificationInClient in
-//     push/processor.go).
-//   - Client.Subscribe / ClusterClient.SSubscribe with channels ignore the
-//     error of the first SUBSCRIBE (redis.go, osscluster.go); this file
-//     makes an empty PubSub and calls PubSub.Subscribe / SSubscribe, which
-//     return it.
-//   - ClusterClient's PubSub dials the master of channels[0]'s slot (or a
-//     replica with ReadOnly) when it (re)connects, from the client's cached
-//     slot map (ClusterClient.pubSub in osscluster.go). A server-side
-//     sunsubscribe after a slot migration arrives as
-//     *Subscription{Kind: "sunsubscribe"} and nothing resubscribes
-//     (newMessage); this file reconnects on it. The SSUBSCRIBE of that
-//     reconnection, sent to the old owner, is answered with a MOVED error
-//     that Receive returns and that does not refresh the slot map (seen in
-//     TestClusterSlotMigration), so the reader asks for a reload
-//     (ClusterClient.ReloadState) before every reconnection. That reload
-//     runs asynchronously (clusterStateHolder.LazyReload): if it has not
-//     finished when the backoff ends, the bus subscribes at the old owner
-//     once more, which costs another reconnection and flush, never a
-//     missed invalidation.
+// How go-redis's PubSub reconnects, reads and routes, which the code below
+// is built on, is in docs/go-redis.md ("PubSub"), with where each fact was
+// read.
 
 // PubSub is a [cache.Bus] over Redis pub/sub: the lowest latency, one
 // subscribed connection per PubSub shared by every namespace, and no replay
@@ -221,19 +165,16 @@ func (b *PubSub) Close() error {
 
 // The bus publishes through these scripts, never with a bare PUBLISH or
 // SPUBLISH. A script that starts with #!lua and declares no flags may
-// write (Redis 7), so only a master runs it: a replica refuses it, with
-// MOVED on a cluster (and the cluster client then refreshes its slot map
-// and retries at the master) or READONLY otherwise (and go-redis drops the
-// connection, isBadConn in error.go, so the next one goes to the current
-// master). A bare SPUBLISH, by contrast, is accepted by a replica and
-// delivered only to that replica's subscribers, ahead of what the master
-// relays to them (measured on Redis 7.0.15), so a node whose client still
-// routes the slot to a former master would publish where nobody else
-// does, and prove its own link with probes that overtake everybody else's
-// invalidations. Through the scripts every invalidation and every probe is
-// ordered by the one master, which relays them, in that order, to
-// subscriptions on its replicas too. KEYS[1] is the channel; on a cluster
-// it must be declared for the script to run in its slot.
+// write (Redis 7), so only a master runs it; a replica refuses it, and the
+// client retries at the master. A bare SPUBLISH would be accepted by a
+// replica and delivered only to its own subscribers, ahead of what the
+// master relays (docs/go-redis.md, "Redis"): a node whose client still
+// routes the slot to a former master would prove its own link with probes
+// that overtake everybody else's invalidations. Through the scripts every
+// invalidation and every probe is ordered by the one master, which relays
+// them, in that order, to subscriptions on its replicas too. KEYS[1] is
+// the channel; on a cluster it must be declared for the script to run in
+// its slot.
 var (
 	publishScript = redis.NewScript(`#!lua
 for i = 1, #ARGV do redis.call('PUBLISH', KEYS[1], ARGV[i]) end
@@ -502,7 +443,7 @@ func (b *PubSub) proofLoop(ctx context.Context) {
 			b.ps, b.probing = nil, outstanding{}
 			b.linkMu.Unlock()
 			b.hub.stats.proofTimeouts.Add(1)
-			b.hub.log.Warn("invalidate: no proof within MaxStaleness; reconnecting", "waited", time.Duration(now-p.sentAt))
+			b.hub.log.Warn("invalidate: no proof within the staleness bound; reconnecting", "waited", time.Duration(now-p.sentAt))
 			_ = ps.Close()
 			continue
 		}

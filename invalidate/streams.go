@@ -47,18 +47,15 @@ const (
 // holdsScript reports whether the stream still holds the entry ARGV[1],
 // and the stream's max-deleted-entry-id. Trimming removes entries from the
 // head only, so while the entry is there, every entry after it is there
-// too, except those removed by XDEL, which max-deleted-entry-id reveals.
-// (XTRIM and MAXLEN do not update max-deleted-entry-id: measured on Redis
-// 7.0.15.)
+// too, except those removed by XDEL, which max-deleted-entry-id reveals
+// (trimming does not update it).
 //
 // The #!lua line (Redis 7) declares a script that may write, which a
-// read-only replica refuses with a READONLY error, and go-redis drops a
-// connection that got one (isBadConn in error.go). So a reader whose
-// connection ended up on a replica (a Sentinel failover keeps existing
-// connections) gets no proof from it, and its next connection goes to the
-// master; the XREAD before the check ran on the same connection (the
-// reader's pool holds one), so a read from a lagging replica is never
-// taken for a proof.
+// replica refuses: a reader whose connection ended up on a replica gets no
+// proof from it, and its next connection goes to the master. The XREAD
+// before the check ran on the same connection, so a read from a lagging
+// replica is never taken for a proof. See docs/go-redis.md ("Streams",
+// "Redis") for the facts this relies on.
 var holdsScript = redis.NewScript(`#!lua
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then
   return {0, ''}
@@ -217,11 +214,10 @@ func (b *Streams) readLoop(ctx context.Context) {
 			pos, anchor = id, id
 		}
 		sentAt := b.hub.now()
-		// A read that does not return within MaxStaleness is abandoned: the
-		// link is silent (race 5). go-redis closes the connection of a
-		// command that ends in a deadline error (isBadConn in error.go).
-		// Entries delivered before a read fails stay delivered: pos has
-		// moved past them.
+		// A read that does not return within the staleness bound is
+		// abandoned, and its connection with it: the link is silent (race
+		// 5). Entries delivered before a read fails stay delivered: pos
+		// has moved past them.
 		rctx, cancel := context.WithTimeout(ctx, b.hub.maxStaleness())
 		n, err := b.read(rctx, &pos)
 		cancel()
@@ -367,20 +363,16 @@ func parseID(id string) ([2]uint64, bool) {
 	return [2]uint64{a, b}, err1 == nil && err2 == nil
 }
 
-// readerClient returns the client the reader goroutine uses. go-redis
-// ignores context deadlines on the socket unless ContextTimeoutEnabled is
-// set (baseClient.context in redis.go); a blocked XREAD would then wait for
-// its BLOCK time plus 10s (baseClient.cmdTimeout), however silent the link,
-// and so would Close. So for a *redis.Client or *redis.ClusterClient the
-// reader gets a client of its own, with one connection (per node), the
-// user's options (address, Sentinel, TLS, credentials) and
-// ContextTimeoutEnabled, and no ReadTimeout but the context's: the raw
-// XREAD (see Streams.read) cannot lengthen the read timeout by its BLOCK
-// time as the typed XRead does, and every command of the reader carries a
-// deadline of MaxStaleness. It leaves out
-// client-side caching and the push-notification processor, which NewClient
-// stores in the options and a second client must not share (redis.go,
-// NewClient). Other implementations are used as they are.
+// readerClient returns the client the reader goroutine uses, and whether
+// it made it. Every command of the reader carries a deadline, the bus's
+// staleness bound, which the socket must honour, or a silent link would
+// hold a blocked XREAD, and Close, for its BLOCK time plus 10s. So for a
+// *redis.Client or *redis.ClusterClient the reader gets a client of its
+// own: one connection (per node), the user's options (address, Sentinel,
+// TLS, credentials), ContextTimeoutEnabled and no ReadTimeout but the
+// context's, without the client-side cache and push processor that a
+// second client must not share. Other implementations are used as they
+// are. docs/go-redis.md ("Streams") says why each option is set.
 func readerClient(client redis.UniversalClient) (redis.UniversalClient, bool) {
 	switch c := client.(type) {
 	case *redis.Client:
