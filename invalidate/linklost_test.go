@@ -333,7 +333,7 @@ func TestWriteThroughWhileReconnecting(t *testing.T) {
 
 // TestInProcessClose checks that closing an InProcess bus ends the proof
 // of the caches still on it at once: it will deliver nothing more, and
-// their proof, in the far future, would otherwise never run out.
+// each cache would otherwise serve until MaxStaleness after it last asked.
 func TestInProcessClose(t *testing.T) {
 	t.Parallel()
 	bus := NewInProcess()

@@ -12,9 +12,9 @@ import (
 	"github.com/coherentcache/coherent/cache"
 )
 
-// Options are the settings that [PubSub] and [Streams] share. Each is
-// embedded in [PubSubOptions] and [StreamsOptions]; its zero value, and
-// every zero field, means the default.
+// Options are the settings that [PubSub] and [Streams] share, embedded in
+// [PubSubOptions] and [StreamsOptions]. The zero value, and every zero
+// field, means the default.
 //
 // The staleness bound is not among them: it is the caches'
 // ([cache.Options.MaxStaleness]), and the bus learns it when they
@@ -116,7 +116,7 @@ type StreamsOptions struct {
 
 // config is the validated, defaulted form of either options type.
 type config struct {
-	Options        // every field set; Logger names the channel or stream and the node
+	Options        // defaults filled in; Logger names the channel or stream and the node
 	name    string // Channel or Stream
 	maxLen  int64  // Streams only
 }

@@ -27,7 +27,7 @@ type Streams struct {
 	client  redis.UniversalClient // publishes
 	reader  redis.UniversalClient // reads; see readerClient
 	cluster *redis.ClusterClient  // reader, if it is one
-	owned   bool                  // reader was made by NewStreams, which closes it
+	owned   bool                  // reader was made by NewStreams; run closes it
 	key     string
 
 	xr xreader // parses the reader's XREAD replies; belongs to the reader goroutine
