@@ -728,10 +728,15 @@ func TestStalenessBound(t *testing.T) {
 	// Through a cache, the error is the cache's own invalid options.
 	client := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"})
 	t.Cleanup(func() { _ = client.Close() })
-	b := newPubSub(t, client, &PubSubOptions{Options: Options{ProofInterval: time.Second}})
 	load := func(context.Context, string) (int, error) { return 0, nil }
-	if _, err := cache.New("ns", 10, load, &cache.Options[string, int]{Bus: b}); !errors.Is(err, cache.ErrInvalidOptions) {
-		t.Errorf("cache.New with the default MaxStaleness on a bus proving every second: error = %v; want cache.ErrInvalidOptions", err)
+	slow := Options{ProofInterval: time.Second}
+	for _, b := range []cache.Bus{
+		newPubSub(t, client, &PubSubOptions{Options: slow}),
+		newStreams(t, client, &StreamsOptions{Options: slow}),
+	} {
+		if _, err := cache.New("ns", 10, load, &cache.Options[string, int]{Bus: b}); !errors.Is(err, cache.ErrInvalidOptions) {
+			t.Errorf("%T: cache.New with the default MaxStaleness on a bus proving every second: error = %v; want cache.ErrInvalidOptions", b, err)
+		}
 	}
 	if _, err := NewInProcess().Subscribe("ns", new(invalidatetest.Recorder), 0); !errors.Is(err, cache.ErrInvalidOptions) {
 		t.Errorf("InProcess.Subscribe(0) error = %v; want cache.ErrInvalidOptions", err)
