@@ -26,8 +26,17 @@ type Bus interface {
 	// Subscribe registers h for the invalidations of namespace published by
 	// every other subscriber. Delivery to h starts before Subscribe returns
 	// or later; until the returned Subscription reports a proof (see
-	// [Subscription.LastProof]) the cache does not serve cached values.
-	Subscribe(namespace string, h Handler) (Subscription, error)
+	// [Subscription.ProofAge]) the cache does not serve cached values.
+	//
+	// maxStaleness is the subscriber's staleness bound, its
+	// [Options.MaxStaleness]: how long after its last proof it serves
+	// cached values. A bus that acts on the bound (gives up on a proof that
+	// has not come back within it, say) keeps the smallest of its
+	// subscriptions'. Subscribe returns an error for which errors.Is(err,
+	// ErrInvalidOptions) is true when the bus cannot keep maxStaleness: it
+	// is not positive, or not longer than the interval between the bus's
+	// proofs.
+	Subscribe(namespace string, h Handler, maxStaleness time.Duration) (Subscription, error)
 }
 
 // Subscription is one subscriber's link to a [Bus].
@@ -39,28 +48,34 @@ type Subscription interface {
 	// ctx bounds the publication.
 	Publish(ctx context.Context, keys []Invalidation) error
 
-	// LastProof reports the latest time T at which the link was proven live
-	// and in order: every invalidation published anywhere before T has been
-	// delivered to the Handler, or the Handler has been flushed since. The
-	// zero Time means the link is not proven: it never was, or the
-	// Subscription has detected since its last proof that the link failed.
+	// ProofAge reports how long ago the link was last proven live and in
+	// order, measured by the bus's own clock at the moment of the call: at
+	// that time minus age, every invalidation published anywhere before it
+	// had been delivered to the Handler, or the Handler has been flushed
+	// since. ok is false when the link is not proven: it never was since
+	// the Subscription was made, the Subscription has detected since its
+	// last proof that the link failed, or it is closed. age is never
+	// negative; a link that cannot lose a message (in-process delivery)
+	// reports 0.
+	//
+	// The age is a duration, not a time, so that the bus and the cache need
+	// not share a clock: a Cache reads its own clock first, then asks, and
+	// serves until that reading minus age plus [Options.MaxStaleness],
+	// which is no later than the proof plus MaxStaleness.
 	//
 	// A Subscription that detects the loss of its link (a connection error,
-	// a missed proof, a read it had to abandon) reports the zero Time from
-	// then on and then calls [Handler.LinkLost], in that order, and reports
-	// a time again only after a proof made after it regained the link. If
-	// it may have missed invalidations that it cannot replay, it calls
-	// [Handler.Flush] before LastProof advances again. A Subscription may
+	// a missed proof, a read it had to abandon) reports ok false from then
+	// on and then calls [Handler.LinkLost], in that order, and reports a
+	// proof again only after one made after it regained the link. If it may
+	// have missed invalidations that it cannot replay, it calls
+	// [Handler.Flush] before it reports a proof again. A Subscription may
 	// treat a message that calls for a flush (one it cannot read, one that
 	// shows that another went missing, a request to flush the namespace)
-	// the same way, reporting the zero
-	// Time and calling LinkLost at once, and Flush before its next proof,
-	// so that a flood of such messages costs one flush per proof. A link that cannot
-	// lose a message (in-process delivery) may return a time in the far
-	// future. LastProof must be cheap; a Cache calls it at most a few times
-	// per proof interval. The Time must come from the same clock as the
-	// Cache's [Options.Clock] (time.Now when that is nil).
-	LastProof() time.Time
+	// the same way, reporting ok false and calling LinkLost at once, and
+	// Flush before its next proof, so that a flood of such messages costs
+	// one flush per proof. ProofAge must be cheap; a Cache calls it at
+	// most a few times per proof interval.
+	ProofAge() (age time.Duration, ok bool)
 
 	// Close stops delivery to the Handler. It is safe to call more than once.
 	Close() error
@@ -79,13 +94,13 @@ type Handler interface {
 	Flush()
 	// LinkLost tells the handler that the bus has detected that its link
 	// failed, or that a flush is due before its next proof (see
-	// [Subscription.LastProof]), and already reports the zero Time from
-	// [Subscription.LastProof]. From the moment LinkLost returns until
-	// LastProof advances again, the cache serves nothing cached: without
-	// it, a cache would go on serving until [Options.MaxStaleness] after
-	// the last proof, while invalidations may be going past it. LinkLost
-	// drops nothing: a bus that resumes where it stopped (Redis Streams)
-	// delivers what it missed and keeps the cache's entries; a bus that
-	// cannot replay calls Flush before it proves its link again.
+	// [Subscription.ProofAge]), and already reports no proof from
+	// [Subscription.ProofAge]. From the moment LinkLost returns until
+	// ProofAge reports a proof again, the cache serves nothing cached:
+	// without it, a cache would go on serving until [Options.MaxStaleness]
+	// after the last proof, while invalidations may be going past it.
+	// LinkLost drops nothing: a bus that resumes where it stopped (Redis
+	// Streams) delivers what it missed and keeps the cache's entries; a bus
+	// that cannot replay calls Flush before it proves its link again.
 	LinkLost()
 }

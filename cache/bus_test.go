@@ -17,7 +17,7 @@ import (
 // proven its link, a new cache reads through and stores nothing.
 func TestNoServingBeforeFirstProof(t *testing.T) {
 	clock := newFakeClock()
-	bus := &fakeBus{}
+	bus := &fakeBus{clock: clock}
 	src := newSource()
 	src.write("k", "v1")
 	c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: bus, Clock: clock})
@@ -39,37 +39,123 @@ func TestNoServingBeforeFirstProof(t *testing.T) {
 
 // TestBypassAfterMaxStaleness checks G2: with no proof for MaxStaleness the
 // cache stops serving cached values, and serves them again after a proof.
+// The bus's clock may be the cache's or one of its own that reads nothing
+// like it (another epoch): the bus reports how old its proof is, not when
+// it was made, so the bound holds either way.
 func TestBypassAfterMaxStaleness(t *testing.T) {
+	for _, own := range []bool{false, true} {
+		t.Run(fmt.Sprintf("busClockOfItsOwn=%v", own), func(t *testing.T) {
+			clock := newFakeClock()
+			busClock := clock
+			if own {
+				busClock = &fakeClock{t: time.Date(1999, 1, 1, 0, 0, 0, 0, time.UTC)}
+			}
+			advance := func(d time.Duration) {
+				clock.Advance(d)
+				if own {
+					busClock.Advance(d)
+				}
+			}
+			bus := &fakeBus{clock: busClock}
+			src := newSource()
+			src.write("k", "v1")
+			const maxStale = time.Second
+			c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: bus, Clock: clock, MaxStaleness: maxStale})
+			bus.prove(busClock.Now())
+			mustGet(t, c, "k") // cached
+
+			// The link goes silent: a write elsewhere is never announced.
+			src.write("k", "v2")
+			advance(maxStale - time.Nanosecond)
+			if r := mustGet(t, c, "k"); r.Value != "v1" {
+				t.Fatalf("Get within MaxStaleness = %v; want the cached v1", r)
+			}
+			advance(time.Nanosecond)
+			if r := mustGet(t, c, "k"); r.Value != "v2" {
+				t.Fatalf("Get at MaxStaleness since the last proof = %v; want v2 read through", r)
+			}
+			if st := c.Stats(); st.Bypassed != 1 {
+				t.Errorf("Bypassed = %d; want 1", st.Bypassed)
+			}
+
+			// The bus recovers; it flushes because it may have missed messages.
+			bus.handler().Flush()
+			bus.prove(busClock.Now())
+			loads := src.loads.Load()
+			mustGet(t, c, "k")
+			if r := mustGet(t, c, "k"); r.Value != "v2" || src.loads.Load() != loads+1 {
+				t.Errorf("after recovery Get = %v with %d more loads; want v2 from 1 load then a hit", r, src.loads.Load()-loads)
+			}
+		})
+	}
+}
+
+// TestSubscribeGetsMaxStaleness checks that the staleness bound is set in
+// one place: New hands the cache's MaxStaleness (or its default) to the
+// bus, and fails with the bus's error if the bus cannot keep it.
+func TestSubscribeGetsMaxStaleness(t *testing.T) {
+	for _, tt := range []struct {
+		set, want time.Duration
+	}{
+		{0, time.Second},
+		{250 * time.Millisecond, 250 * time.Millisecond},
+	} {
+		bus := &fakeBus{}
+		newTestCache(t, 10, newSource().load, &Options[string, row]{Bus: bus, MaxStaleness: tt.set})
+		if bus.maxStaleness != tt.want {
+			t.Errorf("MaxStaleness %v: Subscribe got %v; want %v", tt.set, bus.maxStaleness, tt.want)
+		}
+	}
+	bus := &refusingBus{err: fmt.Errorf("%w: MaxStaleness too short for this bus", ErrInvalidOptions)}
+	if _, err := New("test", 10, newSource().load, &Options[string, row]{Bus: bus, MaxStaleness: time.Millisecond}); !errors.Is(err, ErrInvalidOptions) {
+		t.Errorf("New on a bus that rejects its MaxStaleness: error = %v; want ErrInvalidOptions", err)
+	}
+}
+
+// refusingBus is a Bus whose Subscribe fails with err.
+type refusingBus struct{ err error }
+
+func (b *refusingBus) Subscribe(string, Handler, time.Duration) (Subscription, error) {
+	return nil, b.err
+}
+
+// TestProofAgeIsConservative pins the order in which the cache reads its
+// clock and asks the bus for the age of its proof:
+//
+//	cache: now = T ...................................... provenUntil = T-age+MaxStaleness
+//	bus:             age measured at T ... (time passes) ... returned
+//
+// Time that passes between the two must shorten the proof, not extend it:
+// had the cache read its clock after the bus answered, it would serve
+// until T+Δ-age+MaxStaleness, Δ past the proof's end.
+func TestProofAgeIsConservative(t *testing.T) {
 	clock := newFakeClock()
-	bus := &fakeBus{}
+	bus := &gatedBus{fakeBus: &fakeBus{clock: clock}, entered: make(chan bool), release: make(chan struct{})}
 	src := newSource()
 	src.write("k", "v1")
 	const maxStale = time.Second
-	c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: bus, Clock: clock, MaxStaleness: maxStale})
+	c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: bus, Clock: clock, MaxStaleness: maxStale, TTL: time.Hour})
 	bus.prove(clock.Now())
-	mustGet(t, c, "k") // cached
+	mustGet(t, c, "k") // stored
+	bus.prove(time.Time{})
+	bus.handler().LinkLost()
+	bus.prove(clock.Now()) // a new proof, at T
 
-	// The link goes silent: a write elsewhere is never announced.
+	bus.armed.Store(true)
+	done := make(chan bool)
+	go func() { done <- c.Proven() }() // reads T, then asks the bus
+	if ok := <-bus.entered; !ok {
+		t.Fatalf("the gated ProofAge read no proof")
+	}
+	clock.Advance(maxStale / 2) // while the bus answers
+	close(bus.release)
+	if !<-done {
+		t.Fatalf("Proven() on a fresh proof = false")
+	}
+	clock.Advance(maxStale / 2) // T+MaxStaleness: the proof has run out
 	src.write("k", "v2")
-	clock.Advance(maxStale - time.Nanosecond)
-	if r := mustGet(t, c, "k"); r.Value != "v1" {
-		t.Fatalf("Get within MaxStaleness = %v; want the cached v1", r)
-	}
-	clock.Advance(time.Nanosecond)
 	if r := mustGet(t, c, "k"); r.Value != "v2" {
-		t.Fatalf("Get at MaxStaleness since the last proof = %v; want v2 read through", r)
-	}
-	if st := c.Stats(); st.Bypassed != 1 {
-		t.Errorf("Bypassed = %d; want 1", st.Bypassed)
-	}
-
-	// The bus recovers; it flushes because it may have missed messages.
-	bus.handler().Flush()
-	bus.prove(clock.Now())
-	loads := src.loads.Load()
-	mustGet(t, c, "k")
-	if r := mustGet(t, c, "k"); r.Value != "v2" || src.loads.Load() != loads+1 {
-		t.Errorf("after recovery Get = %v with %d more loads; want v2 from 1 load then a hit", r, src.loads.Load()-loads)
+		t.Errorf("Get MaxStaleness after the proof = %v; want v2 read through", r)
 	}
 }
 
@@ -77,7 +163,7 @@ func TestBypassAfterMaxStaleness(t *testing.T) {
 // was proven but finishes after the proof ran out must not store.
 func TestLoadFinishingUnprovenIsNotStored(t *testing.T) {
 	clock := newFakeClock()
-	bus := &fakeBus{}
+	bus := &fakeBus{clock: clock}
 	src := newGatedSource(1)
 	src.write("k", "v1")
 	c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: bus, Clock: clock})
@@ -454,7 +540,7 @@ func TestUpdate(t *testing.T) {
 
 func TestProven(t *testing.T) {
 	clock := newFakeClock()
-	bus := &fakeBus{}
+	bus := &fakeBus{clock: clock}
 	c := newTestCache(t, 10, newSource().load, &Options[string, row]{Bus: bus, Clock: clock, MaxStaleness: time.Second})
 	if c.Proven() {
 		t.Error("Proven before the first proof = true")

@@ -104,7 +104,7 @@ func New[K comparable, V any](namespace string, capacity int, load LoaderFunc[K,
 	if cfg.Bus != nil {
 		// Race 12: serve nothing cached until the subscription is proven.
 		c.provenUntil.Store(math.MinInt64 + 1)
-		if c.sub, err = cfg.Bus.Subscribe(namespace, handler[K, V]{c}); err != nil {
+		if c.sub, err = cfg.Bus.Subscribe(namespace, handler[K, V]{c}, cfg.MaxStaleness); err != nil {
 			return nil, fmt.Errorf("cache: subscribe %q: %w", namespace, err)
 		}
 	}
@@ -145,16 +145,23 @@ const revokedBase = math.MinInt64 + 1
 // proven reports whether cached values may be served at now (G2). When the
 // cached proof has run out, it asks the bus for a newer one and extends
 // provenUntil.
+//
+// now must have been read before proven is called. The bus measures the
+// proof's age, by its own clock, when it is asked, which is later: so
+// now-age is no later than the proof, in this cache's time base, and
+// provenUntil no later than the proof plus MaxStaleness, whatever the
+// bus's clock reads (race 16). Reading the clock after asking would let
+// the time between the two readings extend the proof.
 func (c *Cache[K, V]) proven(now int64) bool {
 	// provenUntil is read before the bus is asked, and extended only from
 	// that very value. Were it extended from whatever it holds at the end,
 	// this interleaving would undo a revocation:
 	//
-	//	proven: LastProof() = T ....................... provenUntil = T+MaxStaleness
-	//	bus:                    link fails; LastProof() = 0; LinkLost: provenUntil = revoked
+	//	proven: ProofAge() = a ....................... provenUntil = now-a+MaxStaleness
+	//	bus:                    link fails; ProofAge() not ok; LinkLost: provenUntil = revoked
 	//
-	// and the cache would serve until T+MaxStaleness on a proof the bus has
-	// withdrawn. Every revocation stores a new value, so the
+	// and the cache would serve until the old proof ran out on a proof
+	// the bus has withdrawn. Every revocation stores a new value, so the
 	// CompareAndSwap below fails after one, however many came between.
 	pu := c.provenUntil.Load()
 	if now < pu {
@@ -163,23 +170,25 @@ func (c *Cache[K, V]) proven(now int64) bool {
 	if c.sub == nil || pu == math.MinInt64 || c.closed.Load() {
 		return false
 	}
-	lp := c.sub.LastProof()
-	if lp.IsZero() {
+	age, ok := c.sub.ProofAge()
+	if !ok || age >= c.cfg.MaxStaleness {
 		return false
 	}
-	until := int64(math.MaxInt64) // saturate: a bus may prove into the far future
-	if d := lp.Sub(c.epoch); d < time.Duration(math.MaxInt64)-c.cfg.MaxStaleness {
-		until = int64(d + c.cfg.MaxStaleness)
-	}
-	if now >= until {
-		return false
-	}
+	until := addSat(now, int64(c.cfg.MaxStaleness-max(age, 0)))
 	if c.provenUntil.CompareAndSwap(pu, until) {
 		return !c.closed.Load()
 	}
 	// Another call changed provenUntil first: a proven that read the bus no
 	// earlier than this one, a revocation or Close. Go by what it holds now.
 	return now < c.provenUntil.Load() && !c.closed.Load()
+}
+
+// addSat returns t+d, or math.MaxInt64 if that overflows; d is positive.
+func addSat(t, d int64) int64 {
+	if t > math.MaxInt64-d {
+		return math.MaxInt64
+	}
+	return t + d
 }
 
 // revoke ends the cached proof at once, so that the next Get asks the bus

@@ -210,7 +210,7 @@ func (c *trippingClock) Now() time.Time {
 
 // TestPanicOutsideCallbacksReachesEveryWaiter: a panic on the shared load's
 // goroutine outside the user callbacks proper (here in a Clock, read when
-// the result is stored; a Bus's LastProof or a Logger's handler could do the
+// the result is stored; a Bus's ProofAge or a Logger's handler could do the
 // same) is a *PanicError for every waiter too, not a crash.
 func TestPanicOutsideCallbacksReachesEveryWaiter(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {

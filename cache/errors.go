@@ -19,7 +19,8 @@ var (
 	// than [MaxKeyLen] bytes. Such a key is never loaded or cached.
 	ErrInvalidKey = errors.New("cache: invalid key")
 
-	// ErrInvalidOptions is returned by [New] for arguments it cannot use.
+	// ErrInvalidOptions is returned by [New] for arguments it cannot use,
+	// among them a MaxStaleness its Bus cannot keep ([Bus.Subscribe]).
 	ErrInvalidOptions = errors.New("cache: invalid options")
 
 	// ErrGoexit is wrapped by the error every caller waiting on a load

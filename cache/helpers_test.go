@@ -31,20 +31,24 @@ func (f *fakeClock) Advance(d time.Duration) {
 }
 
 // fakeBus is a Bus whose proofs the test controls and whose publications it
-// records. It holds one subscription.
+// records. It holds one subscription. Its proofs are times of clock, its
+// own: ProofAge measures them by it. A test that drives the cache's clock
+// and the bus's together gives both the same fake clock.
 type fakeBus struct {
-	mu         sync.Mutex
-	h          Handler
-	proof      time.Time
-	published  [][]Invalidation
-	publishErr error
-	closed     bool
+	mu           sync.Mutex
+	clock        Clock
+	h            Handler
+	maxStaleness time.Duration // as subscribed
+	proof        time.Time     // zero: unproven; forever: proven at every instant
+	published    [][]Invalidation
+	publishErr   error
+	closed       bool
 }
 
-func (b *fakeBus) Subscribe(namespace string, h Handler) (Subscription, error) {
+func (b *fakeBus) Subscribe(namespace string, h Handler, maxStaleness time.Duration) (Subscription, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.h = h
+	b.h, b.maxStaleness = h, maxStaleness
 	return b, nil
 }
 
@@ -58,10 +62,16 @@ func (b *fakeBus) Publish(ctx context.Context, keys []Invalidation) error {
 	return nil
 }
 
-func (b *fakeBus) LastProof() time.Time {
+func (b *fakeBus) ProofAge() (time.Duration, bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.proof
+	switch {
+	case b.proof.IsZero():
+		return 0, false
+	case b.proof.Equal(forever):
+		return 0, true
+	}
+	return max(b.clock.Now().Sub(b.proof), 0), true
 }
 
 func (b *fakeBus) Close() error {
@@ -152,7 +162,8 @@ func mustGet[K comparable, V any](t testing.TB, c *Cache[K, V], key K) V {
 	return v
 }
 
-// forever is the proof of a link that cannot lose a message.
+// forever, as a fakeBus's proof, stands for a link that cannot lose a
+// message: proven at every instant.
 var forever = time.Unix(1<<40, 0)
 
 var errBoom = errors.New("boom")

@@ -16,7 +16,7 @@ import (
 // be served again once the bus proves its link anew.
 func TestLinkLostBypassesAtOnce(t *testing.T) {
 	clock := newFakeClock()
-	bus := &fakeBus{}
+	bus := &fakeBus{clock: clock}
 	src := newSource()
 	src.write("k", "v1")
 	c := newTestCache(t, 10, src.load, &Options[string, row]{Bus: bus, Clock: clock, MaxStaleness: time.Hour})
@@ -59,7 +59,7 @@ func TestLinkLostBypassesAtOnce(t *testing.T) {
 // throw away what Streams exists to keep.
 func TestLinkLostKeepsOtherEntries(t *testing.T) {
 	clock := newFakeClock()
-	bus := &fakeBus{}
+	bus := &fakeBus{clock: clock}
 	src := newSource()
 	src.write("a", "a1")
 	src.write("b", "b1")
@@ -82,44 +82,44 @@ func TestLinkLostKeepsOtherEntries(t *testing.T) {
 	}
 }
 
-// gatedBus is a fakeBus whose next LastProof, once armed, reads the proof,
-// hands it to the test on entered, and returns it only when the test
-// closes release: a cache caught between asking the bus and acting on
-// the answer.
+// gatedBus is a fakeBus whose next ProofAge, once armed, measures the
+// proof's age, tells the test on entered whether there is a proof, and
+// returns only when the test closes release: a cache caught between
+// asking the bus and acting on the answer.
 type gatedBus struct {
 	*fakeBus
 	armed   atomic.Bool
-	entered chan time.Time
+	entered chan bool
 	release chan struct{}
 }
 
-func (g *gatedBus) Subscribe(namespace string, h Handler) (Subscription, error) {
-	if _, err := g.fakeBus.Subscribe(namespace, h); err != nil {
+func (g *gatedBus) Subscribe(namespace string, h Handler, maxStaleness time.Duration) (Subscription, error) {
+	if _, err := g.fakeBus.Subscribe(namespace, h, maxStaleness); err != nil {
 		return nil, err
 	}
 	return g, nil
 }
 
-func (g *gatedBus) LastProof() time.Time {
-	p := g.fakeBus.LastProof()
+func (g *gatedBus) ProofAge() (time.Duration, bool) {
+	age, ok := g.fakeBus.ProofAge()
 	if g.armed.CompareAndSwap(true, false) {
-		g.entered <- p
+		g.entered <- ok
 		<-g.release
 	}
-	return p
+	return age, ok
 }
 
 // TestLinkLostBeatsAConcurrentProof pins the interleaving
 //
-//	Get:  provenUntil ran out; LastProof() = T ..................... provenUntil = T+MaxStaleness?
-//	bus:                            link fails; LastProof() = 0; LinkLost
+//	Get:  provenUntil ran out; ProofAge() = a ..................... provenUntil = now-a+MaxStaleness?
+//	bus:                            link fails; ProofAge() not ok; LinkLost
 //
 // and guards against the cache extending its proof, after the
 // revocation, on the strength of a proof read before it: it would then
 // serve for MaxStaleness from a link the bus knows is down.
 func TestLinkLostBeatsAConcurrentProof(t *testing.T) {
 	clock := newFakeClock()
-	bus := &gatedBus{fakeBus: &fakeBus{}, entered: make(chan time.Time), release: make(chan struct{})}
+	bus := &gatedBus{fakeBus: &fakeBus{clock: clock}, entered: make(chan bool), release: make(chan struct{})}
 	src := newSource()
 	src.write("k", "v1")
 	const maxStale = time.Hour
@@ -132,8 +132,8 @@ func TestLinkLostBeatsAConcurrentProof(t *testing.T) {
 	bus.armed.Store(true)
 	done := make(chan bool)
 	go func() { done <- c.Proven() }() // provenUntil ran out: asks the bus
-	if got := <-bus.entered; got.IsZero() {
-		t.Fatalf("the gated LastProof read no proof")
+	if ok := <-bus.entered; !ok {
+		t.Fatalf("the gated ProofAge read no proof")
 	}
 	bus.prove(time.Time{})
 	bus.handler().LinkLost()

@@ -25,7 +25,9 @@ type Options[K comparable, V any] struct {
 
 	// MaxStaleness bounds how long the Cache serves cached values after its
 	// last proof that the bus link is live and in order. Past it, Get reads
-	// through to the loader until the link is proven again. Default 1s.
+	// through to the loader until the link is proven again. It is set here
+	// only: New passes it to the Bus when it subscribes, and the bus keeps
+	// its proofs within it or New fails (see [Bus.Subscribe]). Default 1s.
 	MaxStaleness time.Duration
 
 	// TTL is the lifetime of an entry. It bounds memory and is a safety net;
@@ -117,8 +119,10 @@ type Options[K comparable, V any] struct {
 	// fails the load it traces with a [*PanicError]. Default nil.
 	Tracer LoadTracer
 
-	// Clock replaces the default clock, for tests. The Bus's LastProof must
-	// read the same clock. Default nil: the monotonic clock.
+	// Clock replaces the default clock, for tests. It drives TTLs and
+	// MaxStaleness; the Bus keeps its own clock, if any, since it reports
+	// the age of its proofs rather than their time. Default nil: the
+	// monotonic clock.
 	Clock Clock
 }
 

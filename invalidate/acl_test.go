@@ -124,15 +124,15 @@ func testACLBuses(t *testing.T, newClient func() redis.UniversalClient) {
 	names := map[string]string{"PubSub": "coherent:invalidations", "Streams": "coherent:invalidations:stream"}
 	for _, tr := range transports {
 		t.Run(tr.name, func(t *testing.T) {
-			a := tr.newBus(t, newClient(), names[tr.name], 300*time.Millisecond)
-			b := tr.newBus(t, newClient(), names[tr.name], 300*time.Millisecond)
-			sa, err := a.Subscribe("ns", new(invalidatetest.Recorder))
+			a := tr.newBus(t, newClient(), names[tr.name])
+			b := tr.newBus(t, newClient(), names[tr.name])
+			sa, err := a.Subscribe("ns", new(invalidatetest.Recorder), staleness)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer sa.Close()
 			rb := new(invalidatetest.Recorder)
-			sb, err := b.Subscribe("ns", rb)
+			sb, err := b.Subscribe("ns", rb, staleness)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -101,12 +101,12 @@ func BenchmarkPropagation(b *testing.B) {
 			name := uniqueName(b)
 			b.Cleanup(func() { _ = newClient(b, nil).Del(context.Background(), name).Err() })
 			from, to := bus.make(b, name), bus.make(b, name)
-			sa, err := from.Subscribe("users", new(invalidatetest.Recorder))
+			sa, err := from.Subscribe("users", new(invalidatetest.Recorder), invalidatetest.MaxStaleness)
 			if err != nil {
 				b.Fatal(err)
 			}
 			sig := &signal{keys: make(chan string, 1)}
-			sb, err := to.Subscribe("users", sig)
+			sb, err := to.Subscribe("users", sig, invalidatetest.MaxStaleness)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -135,8 +135,8 @@ func BenchmarkPropagation(b *testing.B) {
 // without batching (BatchKeys 1), with it (the defaults: group commit), and
 // with a BatchWindow of 1ms, which these writers, each waiting for its
 // publication, only slow down. Under group commit a message carries the
-// writers that arrived while the previous one was in flight, about half
-// of them.
+// writers that arrived while the previous one was in flight. BENCHMARKS.md
+// ("The bus alone") has figures.
 func BenchmarkThroughput(b *testing.B) {
 	payload := appendMessage(nil, &message{namespace: "users", origin: testOrigin, seq: 1, keys: []cache.Invalidation{{Key: "user:123456", Version: 42}}})
 	for _, publishers := range []int{64, 256} {
@@ -182,11 +182,11 @@ func BenchmarkThroughput(b *testing.B) {
 		} {
 			b.Run(tt.name+"/writers="+itoa(publishers), func(b *testing.B) {
 				channel := uniqueName(b)
-				from := newPubSub(b, newClient(b, func(o *redis.Options) { o.PoolSize = publishers }), &PubSubOptions{Channel: channel, BatchKeys: tt.batchKeys, BatchWindow: tt.window})
+				from := newPubSub(b, newClient(b, func(o *redis.Options) { o.PoolSize = publishers }), &PubSubOptions{Channel: channel, Options: Options{BatchKeys: tt.batchKeys, BatchWindow: tt.window}})
 				to := newPubSub(b, newClient(b, nil), &PubSubOptions{Channel: channel})
-				sa, _ := from.Subscribe("users", new(invalidatetest.Recorder))
+				sa, _ := from.Subscribe("users", new(invalidatetest.Recorder), invalidatetest.MaxStaleness)
 				sig := &signal{keys: make(chan string)}
-				sb, _ := to.Subscribe("users", sig)
+				sb, _ := to.Subscribe("users", sig, invalidatetest.MaxStaleness)
 				invalidatetest.WaitProven(b, sa, sb)
 				var i atomic.Int64
 				b.ResetTimer()

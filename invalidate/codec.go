@@ -1,16 +1,46 @@
+// The wire format of the buses' messages, which this file encodes and
+// decodes.
+//
+// Every message (a pub/sub payload, or the value of a stream entry's field
+// "m") is, in version 1:
+//
+//	offset  size      field
+//	0       1         magic, 0xC0
+//	1       1         format version, 1
+//	2       1         kind: 1 keys, 2 flush the namespace
+//	3       uvarint   namespace length n, 1 ≤ n ≤ cache.MaxKeyLen
+//	        n         namespace
+//	        16        origin: the publishing bus's NodeID
+//	        uvarint   sequence number, ≥ 1; each origin numbers its
+//	                  messages 1, 2, 3, … (all namespaces together)
+//	kind 1 only:
+//	        uvarint   key count k ≥ 1
+//	        k times:  uvarint key length m, 1 ≤ m ≤ cache.MaxKeyLen
+//	                  m bytes of key
+//	                  varint version (zigzag, as encoding/binary's
+//	                  AppendVarint); 0 means unknown
+//
+// Varints are those of encoding/binary, in their shortest form. Nothing
+// follows the last field, and a message is at most MaxMessageSize bytes.
+// A receiver rejects anything else, including a key count that the
+// remaining bytes cannot hold, and flushes. A message of another format
+// version is rejected the same way, so during a rolling upgrade that
+// changes the format, old nodes flush on every new message: correct, but
+// without a cache.
+//
+// Streams entries hold one field: "m", a message, or "j", a marker a
+// reader adds to mark its position (its value is the reader's NodeID, in
+// hex). Readers skip markers and flush on anything else.
+
 package invalidate
 
 import (
 	"encoding/binary"
 	"encoding/hex"
-	"errors"
 	"fmt"
 
 	"github.com/coherentcache/coherent/cache"
 )
-
-// The wire format is documented byte by byte in doc.go ("Message format").
-// Keep the two in step.
 
 const (
 	// MaxMessageSize is the largest encoded message, in bytes, that a bus
@@ -25,15 +55,6 @@ const (
 	kindFlush = 2 // every key of one namespace
 
 	originLen = 16
-)
-
-var (
-	// errMalformed reports a message that does not follow the format. The
-	// receiver cannot know what it missed, so it flushes.
-	errMalformed = errors.New("invalidate: malformed message")
-	// errVersion reports a message of a format version this package does not
-	// know, such as one from a newer node during a rolling upgrade.
-	errVersion = errors.New("invalidate: unknown message format version")
 )
 
 // nodeID names one bus object, the origin of the messages it publishes.

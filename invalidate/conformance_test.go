@@ -80,12 +80,12 @@ func TestPublishNamespace(t *testing.T) {
 			t.Parallel()
 			pub, other := tt.nodes(t)
 			local, remote := new(invalidatetest.Recorder), new(invalidatetest.Recorder)
-			ls, err := pub.Subscribe("ns", local)
+			ls, err := pub.Subscribe("ns", local, staleness)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer ls.Close()
-			rs, err := other.Subscribe("ns", remote)
+			rs, err := other.Subscribe("ns", remote, staleness)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -22,6 +22,14 @@
 //	defer bus.Close()
 //	users, err := cache.New("users", 10_000, loadUser, &cache.Options[int64, User]{Bus: bus})
 //
+// Settings live in one place each. The staleness bound is the caches'
+// ([cache.Options.MaxStaleness]): each cache hands it to the bus when it
+// subscribes, and the bus keeps the smallest of its subscriptions'. The
+// bus's own settings are [Options], shared by [PubSubOptions] and
+// [StreamsOptions]. The bus and the caches need not share a clock: a bus
+// reports how old its last proof is ([cache.Subscription.ProofAge]), not
+// when it was made.
+//
 // A publisher that is not a cache, such as the outbox relay of package
 // store, calls the bus's own Publish method (PubSub.Publish,
 // Streams.Publish, InProcess.Publish), which delivers to this node's
@@ -38,57 +46,56 @@
 // A Redis bus upholds the bus's half of G2 and G3 (see package cache):
 //
 //   - Proofs. The bus proves its link with a round trip through the
-//     subscription itself. Every ProofInterval, PubSub publishes a probe,
-//     16 random bytes, on a channel of its own (the channel's name plus
-//     ":proof:" and its NodeID; on a cluster, in the channel's slot), and
-//     subscribes to that channel on the same connection as to the
-//     invalidations. Only the outstanding probe, byte for byte, received
-//     on the subscription it was sent for, proves anything: a client that
-//     may publish on the channel can neither guess a probe nor replay
-//     one (see Trust, below). Invalidations and probes alike are published by a
-//     small Lua script that may write, which only a master runs (a replica
-//     refuses it), so the channel's one master orders all of them and
-//     relays them in that order, to its own subscribers and through its
-//     replicas. When a probe has been read back, every invalidation
-//     published before it was sent has been delivered. (A PING on the
-//     subscribed connection would prove less: a subscription left on a
-//     replica, or on a cluster node that lost the channel's slot, answers
-//     PINGs while the invalidations go elsewhere; and a bare PUBLISH or
-//     SPUBLISH sent to a replica is delivered there at once, ahead of what
-//     the master relays.) Streams reads with XREAD BLOCK ProofInterval: a read
-//     that returns with fewer entries than it asked for has returned
-//     everything added before it was sent. [cache.Subscription.LastProof]
-//     reports the time that probe or XREAD was sent. A cache serves cached
-//     values only until LastProof plus its MaxStaleness, and serves nothing
-//     cached before the first proof after it subscribed (race 12).
+//     subscription itself, and a cache serves cached values only until
+//     its MaxStaleness after the proof, and nothing cached before the
+//     first proof after it subscribed (race 12). Every ProofInterval,
+//     PubSub publishes a probe, 16 random bytes, on a channel of its own
+//     (the channel's name plus ":proof:" and its NodeID; on a cluster, in
+//     the channel's slot), to which it subscribes on the same connection
+//     as to the invalidations. Invalidations and probes alike are
+//     published by a script that only a master runs, so the channel's one
+//     master orders all of them and relays them in that order; when a
+//     probe has been read back, every invalidation published before it was
+//     sent has been delivered. Only the outstanding probe, byte for byte,
+//     received on the subscription it was sent for, proves anything, so a
+//     client that may publish on the channel can neither guess a probe nor
+//     replay one (see Trust). Streams reads with XREAD BLOCK
+//     ProofInterval: a read that returns with fewer entries than it asked
+//     for has returned everything added before it was sent.
+//   - The staleness bound. The bus keeps the smallest MaxStaleness of its
+//     open subscriptions (without one, 1s, or ten ProofIntervals if that
+//     is longer): a probe that has not come back within it, or a read that
+//     has not returned, ends the link, and [PubSub.Proven] and
+//     [Streams.Proven] hold only that long after a proof. Subscribe
+//     rejects a MaxStaleness not longer than ProofInterval.
 //   - Gaps flush (race 4). Whenever a node may have missed an invalidation
 //     it flushes every local subscription, before it reports a newer
-//     proof: after every subscription (go-redis resubscribes by itself
-//     after a reconnection, and what was published meanwhile is lost), the
-//     bus's first included, and after Streams' first position marker (a
-//     cache may hold a value it wrote through before the bus was
-//     listening, which a write published meanwhile overwrote: race 19);
-//     after a message it cannot decode; and after a message that does not
-//     follow its origin's previous one. For these last two, and for a
-//     namespace flush that a publisher asks for, the flush is due rather
-//     than done at once: from the moment the node reads the message, the
-//     subscriptions concerned (every one, or the namespace's) report no
-//     proof and their Handlers are told (LinkLost), so their caches read
-//     through and serve nothing they hold; the flush is done before the
-//     next proof is recorded, once for all such messages read in between,
-//     and at most about twice per ProofInterval. So a flood of them costs
-//     reads through to the source and a flush per proof, never a flush
-//     per message, and never a skipped flush.
+//     proof: after every subscription (what was published while the node
+//     was not subscribed is lost), the bus's first included, and after
+//     Streams' first position marker (a cache may hold a value it wrote
+//     through before the bus was listening, which a write published
+//     meanwhile overwrote: race 19); after a message it cannot decode; and
+//     after a message that does not follow its origin's previous one. For
+//     these last two, and for a namespace flush that a publisher asks for,
+//     the flush is due rather than done at once: from the moment the node
+//     reads the message, the subscriptions concerned (every one, or the
+//     namespace's) report no proof and their Handlers are told (LinkLost),
+//     so their caches read through and serve nothing they hold; the flush
+//     is done before the next proof is recorded, once for all such
+//     messages read in between, and at most about twice per
+//     ProofInterval. So a flood of them costs reads through to the source
+//     and a flush per proof, never a flush per message, and never a
+//     skipped flush.
 //   - Lost links end the proof at once. The moment a bus notices that its
 //     link failed (a connection error, a server-side unsubscribe, a probe
 //     that did not come back, a failed read or position check, a position
-//     the stream no longer holds), every subscription's LastProof reports
-//     the zero Time, and then its Handler is told
-//     ([cache.Handler.LinkLost]): caches read through from that moment, not
-//     MaxStaleness after the last proof, until the bus proves its link
-//     again. That is not a flush: Streams resumes from its position and
-//     keeps the caches' entries; PubSub flushes when it subscribes again.
-//     Stats.LinksLost counts these.
+//     the stream no longer holds), every subscription's ProofAge reports
+//     no proof, and then its Handler is told ([cache.Handler.LinkLost]):
+//     caches read through from that moment, not MaxStaleness after the
+//     last proof, until the bus proves its link again. That is not a
+//     flush: Streams resumes from its position and keeps the caches'
+//     entries; PubSub flushes when it subscribes again. Stats.LinksLost
+//     counts these.
 //   - Own messages. A publishing node applies its changes locally before
 //     it publishes; [cache.Subscription.Publish] also delivers, before it
 //     sends anything, to the other subscriptions of the namespace on the
@@ -114,13 +121,12 @@
 //   - The link goes silent without closing (a half-open TCP connection, a
 //     stalled server or proxy), or the subscription sits where the
 //     invalidations do not go (a replica after a failover or a slot move):
-//     no probe comes back; the caches bypass themselves once MaxStaleness
-//     has passed since the last proof. A probe that has not come back after
-//     MaxStaleness makes the bus close the connection (a lost link, as
-//     above) and subscribe again (Stats.ProofTimeouts), which flushes.
-//     go-redis's own health check would not notice: it writes PING and
-//     never waits for the PONG. A proof that arrives more than
-//     MaxStaleness after the previous one flushes even without a
+//     no probe comes back; the caches bypass themselves once their
+//     MaxStaleness has passed since the last proof. A probe that has not
+//     come back within the bus's staleness bound makes the bus close the
+//     connection (a lost link, as above) and subscribe again
+//     (Stats.ProofTimeouts), which flushes. A proof that arrives more than
+//     the bound after the previous one flushes even without a
 //     resubscription (Stats.FlushesProofTimeout).
 //   - The node reads too slowly and Redis disconnects it
 //     (client-output-buffer-limit pubsub): as a killed connection.
@@ -139,10 +145,9 @@
 //     subscription and subscribes again at the new owner, which flushes.
 //   - Streams: an entry that is not a message, or whose fields are larger
 //     than a message can be: it is taken for a malformed message (as
-//     above). The reader does not read a reply whole: it parses it as it
-//     comes off the socket and keeps one entry at a time, passing over any
-//     field larger than MaxMessageSize unread, so what a read allocates is
-//     bounded whatever the stream holds.
+//     above). What a read allocates is bounded whatever the stream holds:
+//     the reader keeps one entry at a time and passes over any field
+//     larger than [MaxMessageSize] unread.
 //   - Streams: the stream was trimmed past the node's position (it fell
 //     more than MaxLen entries behind), an entry after it was deleted
 //     (XDEL), or the stream was lost (a restart without persistence): the
@@ -150,12 +155,12 @@
 //     from the marker; its caches read through from the moment it notices.
 //     A connection loss or a restart that kept the stream costs no flush:
 //     the caches read through from the failed read until the node has read
-//     what it missed, and keep their entries. A restart that
-//     restores the stream from a snapshot taken after the node's position
-//     but before entries it had not read yet loses those entries without
-//     trace (only the sequence check of their origin's next message
-//     notices): run Redis with appendfsync always, or use PubSub, which
-//     flushes on every reconnection.
+//     what it missed, and keep their entries. A restart that restores the
+//     stream from a snapshot taken after the node's position but before
+//     entries it had not read yet loses those entries without trace (only
+//     the sequence check of their origin's next message notices): run
+//     Redis with appendfsync always, or use PubSub, which flushes on every
+//     reconnection.
 //
 // # Trust
 //
@@ -174,41 +179,37 @@
 // # Redis deployments
 //
 // The buses take a [redis.UniversalClient] the application built, so
-// AUTH/ACL, TLS, Sentinel and Cluster come from the client.
+// AUTH/ACL, TLS, Sentinel and Cluster come from the client. Both need
+// Redis 7.0 or later.
 //
 //   - *redis.Client: a single server, or Sentinel through
-//     redis.NewFailoverClient.
+//     redis.NewFailoverClient. After a failover, a subscription left on
+//     the old master stops receiving probes unless that server relays them
+//     as a replica, and the bus then subscribes again through Sentinel; a
+//     publication or a Streams position check that reaches a replica is
+//     refused and retried at the master. (Not tested against a real
+//     Sentinel.)
 //   - *redis.ClusterClient: PubSub uses sharded pub/sub, SSUBSCRIBE and
 //     SPUBLISH of the channel and its probe channel, which share a slot (a
-//     Channel with a '}' outside a hash tag is rejected); after a
-//     sunsubscribe or any loss of the subscription the bus asks the client
-//     to reload its slot map before it subscribes again (go-redis reloads
-//     asynchronously; a resubscription that still reaches the old owner
-//     costs one more reconnection and flush). Streams' stream lives
-//     in one slot. A ClusterClient that reads from replicas (ReadOnly,
-//     RouteByLatency, RouteRandomly) is rejected. The proofs rely on one
-//     master at a time running the scripts of the channel's slot, which
-//     Redis Cluster ensures outside a network partition (while a slot
-//     migrates, the MIGRATING source redirects with ASK every script that
-//     names the channel, never a key it holds). A master cut off from the
-//     majority goes on serving its side until cluster-node-timeout: a
-//     node subscribed there can prove its link while writers publish at
-//     the new master, and serves stale values that long.
+//     Channel with a '}' outside a hash tag is rejected); after any loss
+//     of the subscription the bus asks the client to reload its slot map
+//     before it subscribes again (a resubscription that still reaches the
+//     old owner costs one more reconnection and flush). Streams' stream
+//     lives in one slot. A ClusterClient that reads from replicas
+//     (ReadOnly, RouteByLatency, RouteRandomly) is rejected. The proofs
+//     rely on one master at a time running the scripts of the channel's
+//     slot, which Redis Cluster ensures outside a network partition (while
+//     a slot migrates, the MIGRATING source redirects with ASK every
+//     script that names the channel, never a key it holds). A master cut
+//     off from the majority goes on serving its side until
+//     cluster-node-timeout: a node subscribed there can prove its link
+//     while writers publish at the new master, and serves stale values
+//     that long.
 //   - *redis.Ring is rejected: its shards can disagree about who owns the
 //     channel.
 //
-// Under Sentinel, go-redis does not move a subscribed connection to the new
-// master after a failover (sentinel.go: NewFailoverClient's onFailover
-// closes pooled connections only). PubSub's probes go where the
-// invalidations go, the new master: if the old master relays them as its
-// replica, the proofs stay sound, since they travel the same path; if it
-// does not, they stop, and the bus subscribes again through Sentinel. A
-// publication or a Streams position check that reaches a replica gets a
-// READONLY error, which drops that connection, and is retried on the
-// master. (None of this is tested against a real Sentinel.)
-//
-// Both transports need Redis 7.0 or later: scripts that declare themselves
-// with #!lua, sharded pub/sub, and XINFO STREAM's max-deleted-entry-id.
+// What the buses rely on in go-redis and in Redis itself is in
+// docs/go-redis.md at the root of the module.
 //
 // # Batching
 //
@@ -216,49 +217,9 @@
 // bus is sent at once, and those that arrive while a message is being sent
 // go out together in the next one, one message per namespace (split at
 // BatchKeys keys or [MaxMessageSize] bytes). A bus sends one round of
-// messages at a time, in one call of a publishing script (a few for a
-// round of more than 4 MiB), and waits for Redis to acknowledge it before
-// the next, so its messages reach Redis in sequence. BatchWindow adds a
-// wait for more publications under a burst.
-//
-// Measured on a 2-core machine against a local Redis: a PubSub propagates
-// an invalidation in about the time of a raw PUBLISH and receive; with 64
-// concurrent writers, group commit carries about half of them per message
-// and delivers about 5 times as many invalidations per second as one
-// PUBLISH per key; with 256 writers, about 11 times.
-//
-// # Message format
-//
-// Every message (a pub/sub payload, or the value of a stream entry's field
-// "m") is, in version 1:
-//
-//	offset  size      field
-//	0       1         magic, 0xC0
-//	1       1         format version, 1
-//	2       1         kind: 1 keys, 2 flush the namespace
-//	3       uvarint   namespace length n, 1 ≤ n ≤ cache.MaxKeyLen
-//	        n         namespace
-//	        16        origin: the publishing bus's NodeID
-//	        uvarint   sequence number, ≥ 1; each origin numbers its
-//	                  messages 1, 2, 3, … (all namespaces together)
-//	kind 1 only:
-//	        uvarint   key count k ≥ 1
-//	        k times:  uvarint key length m, 1 ≤ m ≤ cache.MaxKeyLen
-//	                  m bytes of key
-//	                  varint version (zigzag, as encoding/binary's
-//	                  AppendVarint); 0 means unknown
-//
-// Varints are those of encoding/binary, in their shortest form. Nothing
-// follows the last field, and a message is at most [MaxMessageSize] bytes.
-// A receiver rejects anything else, including a key count that the
-// remaining bytes cannot hold, and flushes. A message of another format
-// version is rejected the same way, so during a rolling upgrade that
-// changes the format, old nodes flush on every new message: correct, but
-// without a cache.
-//
-// Streams entries hold one field: "m", a message, or "j", a marker a
-// reader adds to mark its position (its value is the reader's NodeID, in
-// hex). Readers skip markers and flush on anything else.
+// messages at a time and waits for Redis to acknowledge it before the
+// next, so its messages reach Redis in sequence. BatchWindow adds a wait
+// for more publications under a burst. BENCHMARKS.md has the figures.
 //
 // # Observability
 //

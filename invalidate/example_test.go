@@ -24,7 +24,7 @@ func ExampleNewPubSub() {
 	defer rdb.Close()
 	bus, err := invalidate.NewPubSub(rdb, &invalidate.PubSubOptions{
 		Channel: "myservice:invalidations",
-		Logger:  slog.Default(),
+		Options: invalidate.Options{Logger: slog.Default()},
 	})
 	if err != nil {
 		log.Fatal(err)
@@ -53,15 +53,15 @@ func ExampleNewStreams() {
 	rdb := redis.NewClient(&redis.Options{Addr: "localhost:6379"})
 	defer rdb.Close()
 	bus, err := invalidate.NewStreams(rdb, &invalidate.StreamsOptions{
-		Stream:       "myservice:invalidations",
-		MaxLen:       1_000_000,
-		MaxStaleness: 2 * time.Second, // the caches' MaxStaleness too
+		Stream: "myservice:invalidations",
+		MaxLen: 1_000_000,
 	})
 	if err != nil {
 		log.Fatal(err)
 	}
 	defer bus.Close()
 
+	// The bus learns the staleness bound from the caches that subscribe.
 	users, err := cache.New("users", 10_000, loadUser, &cache.Options[int64, string]{
 		Bus: bus, MaxStaleness: 2 * time.Second,
 	})

@@ -77,7 +77,7 @@ func TestPubSubForgedProofs(t *testing.T) {
 	t.Cleanup(func() { _ = client.Close() })
 	bus := newPubSub(t, client, testOptions(channel))
 	rec := new(invalidatetest.Recorder)
-	sub, err := bus.Subscribe("ns", rec)
+	sub, err := bus.Subscribe("ns", rec, staleness)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,7 +165,7 @@ func TestPubSubForgedProofs(t *testing.T) {
 	// so that every probe it had outstanding was exposed to the guesses.
 	for blocker.failed.Load() < failedBefore+6 || bus.Stats().ProofTimeouts < timeouts+3 {
 		forge()
-		if bus.Proven() || !sub.LastProof().IsZero() {
+		if bus.Proven() || invalidatetest.Proven(sub) {
 			t.Fatalf("the node is proven while none of its probes can come back: forged proof (Stats %+v)", bus.Stats())
 		}
 	}
@@ -338,12 +338,12 @@ func TestMalformedFloodCostsOneFlushPerProof(t *testing.T) {
 			}
 			defer c.Close()
 			rec := new(invalidatetest.Recorder)
-			sub, err := bus.Subscribe("probe", rec)
+			sub, err := bus.Subscribe("probe", rec, staleness)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer sub.Close()
-			osub, err := other.Subscribe("probe", new(invalidatetest.Recorder))
+			osub, err := other.Subscribe("probe", new(invalidatetest.Recorder), staleness)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -475,9 +475,9 @@ func testDeferredFlush(t *testing.T, tr floodTarget, first, msg []byte) {
 	}
 	defer c.Close()
 	rec := new(invalidatetest.Recorder)
-	sub, _ := bus.Subscribe("probe", rec)
+	sub, _ := bus.Subscribe("probe", rec, staleness)
 	defer sub.Close()
-	osub, _ := other.Subscribe("probe", new(invalidatetest.Recorder))
+	osub, _ := other.Subscribe("probe", new(invalidatetest.Recorder), staleness)
 	defer osub.Close()
 	invalidatetest.WaitProven(t, sub, osub)
 	ctx := context.Background()
@@ -567,9 +567,9 @@ func TestRequestedFlushFloodCostsOneFlushPerProof(t *testing.T) {
 			}
 			defer c.Close()
 			orders := new(invalidatetest.Recorder) // another namespace on the node
-			sub, _ := bus.Subscribe("orders", orders)
+			sub, _ := bus.Subscribe("orders", orders, staleness)
 			defer sub.Close()
-			osub, _ := other.Subscribe("orders", new(invalidatetest.Recorder))
+			osub, _ := other.Subscribe("orders", new(invalidatetest.Recorder), staleness)
 			defer osub.Close()
 			invalidatetest.WaitProven(t, sub, osub)
 			orders.Reset()
@@ -655,13 +655,12 @@ func TestStreamsHugeEntriesBoundedAllocation(t *testing.T) {
 	admin := redis.NewClient(&redis.Options{Addr: srv.Addr(), ReadTimeout: -1, MaxRetries: -1})
 	t.Cleanup(func() { _ = admin.Close() })
 	const stream = "coherent:invalidations:stream"
-	opts := testStreamsOptions(stream)
-	opts.MaxStaleness = 10 * time.Second // room for Redis to send the entries
 	client := redis.NewClient(&redis.Options{Addr: srv.Addr()})
 	t.Cleanup(func() { _ = client.Close() })
-	reader := newStreams(t, client, opts)
+	reader := newStreams(t, client, testStreamsOptions(stream))
 	rec := new(invalidatetest.Recorder)
-	sub, _ := reader.Subscribe("ns", rec)
+	// A long MaxStaleness: room for Redis to send the entries.
+	sub, _ := reader.Subscribe("ns", rec, 10*time.Second)
 	defer sub.Close()
 	invalidatetest.WaitProven(t, sub)
 	ctx := context.Background()

@@ -2,7 +2,6 @@ package invalidate
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"math"
@@ -14,21 +13,47 @@ import (
 	"github.com/hashicorp/golang-lru/v2/simplelru"
 
 	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/internal/backoff"
 )
 
-// hub is the half of a Redis bus that does not depend on the transport: the
-// local subscriptions and delivery to them, the check of each origin's
-// sequence, the proof, and the batching of publications. PubSub and Streams
-// each own one and feed it what their reader goroutine receives.
+// transport is what a Redis bus does through Redis; the hub does the rest.
+// PubSub and Streams implement it.
+type transport interface {
+	// send sends one round of messages, in order, and returns once Redis
+	// has acknowledged them. It runs on the batcher goroutine only.
+	send(ctx context.Context, msgs [][]byte) error
+	// run is the reader: it receives what the other nodes publish and
+	// hands it to the hub (receive, reject), proves the link (prove) and
+	// reports its losses (linkLost, retry) until ctx ends. It returns once
+	// every goroutine it started has returned and it has released what it
+	// holds.
+	run(ctx context.Context)
+}
+
+// hub is the core of a Redis bus, whatever its transport: the local
+// subscriptions and delivery to them, the check of each origin's
+// sequence, the proof, the batching of publications, the counters, and the
+// lifecycle of the goroutines. PubSub and Streams each own one, and the
+// transport they implement feeds it what their reader receives.
 type hub struct {
 	cfg   *config
 	log   *slog.Logger
 	epoch time.Time // origin of the int64 times below
 	stats counters
+	t     transport
+
+	stop      context.CancelFunc // ends the goroutines' context; set by start
+	wg        sync.WaitGroup     // the batcher and the transport's run
+	closeOnce sync.Once
 
 	mu     sync.RWMutex
 	subs   map[string][]*subscription // namespace → subscriptions; guarded by mu, copied on write
 	closed atomic.Bool
+
+	// bound is the staleness bound the bus keeps, in nanoseconds: the
+	// smallest MaxStaleness of the subscriptions, or defaultBound without
+	// one. It is set under mu whenever subs changes.
+	bound atomic.Int64
 
 	// proof is the time of the last proof in nanoseconds since epoch, or
 	// noProof while the link is unproven: before the first proof, and from
@@ -60,20 +85,55 @@ type hub struct {
 
 const noProof = math.MinInt64
 
-func newHub(cfg *config, send func(ctx context.Context, msgs [][]byte) error) *hub {
-	h := &hub{cfg: cfg, log: cfg.log, subs: make(map[string][]*subscription)}
+// newHub returns the core of a bus that sends and reads through t. It
+// starts nothing; see start.
+func newHub(cfg *config, t transport) *hub {
+	h := &hub{cfg: cfg, log: cfg.Logger, t: t, subs: make(map[string][]*subscription)}
 	h.epoch = h.clockNow()
 	h.proof.Store(noProof)
+	h.bound.Store(int64(h.defaultBound()))
 	h.lastProof, h.lastDue, h.dueAll = noProof, noProof, noCause
-	h.batch = newBatcher(cfg.batchWindow, cfg.batchKeys, func(ctx context.Context, batches []*nsBatch) error {
-		return h.sendBatches(ctx, batches, send)
-	})
+	h.batch = newBatcher(cfg.BatchWindow, cfg.BatchKeys, h.sendBatches)
 	return h
 }
 
+// start starts the batcher and the transport's reader, which run until
+// close.
+func (h *hub) start() {
+	ctx, cancel := context.WithCancel(context.Background())
+	h.stop = cancel
+	h.wg.Go(func() { h.batch.run(ctx) })
+	h.wg.Go(func() { h.t.run(ctx) })
+}
+
+// close stops the goroutines and waits for them, then stops publication
+// and delivery and ends the proof of every subscription still open (their
+// caches outlive the bus) at once, not MaxStaleness after the last one.
+// It is safe to call more than once.
+func (h *hub) close() {
+	h.closeOnce.Do(func() {
+		h.stop()
+		h.wg.Wait()
+		h.mu.Lock()
+		h.closed.Store(true)
+		h.mu.Unlock()
+		h.unprove()
+	})
+}
+
+// retry records that the link failed, for the reason err, and waits the
+// backoff before attempt (from 0) to recover it. It reports false if ctx
+// ended first. It runs on the reader goroutine only.
+func (h *hub) retry(ctx context.Context, attempt int, what string, err error) bool {
+	h.stats.reconnects.Add(1)
+	d := backoff.Policy{Min: 10 * time.Millisecond, Max: h.cfg.MaxBackoff}.Wait(attempt)
+	h.log.Warn("invalidate: "+what+"; retrying", "err", err, "after", d)
+	return backoff.Sleep(ctx, d)
+}
+
 func (h *hub) clockNow() time.Time {
-	if h.cfg.clock != nil {
-		return h.cfg.clock.Now()
+	if h.cfg.Clock != nil {
+		return h.cfg.Clock.Now()
 	}
 	return time.Now()
 }
@@ -81,13 +141,48 @@ func (h *hub) clockNow() time.Time {
 // now returns the current time in nanoseconds since h.epoch.
 func (h *hub) now() int64 { return int64(h.clockNow().Sub(h.epoch)) }
 
-// subscribe registers handler for namespace.
-func (h *hub) subscribe(namespace string, handler cache.Handler) (*subscription, error) {
+// defaultBound is the staleness bound of a bus without a subscription (a
+// process that only publishes, such as package store's relay): the
+// caches' default MaxStaleness, or ten proof intervals if that is longer,
+// so that a bus with a long ProofInterval does not time its own probes
+// out.
+func (h *hub) defaultBound() time.Duration {
+	return max(time.Second, 10*h.cfg.ProofInterval)
+}
+
+// maxStaleness returns the staleness bound the bus keeps: how long a probe
+// or read may take before the bus gives up on the link, and how long after
+// a proof Proven holds.
+func (h *hub) maxStaleness() time.Duration { return time.Duration(h.bound.Load()) }
+
+// setBound recomputes bound from subs. The caller holds mu.
+func (h *hub) setBound() {
+	b := time.Duration(math.MaxInt64)
+	for _, subs := range h.subs {
+		for _, s := range subs {
+			b = min(b, s.maxStaleness)
+		}
+	}
+	if len(h.subs) == 0 {
+		b = h.defaultBound()
+	}
+	h.bound.Store(int64(b))
+}
+
+// subscribe registers handler for namespace, with its cache's staleness
+// bound: [cache.Bus.Subscribe].
+func (h *hub) subscribe(namespace string, handler cache.Handler, maxStaleness time.Duration) (cache.Subscription, error) {
 	if handler == nil {
-		return nil, errors.New("invalidate: nil handler")
+		return nil, errNilHandler
 	}
 	if !validLen(len(namespace)) {
 		return nil, fmt.Errorf("invalidate: namespace length %d not in [1, %d]", len(namespace), cache.MaxKeyLen)
+	}
+	if maxStaleness <= h.cfg.ProofInterval {
+		// A proof takes a probe's or a read's round trip after it was
+		// sent, and one is sent every ProofInterval: with a bound no
+		// longer than that, the link would go unproven between proofs.
+		return nil, fmt.Errorf("%w: MaxStaleness (%v) must be longer than the bus's ProofInterval (%v)", cache.ErrInvalidOptions, maxStaleness, h.cfg.ProofInterval)
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -99,8 +194,9 @@ func (h *hub) subscribe(namespace string, handler cache.Handler) (*subscription,
 	// and only proofs sent at or after since count for this subscription:
 	// it is not proven before the bus has shown, once it existed, that the
 	// link is live and in order (race 12).
-	s := &subscription{hub: h, namespace: namespace, h: handler, since: h.now()}
+	s := &subscription{hub: h, namespace: namespace, h: handler, maxStaleness: maxStaleness, since: h.now()}
 	h.subs[namespace] = append(slices.Clone(h.subs[namespace]), s)
+	h.setBound()
 	return s, nil
 }
 
@@ -113,6 +209,7 @@ func (h *hub) unsubscribe(s *subscription) {
 	} else {
 		h.subs[s.namespace] = subs
 	}
+	h.setBound()
 }
 
 // peers returns the subscriptions of namespace.
@@ -151,16 +248,16 @@ func (h *hub) publish(ctx context.Context, from *subscription, namespace string,
 	return h.batch.publish(ctx, namespace, keys)
 }
 
-// sendBatches encodes batches into messages and sends them with send, in
-// order. It runs on the batcher goroutine only.
-func (h *hub) sendBatches(ctx context.Context, batches []*nsBatch, send func(context.Context, [][]byte) error) error {
+// sendBatches encodes batches into messages and has the transport send
+// them, in order. It runs on the batcher goroutine only.
+func (h *hub) sendBatches(ctx context.Context, batches []*nsBatch) error {
 	buf := h.buf[:0]
 	var ends []int
 	var nkeys int
 	for _, b := range batches {
 		if b.flush {
 			h.seq++
-			buf = appendMessage(buf, &message{namespace: b.namespace, origin: h.cfg.node, seq: h.seq, flush: true})
+			buf = appendMessage(buf, &message{namespace: b.namespace, origin: h.cfg.node(), seq: h.seq, flush: true})
 			ends = append(ends, len(buf))
 			continue
 		}
@@ -169,13 +266,13 @@ func (h *hub) sendBatches(ctx context.Context, batches []*nsBatch, send func(con
 			h.seq++
 			// Take keys while the message stays within BatchKeys and
 			// MaxMessageSize. The header is sized for the largest count.
-			size := headerSize(b.namespace, h.seq, h.cfg.batchKeys)
+			size := headerSize(b.namespace, h.seq, h.cfg.BatchKeys)
 			n := 0
-			for n < len(keys) && n < h.cfg.batchKeys && size+keySize(keys[n]) <= MaxMessageSize {
+			for n < len(keys) && n < h.cfg.BatchKeys && size+keySize(keys[n]) <= MaxMessageSize {
 				size += keySize(keys[n])
 				n++
 			}
-			buf = appendMessage(buf, &message{namespace: b.namespace, origin: h.cfg.node, seq: h.seq, keys: keys[:n]})
+			buf = appendMessage(buf, &message{namespace: b.namespace, origin: h.cfg.node(), seq: h.seq, keys: keys[:n]})
 			ends = append(ends, len(buf))
 			keys = keys[n:]
 		}
@@ -186,7 +283,7 @@ func (h *hub) sendBatches(ctx context.Context, batches []*nsBatch, send func(con
 		msgs[i] = buf[start:end:end]
 		start = end
 	}
-	err := send(ctx, msgs)
+	err := h.t.send(ctx, msgs)
 	if cap(buf) <= 4*MaxMessageSize {
 		h.buf = buf
 	}
@@ -207,7 +304,7 @@ func (h *hub) receive(payload string) {
 		h.reject(err, len(payload))
 		return
 	}
-	if m.origin == h.cfg.node {
+	if m.origin == h.cfg.node() {
 		return // our own echo: applied locally before it was published
 	}
 	h.stats.messagesReceived.Add(1)
@@ -244,8 +341,8 @@ func (h *hub) reject(err error, size int) {
 // distrust answers a message that calls for a flush of every subscription,
 // one this node cannot read or one that shows that an earlier message went
 // missing, with a flush that is due rather than done: the link is unproven
-// at once (every LastProof reports the zero Time, then every Handler is
-// told, LinkLost), and the flush is done at the next proof, before it is
+// at once (no ProofAge reports a proof, then every Handler is told,
+// LinkLost), and the flush is done at the next proof, before it is
 // recorded (prove), for every such message received in between. So a
 // flood of them costs reads through to the source while it lasts and one
 // flush per proof, where a flush per message, each the work of every cache
@@ -253,7 +350,7 @@ func (h *hub) reject(err error, size int) {
 //
 // No flush that correctness needs is lost by the delay. Between the
 // message and the flush a cache serves nothing it holds: it asks
-// LastProof before it serves, and LinkLost has revoked the proof it had
+// ProofAge before it serves, and LinkLost has revoked the proof it had
 // cached. What it may store meanwhile (a load that began before the
 // message and finds its guard token unchanged, since the message's
 // invalidations were never applied; a value written through by this
@@ -289,7 +386,7 @@ func (h *hub) requestFlush(namespace string) {
 			continue
 		}
 		// The flag first, then LinkLost, as in unprove: a cache that asks
-		// LastProof after its revocation gets no proof back.
+		// ProofAge after its revocation gets no proof back.
 		s.flushDue.Store(true)
 		h.dueSubs = append(h.dueSubs, s)
 		s.linkLost()
@@ -311,7 +408,7 @@ func (h *hub) settleDue() bool {
 		return true
 	}
 	now := h.now()
-	if h.lastDue != noProof && now-h.lastDue < int64(h.cfg.proofInterval/2) {
+	if h.lastDue != noProof && now-h.lastDue < int64(h.cfg.ProofInterval/2) {
 		return h.dueAll == noCause
 	}
 	h.lastDue = now
@@ -322,7 +419,7 @@ func (h *hub) settleDue() bool {
 	}
 	for _, s := range h.dueSubs {
 		s.deliver(nil, true)
-		s.flushDue.Store(false) // after the flush, which LastProof waits for
+		s.flushDue.Store(false) // after the flush, which ProofAge waits for
 	}
 	clear(h.dueSubs)
 	h.dueSubs = h.dueSubs[:0]
@@ -379,10 +476,10 @@ func (h *hub) flushAll(c cause) {
 // unsubscribe, a read or position check that failed, a position the
 // stream no longer holds. Invalidations may be going past this node from
 // now on, so the bus no longer vouches for what its subscriptions' caches
-// hold: first every LastProof reports the zero Time, until the next proof,
-// then every Handler is told (LinkLost), so that its cache stops serving
-// at once rather than when MaxStaleness has run out since the last proof.
-// In that order: a cache that asked LastProof after its revocation would
+// hold: first no ProofAge reports a proof, until the next proof, then
+// every Handler is told (LinkLost), so that its cache stops serving at
+// once rather than when MaxStaleness has run out since the last proof. In
+// that order: a cache that asked ProofAge after its revocation would
 // otherwise be given the old proof back. linkLost does not flush: Streams
 // resumes from its position, and PubSub flushes when it subscribes again.
 // It runs on the reader goroutine only.
@@ -392,11 +489,11 @@ func (h *hub) linkLost() {
 	}
 }
 
-// unprove makes LastProof report the zero Time, then tells every Handler
+// unprove makes ProofAge report no proof, then tells every Handler
 // (LinkLost), and reports whether the link was proven. If it was not,
 // every Handler was told when it last became unproven, or has never been
-// proven: a cache extends its proof only from a LastProof that is not
-// zero, which takes a proof after this.
+// proven: a cache extends its proof only from a ProofAge that reports
+// one, which takes a proof after this.
 func (h *hub) unprove() bool {
 	if h.proof.Swap(noProof) == noProof {
 		return false
@@ -411,15 +508,16 @@ func (h *hub) unprove() bool {
 // epoch) has been delivered. The flushes that are due are done first (see
 // distrust and settleDue), and while a flush of every subscription stays
 // due the proof is not recorded. With lateFlush, a proof that comes more
-// than MaxStaleness after the previous one flushes first: the caches have
-// been bypassing themselves, and the bus does not vouch for what they
-// cached before the silence. prove runs on the reader goroutine only.
+// than the staleness bound after the previous one flushes first: the
+// caches have been bypassing themselves, and the bus does not vouch for
+// what they cached before the silence. prove runs on the reader goroutine
+// only.
 func (h *hub) prove(sentAt int64, lateFlush bool) {
 	if !h.settleDue() {
 		return
 	}
 	last := h.lastProof
-	if lateFlush && last != noProof && sentAt-last > int64(h.cfg.maxStaleness) && !h.flushedSinceProof {
+	if lateFlush && last != noProof && sentAt-last > int64(h.maxStaleness()) && !h.flushedSinceProof {
 		h.flushAll(causeProofTimeout)
 	}
 	if sentAt > last {
@@ -431,32 +529,22 @@ func (h *hub) prove(sentAt int64, lateFlush bool) {
 	h.stats.proofs.Add(1)
 }
 
-// proven reports whether the link was proven within MaxStaleness and has
-// not been detected lost since: whether a cache on this bus, with the same
-// MaxStaleness, would serve cached values now.
+// proven reports whether the link was proven within the bus's staleness
+// bound and has not been detected lost since: whether a cache on this bus
+// with the smallest MaxStaleness of its subscriptions would serve cached
+// values now.
 func (h *hub) proven() bool {
 	p := h.proof.Load()
-	return p != noProof && !h.closed.Load() && h.now() < p+int64(h.cfg.maxStaleness)
-}
-
-// close stops publication and delivery. The transport has stopped its
-// goroutines already.
-func (h *hub) close() {
-	h.mu.Lock()
-	h.closed.Store(true)
-	h.mu.Unlock()
-	// Subscriptions that are still open (their caches outlive the bus)
-	// receive nothing more: end their caches' proofs now, not MaxStaleness
-	// after the last one.
-	h.unprove()
+	return p != noProof && !h.closed.Load() && h.now()-p < int64(h.maxStaleness())
 }
 
 // subscription is one local Handler's link to a hub.
 type subscription struct {
-	hub       *hub
-	namespace string
-	h         cache.Handler
-	since     int64 // registration time, nanoseconds since hub.epoch
+	hub          *hub
+	namespace    string
+	h            cache.Handler
+	maxStaleness time.Duration // its cache's; see hub.bound
+	since        int64         // registration time, nanoseconds since hub.epoch
 
 	mu        sync.RWMutex // held for reading while delivering to h, for writing by Close
 	closed    atomic.Bool  // set under mu
@@ -472,18 +560,19 @@ func (s *subscription) Publish(ctx context.Context, keys []cache.Invalidation) e
 	return s.hub.publish(ctx, s, s.namespace, keys)
 }
 
-// LastProof implements [cache.Subscription]. It returns the zero Time until
-// the bus has proven its link after this subscription was made, from the
-// moment the bus detects a failure of its link until it proves it again,
-// from a message that calls for a flush until that flush is done, after
-// the bus or the subscription was closed, and while the Handler is broken
-// (its Flush panicked).
-func (s *subscription) LastProof() time.Time {
+// ProofAge implements [cache.Subscription]: the time since the last proof
+// was sent, by the bus's clock. It reports no proof until the bus has
+// proven its link after this subscription was made, from the moment the
+// bus detects a failure of its link until it proves it again, from a
+// message that calls for a flush until that flush is done, after the bus
+// or the subscription was closed, and while the Handler is broken (its
+// Flush panicked).
+func (s *subscription) ProofAge() (time.Duration, bool) {
 	p := s.hub.proof.Load()
 	if p == noProof || p < s.since || s.broken.Load() || s.flushDue.Load() || s.closed.Load() || s.hub.closed.Load() {
-		return time.Time{}
+		return 0, false
 	}
-	return s.hub.epoch.Add(time.Duration(p))
+	return time.Duration(max(s.hub.now()-p, 0)), true
 }
 
 // Close implements [cache.Subscription]. After it returns, the Handler
@@ -501,30 +590,22 @@ func (s *subscription) Close() error {
 // deliver hands keys, or a flush, to the Handler. Whatever goes wrong in
 // the Handler ends in a flush, never in a skipped key (race 14).
 func (s *subscription) deliver(keys []cache.Invalidation, flush bool) {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	if s.closed.Load() {
-		return
-	}
 	if flush {
-		s.flush()
+		s.call("flushing", s.flush) // flush recovers by itself
 		return
 	}
-	defer func() {
-		if r := recover(); r != nil {
-			s.hub.stats.handlerPanics.Add(1)
-			s.hub.log.Error("invalidate: handler panicked applying an invalidation; flushing it", "namespace", s.namespace, "panic", r)
-			s.flush()
-		}
-	}()
-	s.h.Invalidate(keys)
+	s.call("applying an invalidation", func() { s.h.Invalidate(keys) })
 }
 
 // linkLost tells the Handler that the link failed; see hub.linkLost. A
-// Handler that panics is flushed instead, as in deliver: its cache may
-// then serve until MaxStaleness after the last proof, but nothing cached
-// before the loss.
-func (s *subscription) linkLost() {
+// Handler that panics is flushed instead: its cache may then serve until
+// MaxStaleness after the last proof, but nothing cached before the loss.
+func (s *subscription) linkLost() { s.call("on a lost link", s.h.LinkLost) }
+
+// call runs fn, a call of the Handler, unless the subscription is closed;
+// Close waits for it. A panic in fn is counted and logged, and the Handler
+// flushed.
+func (s *subscription) call(during string, fn func()) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	if s.closed.Load() {
@@ -533,11 +614,11 @@ func (s *subscription) linkLost() {
 	defer func() {
 		if r := recover(); r != nil {
 			s.hub.stats.handlerPanics.Add(1)
-			s.hub.log.Error("invalidate: handler panicked on a lost link; flushing it", "namespace", s.namespace, "panic", r)
+			s.hub.log.Error("invalidate: handler panicked "+during+"; flushing it", "namespace", s.namespace, "panic", r)
 			s.flush()
 		}
 	}()
-	s.h.LinkLost()
+	fn()
 }
 
 // flush flushes the Handler. If Flush panics, the subscription reports no

@@ -2,17 +2,13 @@ package invalidate
 
 import (
 	"context"
-	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/coherentcache/coherent/cache"
 )
-
-// ErrClosed is returned when publishing through a closed subscription or
-// bus, and when subscribing to a closed bus.
-var ErrClosed = errors.New("invalidate: closed")
 
 // InProcess is a [cache.Bus] inside one process. Every subscription is a
 // node: a publication reaches every other subscription of its namespace
@@ -37,11 +33,17 @@ var _ cache.Bus = (*InProcess)(nil)
 // NewInProcess returns an empty in-process bus.
 func NewInProcess() *InProcess { return new(InProcess) }
 
-// Subscribe registers h as a new node of namespace. It returns ErrClosed
-// after Close.
-func (b *InProcess) Subscribe(namespace string, h cache.Handler) (cache.Subscription, error) {
+// Subscribe registers h as a new node of namespace. The link is proven at
+// every instant, so any positive maxStaleness can be kept. Subscribe
+// returns ErrClosed after Close, and an error for which errors.Is(err,
+// cache.ErrInvalidOptions) is true for a maxStaleness that is not
+// positive.
+func (b *InProcess) Subscribe(namespace string, h cache.Handler, maxStaleness time.Duration) (cache.Subscription, error) {
 	if h == nil {
-		return nil, errors.New("invalidate: nil handler")
+		return nil, errNilHandler
+	}
+	if maxStaleness <= 0 {
+		return nil, fmt.Errorf("%w: MaxStaleness must be positive, got %v", cache.ErrInvalidOptions, maxStaleness)
 	}
 	s := &inProcessSub{bus: b, namespace: namespace, h: h}
 	b.mu.Lock()
@@ -84,7 +86,7 @@ func (b *InProcess) Proven() bool { return !b.closed.Load() }
 // Close ends the bus: every subscription receives nothing more and reports
 // no proof, and its Handler is told that the link is lost
 // ([cache.Handler.LinkLost]), so that a cache still on the bus stops
-// serving at once (its proof would otherwise run into the far future).
+// serving at once, not when the proof it holds runs out.
 // Later calls of Subscribe and Publish return ErrClosed. Close waits for
 // deliveries in progress, so it must not be called from a Handler. It is
 // safe to call more than once and always returns nil.
@@ -128,7 +130,7 @@ type inProcessSub struct {
 	closeOnce sync.Once
 	mu        sync.RWMutex // held for reading while delivering to h
 	closed    bool         // guarded by mu
-	gone      atomic.Bool  // closed, for LastProof, which must not wait for mu
+	gone      atomic.Bool  // closed, for ProofAge, which must not wait for mu
 }
 
 // Publish delivers keys to every other subscription of the namespace, on the
@@ -173,18 +175,14 @@ func (s *inProcessSub) linkLost() {
 	}
 }
 
-// forever is the proof time of a link that cannot lose a message.
-var forever = time.Unix(1<<40, 0)
-
-// LastProof returns a time in the far future: delivery is synchronous, so
-// the link is proven at every instant, whatever clock the cache reads. A
-// closed subscription, or one of a closed bus, proves nothing and returns
-// the zero Time.
-func (s *inProcessSub) LastProof() time.Time {
+// ProofAge reports a proof of age 0: delivery is synchronous, so the link
+// is proven at every instant. A closed subscription, or one of a closed
+// bus, reports no proof.
+func (s *inProcessSub) ProofAge() (time.Duration, bool) {
 	if s.gone.Load() || s.bus.closed.Load() {
-		return time.Time{}
+		return 0, false
 	}
-	return forever
+	return 0, true
 }
 
 // Close removes the subscription. After it returns, its Handler receives

@@ -3,6 +3,7 @@ package invalidate
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -29,23 +30,19 @@ var (
 	_ provenBus = (*Streams)(nil)
 )
 
-// transport makes a Redis bus of one kind on a channel or stream that
-// name identifies, with the given MaxStaleness.
-type transport struct {
+// busMaker makes a Redis bus of one kind on a channel or stream that
+// name identifies.
+type busMaker struct {
 	name   string
-	newBus func(t *testing.T, client redis.UniversalClient, name string, maxStaleness time.Duration) provenBus
+	newBus func(t *testing.T, client redis.UniversalClient, name string) provenBus
 }
 
-var transports = []transport{
-	{"PubSub", func(t *testing.T, client redis.UniversalClient, name string, maxStaleness time.Duration) provenBus {
-		opts := testOptions(name)
-		opts.MaxStaleness = maxStaleness
-		return newPubSub(t, client, opts)
+var transports = []busMaker{
+	{"PubSub", func(t *testing.T, client redis.UniversalClient, name string) provenBus {
+		return newPubSub(t, client, testOptions(name))
 	}},
-	{"Streams", func(t *testing.T, client redis.UniversalClient, name string, maxStaleness time.Duration) provenBus {
-		opts := testStreamsOptions(name)
-		opts.MaxStaleness = maxStaleness
-		return newStreams(t, client, opts)
+	{"Streams", func(t *testing.T, client redis.UniversalClient, name string) provenBus {
+		return newStreams(t, client, testStreamsOptions(name))
 	}},
 }
 
@@ -96,7 +93,7 @@ func (l *countingLoader) load(_ context.Context, key string) (int64, error) {
 // nodes' invalidations, going past it meanwhile, may have made stale. The
 // proxy refuses the reconnection, so the link stays down while the test
 // looks: right after the bus notices (its reconnect counter moves, which
-// it does after ending the proof), LastProof must be zero, Proven false,
+// it does after ending the proof), ProofAge must report no proof, Proven false,
 // the Handler told, and a cache on the bus must read through although its
 // MaxStaleness, a minute, has far from run out.
 func TestLinkLostEndsProofAtOnce(t *testing.T) {
@@ -107,7 +104,7 @@ func TestLinkLostEndsProofAtOnce(t *testing.T) {
 			addr, _ := privateRedis(t)
 			client, proxy := proxiedClient(t, addr)
 			const maxStaleness = time.Minute
-			bus := tr.newBus(t, client, "coherent", maxStaleness)
+			bus := tr.newBus(t, client, "coherent")
 			src := &countingLoader{rows: map[string]int64{"k": 1}}
 			c, err := cache.New("users", 10, src.load, &cache.Options[string, int64]{Bus: bus, MaxStaleness: maxStaleness})
 			if err != nil {
@@ -115,7 +112,7 @@ func TestLinkLostEndsProofAtOnce(t *testing.T) {
 			}
 			defer c.Close()
 			rec := new(invalidatetest.Recorder)
-			sub, err := bus.Subscribe("probe", rec)
+			sub, err := bus.Subscribe("probe", rec, maxStaleness)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -135,8 +132,8 @@ func TestLinkLostEndsProofAtOnce(t *testing.T) {
 			proxy.Refuse(true) // the reconnection cannot complete
 			proxy.KillAll()
 			invalidatetest.WaitFor(t, "the bus to notice the failed link", func() bool { return bus.Stats().Reconnects > before })
-			if lp := sub.LastProof(); !lp.IsZero() {
-				t.Errorf("LastProof() after the bus noticed the failure = %v; want zero", lp)
+			if age, ok := sub.ProofAge(); ok {
+				t.Errorf("ProofAge() after the bus noticed the failure = %v, true; want no proof", age)
 			}
 			if bus.Proven() {
 				t.Errorf("Proven() after the bus noticed the failure = true; want false")
@@ -174,35 +171,21 @@ func TestLinkLostEndsProofAtOnce(t *testing.T) {
 // TestProven guards against a relay that claims outbox rows over a link
 // it cannot prove (race 17): Proven, which package store's relay consults,
 // must be false before the first proof, true once proven, false again once
-// a silent link has gone MaxStaleness without a proof, true after it
-// recovers, and false after Close. That it turns
-// false at once when the bus detects a loss is checked by
-// TestLinkLostEndsProofAtOnce, with a MaxStaleness long enough for the
-// check to tell.
+// a silent link has gone the bus's staleness bound without a proof, true
+// after it recovers, and false after Close; on a bus with a cache's
+// subscription, and on one without (a relay-only process, whose bound is
+// the default). That it turns false at once when the bus detects a loss
+// is checked by TestLinkLostEndsProofAtOnce, with a MaxStaleness long
+// enough for the check to tell.
 func TestProven(t *testing.T) {
 	t.Parallel()
 	for _, tr := range transports {
-		t.Run(tr.name, func(t *testing.T) {
-			t.Parallel()
-			addr, _ := privateRedis(t)
-			client, proxy := proxiedClient(t, addr)
-			proxy.Pause()
-			bus := tr.newBus(t, client, "coherent", 300*time.Millisecond)
-			if bus.Proven() {
-				t.Errorf("Proven() before any proof = true; want false")
-			}
-			proxy.Resume()
-			invalidatetest.WaitFor(t, "Proven", bus.Proven)
-
-			proxy.Pause() // a half-open link: nothing tells the bus
-			invalidatetest.WaitFor(t, "Proven to turn false on a silent link", func() bool { return !bus.Proven() })
-			proxy.Resume()
-			invalidatetest.WaitFor(t, "Proven again", bus.Proven)
-			_ = bus.Close()
-			if bus.Proven() {
-				t.Errorf("Proven() after Close = true; want false")
-			}
-		})
+		for _, subscribed := range []bool{true, false} {
+			t.Run(fmt.Sprintf("%s/subscribed=%v", tr.name, subscribed), func(t *testing.T) {
+				t.Parallel()
+				testProven(t, tr, subscribed)
+			})
+		}
 	}
 	t.Run("InProcess", func(t *testing.T) {
 		t.Parallel()
@@ -215,6 +198,34 @@ func TestProven(t *testing.T) {
 			t.Errorf("InProcess Proven() after Close = true; want false")
 		}
 	})
+}
+
+func testProven(t *testing.T, tr busMaker, subscribed bool) {
+	addr, _ := privateRedis(t)
+	client, proxy := proxiedClient(t, addr)
+	proxy.Pause()
+	bus := tr.newBus(t, client, "coherent")
+	if subscribed {
+		sub, err := bus.Subscribe("ns", new(invalidatetest.Recorder), staleness)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sub.Close()
+	}
+	if bus.Proven() {
+		t.Errorf("Proven() before any proof = true; want false")
+	}
+	proxy.Resume()
+	invalidatetest.WaitFor(t, "Proven", bus.Proven)
+
+	proxy.Pause() // a half-open link: nothing tells the bus
+	invalidatetest.WaitFor(t, "Proven to turn false on a silent link", func() bool { return !bus.Proven() })
+	proxy.Resume()
+	invalidatetest.WaitFor(t, "Proven again", bus.Proven)
+	_ = bus.Close()
+	if bus.Proven() {
+		t.Errorf("Proven() after Close = true; want false")
+	}
 }
 
 // TestWriteThroughBeforeFirstSubscription reproduces DESIGN race 19: node
@@ -233,8 +244,8 @@ func TestWriteThroughBeforeFirstSubscription(t *testing.T) {
 			addr, direct := privateRedis(t)
 			client, proxy := proxiedClient(t, addr)
 			proxy.Refuse(true) // Redis is unreachable from A
-			busA := tr.newBus(t, client, "coherent", 300*time.Millisecond)
-			busB := tr.newBus(t, direct, "coherent", 300*time.Millisecond)
+			busA := tr.newBus(t, client, "coherent")
+			busB := tr.newBus(t, direct, "coherent")
 			src := &versioned{rows: map[string]int64{}}
 			a, err := cache.New("users", 10, src.load, &cache.Options[string, int64]{
 				Bus: busA, Version: func(v int64) int64 { return v }, MaxStaleness: 300 * time.Millisecond, TTL: time.Hour,
@@ -249,7 +260,7 @@ func TestWriteThroughBeforeFirstSubscription(t *testing.T) {
 			if err := a.Set(ctx, "k", v1, v1); err == nil {
 				t.Fatalf("A's Set published through a proxy that refuses every connection")
 			}
-			probeB, _ := busB.Subscribe("probe", new(invalidatetest.Recorder))
+			probeB, _ := busB.Subscribe("probe", new(invalidatetest.Recorder), staleness)
 			defer probeB.Close()
 			invalidatetest.WaitProven(t, probeB)
 			v2 := src.write("k")
@@ -281,11 +292,11 @@ func TestWriteThroughWhileReconnecting(t *testing.T) {
 			t.Parallel()
 			addr, direct := privateRedis(t)
 			client, proxy := proxiedClient(t, addr)
-			busA := tr.newBus(t, client, "coherent", 300*time.Millisecond)
-			busB := tr.newBus(t, direct, "coherent", 300*time.Millisecond)
-			probeA, _ := busA.Subscribe("probe", new(invalidatetest.Recorder))
+			busA := tr.newBus(t, client, "coherent")
+			busB := tr.newBus(t, direct, "coherent")
+			probeA, _ := busA.Subscribe("probe", new(invalidatetest.Recorder), staleness)
 			defer probeA.Close()
-			probeB, _ := busB.Subscribe("probe", new(invalidatetest.Recorder))
+			probeB, _ := busB.Subscribe("probe", new(invalidatetest.Recorder), staleness)
 			defer probeB.Close()
 			invalidatetest.WaitProven(t, probeA, probeB)
 
@@ -322,7 +333,7 @@ func TestWriteThroughWhileReconnecting(t *testing.T) {
 
 // TestInProcessClose checks that closing an InProcess bus ends the proof
 // of the caches still on it at once: it will deliver nothing more, and
-// their proof, in the far future, would otherwise never run out.
+// each cache would otherwise serve until MaxStaleness after it last asked.
 func TestInProcessClose(t *testing.T) {
 	t.Parallel()
 	bus := NewInProcess()
@@ -333,7 +344,7 @@ func TestInProcessClose(t *testing.T) {
 	}
 	defer c.Close()
 	rec := new(invalidatetest.Recorder)
-	sub, err := bus.Subscribe("users", rec)
+	sub, err := bus.Subscribe("users", rec, staleness)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -352,8 +363,8 @@ func TestInProcessClose(t *testing.T) {
 	if rec.LinksLost() != 1 {
 		t.Errorf("Handler.LinkLost called %d times after Close; want 1", rec.LinksLost())
 	}
-	if lp := sub.LastProof(); !lp.IsZero() {
-		t.Errorf("LastProof() after Close = %v; want zero", lp)
+	if age, ok := sub.ProofAge(); ok {
+		t.Errorf("ProofAge() after Close = %v, true; want no proof", age)
 	}
 	if _, err := c.Get(ctx, "k"); err != nil {
 		t.Fatal(err)
@@ -367,7 +378,7 @@ func TestInProcessClose(t *testing.T) {
 	if err := sub.Publish(ctx, []cache.Invalidation{{Key: "k"}}); !errors.Is(err, ErrClosed) {
 		t.Errorf("Subscription.Publish after Close error = %v; want ErrClosed", err)
 	}
-	if _, err := bus.Subscribe("users", rec); !errors.Is(err, ErrClosed) {
+	if _, err := bus.Subscribe("users", rec, staleness); !errors.Is(err, ErrClosed) {
 		t.Errorf("Subscribe after Close error = %v; want ErrClosed", err)
 	}
 }

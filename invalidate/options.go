@@ -1,8 +1,8 @@
 package invalidate
 
 import (
+	"cmp"
 	"crypto/rand"
-	"errors"
 	"fmt"
 	"log/slog"
 	"time"
@@ -12,37 +12,37 @@ import (
 	"github.com/coherentcache/coherent/cache"
 )
 
-// ErrInvalidOptions is wrapped by the errors [NewPubSub] and [NewStreams]
-// return for arguments they cannot use.
-var ErrInvalidOptions = errors.New("invalidate: invalid options")
-
-// PubSubOptions configure a [PubSub]. A nil *PubSubOptions, and every zero
-// field, means the default. NewPubSub copies the options.
-type PubSubOptions struct {
-	// Channel is the Redis channel that carries the invalidations of every
-	// namespace. All nodes of a service must use the same channel, and
-	// unrelated services different ones. Default "coherent:invalidations".
-	Channel string
-
+// Options are the settings that [PubSub] and [Streams] share, embedded in
+// [PubSubOptions] and [StreamsOptions]. The zero value, and every zero
+// field, means the default.
+//
+// The staleness bound is not among them: it is the caches'
+// ([cache.Options.MaxStaleness]), and the bus learns it when they
+// subscribe.
+type Options struct {
 	// NodeID names this bus in the messages it publishes, so that it can
 	// ignore their echo and others can check their sequence. It must be
-	// unique among the nodes sharing the channel, and should change when
-	// the process restarts. Default: 16 random bytes drawn by NewPubSub.
+	// unique among the nodes sharing the channel or stream, and should
+	// change when the process restarts. Default: 16 random bytes drawn by
+	// the constructor.
 	NodeID [16]byte
 
-	// ProofInterval is how often the bus proves its link: it publishes a
-	// probe on its own proof channel and, when the probe comes back on its
-	// subscription, reports the time it was sent as
-	// [cache.Subscription.LastProof]. It must be shorter than MaxStaleness.
-	// Default 100ms.
+	// ProofInterval is how often the bus proves its link (see
+	// [cache.Subscription.ProofAge]). PubSub publishes a probe on its own
+	// proof channel every ProofInterval and dates its proof from when the
+	// probe was sent, once it comes back on the subscription; Streams reads
+	// with XREAD BLOCK ProofInterval, and a read that returns, with entries
+	// or empty, proves that everything added before it was sent has been
+	// delivered.
+	//
+	// The bus keeps the smallest [cache.Options.MaxStaleness] of its
+	// subscriptions, or, without one, 1s or ten ProofIntervals if that is
+	// longer. A probe that stays away longer than that, or a read that
+	// takes longer, makes the bus give up on the connection and make a new
+	// one; a PubSub proof that arrives that long after the previous one
+	// flushes too. Subscribe rejects a MaxStaleness not longer than
+	// ProofInterval. Default 100ms.
 	ProofInterval time.Duration
-
-	// MaxStaleness is how long a probe may stay away before the bus
-	// declares the connection dead, closes it and resubscribes (which
-	// flushes). A proof that arrives more than MaxStaleness after the
-	// previous one flushes too. Use the caches' [cache.Options.MaxStaleness].
-	// Default 1s.
-	MaxStaleness time.Duration
 
 	// BatchWindow is how long a message may wait for more publications
 	// under a burst. Publications always share messages: those that arrive
@@ -61,7 +61,8 @@ type PubSubOptions struct {
 	// Default 512.
 	BatchKeys int
 
-	// MaxBackoff caps the wait between reconnection attempts, which grows
+	// MaxBackoff caps the wait between attempts to recover a failed
+	// connection (a resubscription, a read retried), which grows
 	// exponentially from 10ms with random jitter. Default 2s.
 	MaxBackoff time.Duration
 
@@ -69,10 +70,22 @@ type PubSubOptions struct {
 	// Default nil: discard.
 	Logger *slog.Logger
 
-	// Clock tells the bus the time of its proofs. It must be the clock of
-	// the caches that subscribe ([cache.Options.Clock]). Default nil:
-	// time.Now.
+	// Clock tells the bus the time, by which it dates its proofs and times
+	// its probes out, for tests. It is the bus's own: the bus reports the
+	// age of its proofs, not their time, so the caches that subscribe need
+	// not share it ([cache.Options.Clock] is theirs). Default nil: time.Now.
 	Clock cache.Clock
+}
+
+// PubSubOptions configure a [PubSub]. A nil *PubSubOptions, and every zero
+// field, means the default. NewPubSub copies the options.
+type PubSubOptions struct {
+	// Channel is the Redis channel that carries the invalidations of every
+	// namespace. All nodes of a service must use the same channel, and
+	// unrelated services different ones. Default "coherent:invalidations".
+	Channel string
+
+	Options
 }
 
 // StreamsOptions configure a [Streams]. A nil *StreamsOptions, and every
@@ -98,50 +111,14 @@ type StreamsOptions struct {
 	// service the same MaxLen: each XADD trims for all. Default 100000.
 	MaxLen int64
 
-	// NodeID names this bus in the messages it publishes; see
-	// [PubSubOptions.NodeID]. Default: 16 random bytes.
-	NodeID [16]byte
-
-	// ProofInterval is the BLOCK timeout of the reader's XREAD: a read that
-	// returns, with entries or empty, proves that everything added before
-	// it was sent has been delivered. It must be shorter than MaxStaleness.
-	// Default 100ms.
-	ProofInterval time.Duration
-
-	// MaxStaleness bounds one XREAD round trip; a read that takes longer
-	// is abandoned and retried on a new connection. Use the caches'
-	// [cache.Options.MaxStaleness]. Default 1s.
-	MaxStaleness time.Duration
-
-	// BatchWindow: see [PubSubOptions.BatchWindow]. Default 0: no wait.
-	BatchWindow time.Duration
-
-	// BatchKeys: see [PubSubOptions.BatchKeys]. Default 512.
-	BatchKeys int
-
-	// MaxBackoff caps the wait between attempts after a failed read.
-	// Default 2s.
-	MaxBackoff time.Duration
-
-	// Logger receives reconnections and flushes. Default nil: discard.
-	Logger *slog.Logger
-
-	// Clock: see [PubSubOptions.Clock]. Default nil: time.Now.
-	Clock cache.Clock
+	Options
 }
 
 // config is the validated, defaulted form of either options type.
 type config struct {
-	name          string // Channel or Stream
-	maxLen        int64
-	node          nodeID
-	proofInterval time.Duration
-	maxStaleness  time.Duration
-	batchWindow   time.Duration
-	batchKeys     int
-	maxBackoff    time.Duration
-	log           *slog.Logger
-	clock         cache.Clock
+	Options        // defaults filled in; Logger names the channel or stream and the node
+	name    string // Channel or Stream
+	maxLen  int64  // Streams only
 }
 
 func (o *PubSubOptions) config() (*config, error) {
@@ -149,16 +126,7 @@ func (o *PubSubOptions) config() (*config, error) {
 	if o != nil {
 		opts = *o
 	}
-	c := &config{
-		name: opts.Channel, node: opts.NodeID,
-		proofInterval: opts.ProofInterval, maxStaleness: opts.MaxStaleness,
-		batchWindow: opts.BatchWindow, batchKeys: opts.BatchKeys,
-		maxBackoff: opts.MaxBackoff, log: opts.Logger, clock: opts.Clock,
-	}
-	if c.name == "" {
-		c.name = "coherent:invalidations"
-	}
-	return c, c.finish()
+	return newConfig(opts.Options, "channel", cmp.Or(opts.Channel, "coherent:invalidations"))
 }
 
 func (o *StreamsOptions) config() (*config, error) {
@@ -166,67 +134,50 @@ func (o *StreamsOptions) config() (*config, error) {
 	if o != nil {
 		opts = *o
 	}
-	c := &config{
-		name: opts.Stream, maxLen: opts.MaxLen, node: opts.NodeID,
-		proofInterval: opts.ProofInterval, maxStaleness: opts.MaxStaleness,
-		batchWindow: opts.BatchWindow, batchKeys: opts.BatchKeys,
-		maxBackoff: opts.MaxBackoff, log: opts.Logger, clock: opts.Clock,
+	if opts.MaxLen < 0 {
+		return nil, fmt.Errorf("%w: MaxLen must not be negative, got %d", ErrInvalidOptions, opts.MaxLen)
 	}
-	if c.name == "" {
-		c.name = "coherent:invalidations:stream"
+	c, err := newConfig(opts.Options, "stream", cmp.Or(opts.Stream, "coherent:invalidations:stream"))
+	if err != nil {
+		return nil, err
 	}
-	if c.maxLen < 0 {
-		return nil, fmt.Errorf("%w: MaxLen must not be negative, got %d", ErrInvalidOptions, c.maxLen)
-	}
-	if c.maxLen == 0 {
-		c.maxLen = 100_000
-	}
-	return c, c.finish()
+	c.maxLen = cmp.Or(opts.MaxLen, 100_000)
+	return c, nil
 }
 
-// finish validates the fields common to both transports and fills in their
-// defaults.
-func (c *config) finish() error {
+// newConfig validates the options common to both transports and fills in
+// their defaults, for the channel or stream (what) name.
+func newConfig(o Options, what, name string) (*config, error) {
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("%w: "+format, append([]any{ErrInvalidOptions}, args...)...)
 	}
 	switch {
-	case c.proofInterval < 0:
-		return bad("ProofInterval must not be negative, got %v", c.proofInterval)
-	case c.maxStaleness < 0:
-		return bad("MaxStaleness must not be negative, got %v", c.maxStaleness)
-	case c.batchWindow < 0:
-		return bad("BatchWindow must not be negative, got %v", c.batchWindow)
-	case c.batchKeys < 0:
-		return bad("BatchKeys must not be negative, got %d", c.batchKeys)
-	case c.maxBackoff < 0:
-		return bad("MaxBackoff must not be negative, got %v", c.maxBackoff)
+	case o.ProofInterval < 0:
+		return nil, bad("ProofInterval must not be negative, got %v", o.ProofInterval)
+	case o.BatchWindow < 0:
+		return nil, bad("BatchWindow must not be negative, got %v", o.BatchWindow)
+	case o.BatchKeys < 0:
+		return nil, bad("BatchKeys must not be negative, got %d", o.BatchKeys)
+	case o.MaxBackoff < 0:
+		return nil, bad("MaxBackoff must not be negative, got %v", o.MaxBackoff)
 	}
-	if c.proofInterval == 0 {
-		c.proofInterval = 100 * time.Millisecond
-	}
-	if c.maxStaleness == 0 {
-		c.maxStaleness = time.Second
-	}
-	if c.proofInterval >= c.maxStaleness {
-		return bad("ProofInterval (%v) must be shorter than MaxStaleness (%v)", c.proofInterval, c.maxStaleness)
-	}
-	if c.batchKeys == 0 {
-		c.batchKeys = 512
-	}
-	if c.maxBackoff == 0 {
-		c.maxBackoff = 2 * time.Second
-	}
-	if c.log == nil {
-		c.log = slog.New(slog.DiscardHandler)
-	}
-	if c.node == (nodeID{}) {
+	o.ProofInterval = cmp.Or(o.ProofInterval, 100*time.Millisecond)
+	o.BatchKeys = cmp.Or(o.BatchKeys, 512)
+	o.MaxBackoff = cmp.Or(o.MaxBackoff, 2*time.Second)
+	if o.NodeID == ([16]byte{}) {
 		// A restarted process is a new origin: its sequence starts again at
 		// 1, which receivers must not read as a gap or a replay.
-		_, _ = rand.Read(c.node[:]) // never fails (crypto/rand.Read docs)
+		_, _ = rand.Read(o.NodeID[:]) // never fails (crypto/rand.Read docs)
 	}
-	return nil
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	o.Logger = o.Logger.With(what, name, "node", nodeID(o.NodeID).String())
+	return &config{Options: o, name: name}, nil
 }
+
+// node returns the bus's NodeID, the origin of its messages.
+func (c *config) node() nodeID { return nodeID(c.NodeID) }
 
 // checkClient rejects the clients that could route a subscription, or a
 // Streams read, to a different server than the publications, or to a

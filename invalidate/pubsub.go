@@ -4,7 +4,6 @@ import (
 	"context"
 	cryptorand "crypto/rand"
 	"crypto/subtle"
-	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -13,68 +12,11 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/coherentcache/coherent/cache"
-	"github.com/coherentcache/coherent/internal/backoff"
 )
 
-// What this file relies on in go-redis v9.23.0, read in its source
-// (pubsub.go unless another file is named):
-//
-//   - PubSub reconnects by itself. Receive (ReceiveTimeout) takes the
-//     connection through conn(), which dials and calls resubscribe() when
-//     the previous one was dropped; releaseConn drops it after a read or
-//     write error (isBadConn in error.go). Nothing tells the caller except
-//     the *Subscription replies that the new SUBSCRIBE produces, one per
-//     channel (newMessage), so every subscribe confirmation of the
-//     invalidation channel is a gap here (the first as well: what was
-//     published before it is lost too).
-//   - ReceiveTimeout with a timeout keeps the connection after a read
-//     timeout (releaseConn passes allowTimeout; isBadConn in error.go then
-//     returns false), even if the timeout struck in the middle of a reply.
-//     Receive (timeout 0) sets no deadline at all (Conn.deadline in
-//     internal/pool/conn.go returns noDeadline). So the reader calls
-//     Receive, with no deadline, and a separate watchdog closes the PubSub
-//     when proofs stop; Close makes the blocked read return an error
-//     (pool.Conn.Close closes the net.Conn; safe while a read is blocked).
-//   - Ping(ctx, payload) takes the PubSub's mutex, writes PING on the
-//     subscribed connection (the one Receive reads) and returns without
-//     reading; the reply comes through Receive as *Pong{Payload}: in RESP2
-//     as the ["pong", payload] array, in RESP3 as a plain string
-//     (newMessage). A PONG proves that the subscribed server has delivered
-//     what it received, not that it receives what the other nodes publish:
-//     a subscription left on a replica, or on a node that lost the slot,
-//     answers PINGs as well (seen in TestClusterSlotMigration). So the
-//     proof here is a probe published like an invalidation instead (see
-//     proofLoop), and PubSub.Ping is not used.
-//   - The Channel() health check (channel.initHealthCheck) sends PING and
-//     reconnects only if the write fails; it never waits for the PONG, so
-//     a half-open link goes unnoticed. Channel() also drops a message once
-//     its buffer stays full for chanSendTimeout, and ignores *Subscription
-//     and *Pong (channel.initMsgChan). This file uses neither.
-//   - Script.Run sends EVALSHA and falls back to EVAL on NOSCRIPT
-//     (script.go), so the publish scripts survive a server restart.
-//     READONLY errors make a command retried (shouldRetry in error.go) on
-//     a new connection, since they mark the old one bad (isBadConn).
-//   - In RESP3, the push processor leaves message, subscribe, unsubscribe
-//     and their sharded forms to PubSub (willHandleNotificationInClient in
-//     push/processor.go).
-//   - Client.Subscribe / ClusterClient.SSubscribe with channels ignore the
-//     error of the first SUBSCRIBE (redis.go, osscluster.go); this file
-//     makes an empty PubSub and calls PubSub.Subscribe / SSubscribe, which
-//     return it.
-//   - ClusterClient's PubSub dials the master of channels[0]'s slot (or a
-//     replica with ReadOnly) when it (re)connects, from the client's cached
-//     slot map (ClusterClient.pubSub in osscluster.go). A server-side
-//     sunsubscribe after a slot migration arrives as
-//     *Subscription{Kind: "sunsubscribe"} and nothing resubscribes
-//     (newMessage); this file reconnects on it. The SSUBSCRIBE of that
-//     reconnection, sent to the old owner, is answered with a MOVED error
-//     that Receive returns and that does not refresh the slot map (seen in
-//     TestClusterSlotMigration), so the reader asks for a reload
-//     (ClusterClient.ReloadState) before every reconnection. That reload
-//     runs asynchronously (clusterStateHolder.LazyReload): if it has not
-//     finished when the backoff ends, the bus subscribes at the old owner
-//     once more, which costs another reconnection and flush, never a
-//     missed invalidation.
+// How go-redis's PubSub reconnects, reads and routes, which the code below
+// is built on, is in docs/go-redis.md ("PubSub"), with where each fact was
+// read.
 
 // PubSub is a [cache.Bus] over Redis pub/sub: the lowest latency, one
 // subscribed connection per PubSub shared by every namespace, and no replay
@@ -84,24 +26,19 @@ import (
 // Create one PubSub per process, pass it to every [cache.Cache], and close
 // it after them. It is safe for concurrent use.
 type PubSub struct {
-	*hub
+	hub     *hub
 	client  redis.UniversalClient
 	cluster *redis.ClusterClient // non-nil: sharded pub/sub
 	channel string
 	probe   string // this bus's proof channel, in channel's slot
 
-	ctx    context.Context // cancelled by Close
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	kick   chan struct{} // capacity 1: prove now
-	send1  chan string   // capacity 1: a probe payload for the prober
+	kick  chan struct{} // capacity 1: prove now
+	send1 chan string   // capacity 1: a probe payload for the prober
 
 	linkMu  sync.Mutex    // guards the fields below
 	ps      *redis.PubSub // the current subscription; nil between connections
 	probing outstanding   // the probe waiting to come back, if any
-	closed  bool
-
-	closeOnce sync.Once
+	closed  bool          // set by hangUp: open makes no new subscription
 }
 
 // outstanding is a probe published and not yet received.
@@ -144,20 +81,14 @@ func NewPubSub(client redis.UniversalClient, opts *PubSubOptions) (*PubSub, erro
 	if err != nil {
 		return nil, err
 	}
-	probe, err := probeChannel(cfg.name, cfg.node, cluster != nil)
+	probe, err := probeChannel(cfg.name, cfg.node(), cluster != nil)
 	if err != nil {
 		return nil, err
 	}
 	b := &PubSub{client: client, cluster: cluster, channel: cfg.name, probe: probe,
 		kick: make(chan struct{}, 1), send1: make(chan string, 1)}
-	b.hub = newHub(cfg, b.send)
-	b.log = cfg.log.With("channel", cfg.name, "node", cfg.node.String())
-	b.ctx, b.cancel = context.WithCancel(context.Background())
-	b.wg.Add(4)
-	go func() { defer b.wg.Done(); b.batch.run(b.ctx) }()
-	go func() { defer b.wg.Done(); b.readLoop() }()
-	go func() { defer b.wg.Done(); b.proofLoop() }()
-	go func() { defer b.wg.Done(); b.probeLoop() }()
+	b.hub = newHub(cfg, b)
+	b.hub.start()
 	return b, nil
 }
 
@@ -182,15 +113,15 @@ func probeChannel(channel string, node nodeID, cluster bool) (string, error) {
 }
 
 // Subscribe registers h for the invalidations of namespace published by
-// other nodes and by the other subscriptions of this PubSub. The returned
+// other nodes and by the other subscriptions of this PubSub, for a cache
+// whose staleness bound is maxStaleness; the bus keeps the smallest bound
+// of its subscriptions (see [PubSubOptions.ProofInterval]). The returned
 // Subscription reports no proof until the bus has proven its link after
-// this call. Subscribe returns ErrClosed after Close.
-func (b *PubSub) Subscribe(namespace string, h cache.Handler) (cache.Subscription, error) {
-	s, err := b.subscribe(namespace, h)
-	if err != nil {
-		return nil, err
-	}
-	return s, nil
+// this call. Subscribe returns ErrClosed after Close, and an error for
+// which errors.Is(err, cache.ErrInvalidOptions) is true for a maxStaleness
+// not longer than ProofInterval.
+func (b *PubSub) Subscribe(namespace string, h cache.Handler, maxStaleness time.Duration) (cache.Subscription, error) {
+	return b.hub.subscribe(namespace, h, maxStaleness)
 }
 
 // Publish announces that keys of namespace changed to every node, this one
@@ -206,17 +137,19 @@ func (b *PubSub) Publish(ctx context.Context, namespace string, keys []cache.Inv
 }
 
 // Stats returns a snapshot of the counters.
-func (b *PubSub) Stats() Stats { return b.stats.snapshot() }
+func (b *PubSub) Stats() Stats { return b.hub.stats.snapshot() }
 
-// Proven reports whether the bus's link was proven within MaxStaleness and
-// has not been detected lost since: whether a cache on this bus, with the
-// same MaxStaleness, serves cached values now. It is false before the
-// first proof, from the moment the bus notices a failed connection, a
-// server-side unsubscribe or a probe that did not come back until the next
-// proof, once MaxStaleness has passed since the last proof (a silent
-// link), and after Close. A publisher that must not act on an unproven
-// link, such as package store's outbox relay (DESIGN race 17), checks it;
-// so can a health check. It is cheap: two atomic loads and a clock read.
+// Proven reports whether the bus's link was proven within its staleness
+// bound and has not been detected lost since: whether a cache on this bus
+// with the smallest MaxStaleness of its subscriptions serves cached values
+// now. Without a subscription the bound is 1s, or ten ProofIntervals if
+// that is longer. Proven is false before the first proof, from the moment
+// the bus notices a failed connection, a server-side unsubscribe or a
+// probe that did not come back until the next proof, once the bound has
+// passed since the last proof (a silent link), and after Close. A
+// publisher that must not act on an unproven link, such as package store's
+// outbox relay (DESIGN race 17), checks it; so can a health check. It is
+// cheap: three atomic loads and a clock read.
 func (b *PubSub) Proven() bool { return b.hub.proven() }
 
 // Close stops every goroutine of the bus and waits for them, closes its
@@ -226,36 +159,22 @@ func (b *PubSub) Proven() bool { return b.hub.proven() }
 // proof afterwards. Close is safe to call more than once and always
 // returns nil.
 func (b *PubSub) Close() error {
-	b.closeOnce.Do(func() {
-		b.linkMu.Lock()
-		b.closed = true
-		ps := b.ps
-		b.linkMu.Unlock()
-		b.cancel()
-		if ps != nil {
-			_ = ps.Close() // unblocks the reader's Receive
-		}
-		b.wg.Wait()
-		b.hub.close()
-	})
+	b.hub.close()
 	return nil
 }
 
 // The bus publishes through these scripts, never with a bare PUBLISH or
 // SPUBLISH. A script that starts with #!lua and declares no flags may
-// write (Redis 7), so only a master runs it: a replica refuses it, with
-// MOVED on a cluster (and the cluster client then refreshes its slot map
-// and retries at the master) or READONLY otherwise (and go-redis drops the
-// connection, isBadConn in error.go, so the next one goes to the current
-// master). A bare SPUBLISH, by contrast, is accepted by a replica and
-// delivered only to that replica's subscribers, ahead of what the master
-// relays to them (measured on Redis 7.0.15), so a node whose client still
-// routes the slot to a former master would publish where nobody else
-// does, and prove its own link with probes that overtake everybody else's
-// invalidations. Through the scripts every invalidation and every probe is
-// ordered by the one master, which relays them, in that order, to
-// subscriptions on its replicas too. KEYS[1] is the channel; on a cluster
-// it must be declared for the script to run in its slot.
+// write (Redis 7), so only a master runs it; a replica refuses it, and the
+// client retries at the master. A bare SPUBLISH would be accepted by a
+// replica and delivered only to its own subscribers, ahead of what the
+// master relays (docs/go-redis.md, "Redis"): a node whose client still
+// routes the slot to a former master would prove its own link with probes
+// that overtake everybody else's invalidations. Through the scripts every
+// invalidation and every probe is ordered by the one master, which relays
+// them, in that order, to subscriptions on its replicas too. KEYS[1] is
+// the channel; on a cluster it must be declared for the script to run in
+// its slot.
 var (
 	publishScript = redis.NewScript(`#!lua
 for i = 1, #ARGV do redis.call('PUBLISH', KEYS[1], ARGV[i]) end
@@ -280,8 +199,8 @@ func (b *PubSub) runScript(ctx context.Context, channel string, payloads ...any)
 // neither exceeds Redis's limits nor holds its event loop for long.
 const scriptBytes = 4 * MaxMessageSize
 
-// send publishes a round's messages, in order: one script call, or a few
-// in a row for a large round.
+// send implements transport: it publishes a round's messages, in order, in
+// one script call, or a few in a row for a large round.
 func (b *PubSub) send(ctx context.Context, msgs [][]byte) error {
 	payloads := make([]any, 0, len(msgs))
 	size := 0
@@ -298,61 +217,81 @@ func (b *PubSub) send(ctx context.Context, msgs [][]byte) error {
 	return nil
 }
 
+// run implements transport: it runs the reader, the proof goroutine and
+// the prober until ctx ends, then hangs up the subscription, which ends
+// the reader's Receive (no context does), and waits for them.
+func (b *PubSub) run(ctx context.Context) {
+	var wg sync.WaitGroup
+	wg.Go(func() { b.readLoop(ctx) })
+	wg.Go(func() { b.proofLoop(ctx) })
+	wg.Go(func() { b.probeLoop(ctx) })
+	<-ctx.Done()
+	b.hangUp()
+	wg.Wait()
+}
+
+// hangUp closes the current subscription, and keeps open from making
+// another.
+func (b *PubSub) hangUp() {
+	b.linkMu.Lock()
+	b.closed = true
+	ps := b.ps
+	b.linkMu.Unlock()
+	if ps != nil {
+		_ = ps.Close()
+	}
+}
+
 // readLoop is the reader goroutine: it subscribes, receives until the
-// connection fails, and starts again after a backoff, until Close.
-func (b *PubSub) readLoop() {
+// connection fails, and starts again after a backoff, until ctx ends.
+func (b *PubSub) readLoop(ctx context.Context) {
 	var (
 		confirmed bool // the bus's first subscription has been confirmed
 		attempt   int  // failed connections since the last confirmation
 	)
 	for {
-		ps, err := b.open()
+		ps, err := b.open(ctx)
 		if err == nil {
-			err = b.receiveLoop(ps, &confirmed, &attempt)
+			err = b.receiveLoop(ctx, ps, &confirmed, &attempt)
 		}
-		if b.ctx.Err() == nil {
+		if ctx.Err() == nil {
 			// The link failed, or never came up: end the proof now.
 			// Until this node subscribes again, whatever the others
 			// publish goes past it.
-			b.linkLost()
+			b.hub.linkLost()
 		}
 		if ps != nil {
 			_ = ps.Close()
 		}
-		if b.ctx.Err() != nil {
+		if ctx.Err() != nil {
 			return
 		}
-		b.stats.reconnects.Add(1)
 		if b.cluster != nil {
 			// The subscription is routed by the client's slot map, which
 			// neither a sunsubscribe nor a MOVED reply to SSUBSCRIBE
 			// refreshes: without this the bus would subscribe at the old
 			// owner again and again. The reload is asynchronous; the
 			// backoff below usually gives it time.
-			b.cluster.ReloadState(b.ctx)
+			b.cluster.ReloadState(ctx)
 		}
-		d := backoff.Policy{Min: 10 * time.Millisecond, Max: b.cfg.maxBackoff}.Wait(attempt)
-		attempt++
-		b.log.Warn("invalidate: subscription lost; reconnecting", "err", err, "after", d)
-		select {
-		case <-b.ctx.Done():
+		if !b.hub.retry(ctx, attempt, "subscription lost", err) {
 			return
-		case <-time.After(d):
 		}
+		attempt++
 	}
 }
 
 // open makes a new subscription to the channel and the probe channel, and
 // publishes it for the proof goroutine.
-func (b *PubSub) open() (*redis.PubSub, error) {
+func (b *PubSub) open(ctx context.Context) (*redis.PubSub, error) {
 	var ps *redis.PubSub
 	var err error
 	if b.cluster != nil {
-		ps = b.cluster.SSubscribe(b.ctx)
-		err = ps.SSubscribe(b.ctx, b.channel, b.probe)
+		ps = b.cluster.SSubscribe(ctx)
+		err = ps.SSubscribe(ctx, b.channel, b.probe)
 	} else {
-		ps = b.client.Subscribe(b.ctx)
-		err = ps.Subscribe(b.ctx, b.channel, b.probe)
+		ps = b.client.Subscribe(ctx)
+		err = ps.Subscribe(ctx, b.channel, b.probe)
 	}
 	if err != nil {
 		_ = ps.Close()
@@ -370,14 +309,10 @@ func (b *PubSub) open() (*redis.PubSub, error) {
 	return ps, nil
 }
 
-// errUnsubscribed reports that the server ended the subscription by itself,
-// as Redis Cluster does when the channel's slot migrates (race 15).
-var errUnsubscribed = errors.New("invalidate: the server unsubscribed the channel")
-
 // receiveLoop reads ps until it fails and returns the error. It applies
 // every message before reading the next, so a probe is processed after
 // every message the server delivered before it.
-func (b *PubSub) receiveLoop(ps *redis.PubSub, confirmed *bool, attempt *int) error {
+func (b *PubSub) receiveLoop(ctx context.Context, ps *redis.PubSub, confirmed *bool, attempt *int) error {
 	defer func() {
 		b.linkMu.Lock()
 		if b.ps == ps {
@@ -386,7 +321,7 @@ func (b *PubSub) receiveLoop(ps *redis.PubSub, confirmed *bool, attempt *int) er
 		b.linkMu.Unlock()
 	}()
 	for {
-		msg, err := ps.Receive(b.ctx)
+		msg, err := ps.Receive(ctx)
 		if err != nil {
 			return err
 		}
@@ -418,9 +353,9 @@ func (b *PubSub) receiveLoop(ps *redis.PubSub, confirmed *bool, attempt *int) er
 				// that began before it is not installed (the cache's guard
 				// sees the flush).
 				if *confirmed {
-					b.flushAll(causeResubscribe)
+					b.hub.flushAll(causeResubscribe)
 				} else {
-					b.flushAll(causeFirstSubscription)
+					b.hub.flushAll(causeFirstSubscription)
 				}
 				*confirmed = true
 				*attempt = 0
@@ -478,21 +413,22 @@ func (b *PubSub) kickProof() {
 // delivered (race 5). A PING would only show that the subscribed server
 // is alive, not that it is the one the invalidations go through.
 //
-// A probe that has not come back after MaxStaleness means the link is dead
+// A probe that has not come back within the bus's staleness bound (the
+// smallest MaxStaleness of its subscriptions) means the link is dead
 // or goes to the wrong place, although TCP may not know it yet: proofLoop
 // closes the subscription, and the reader subscribes again (maybe
 // elsewhere) and flushes.
-func (b *PubSub) proofLoop() {
-	t := time.NewTicker(b.cfg.proofInterval)
+func (b *PubSub) proofLoop(ctx context.Context) {
+	t := time.NewTicker(b.hub.cfg.ProofInterval)
 	defer t.Stop()
 	for {
 		select {
-		case <-b.ctx.Done():
+		case <-ctx.Done():
 			return
 		case <-t.C:
 		case <-b.kick:
 		}
-		now := b.now()
+		now := b.hub.now()
 		b.linkMu.Lock()
 		ps, p := b.ps, b.probing
 		if ps == nil {
@@ -500,14 +436,14 @@ func (b *PubSub) proofLoop() {
 			continue
 		}
 		if p.ok {
-			if now-p.sentAt <= int64(b.cfg.maxStaleness) {
+			if now-p.sentAt <= int64(b.hub.maxStaleness()) {
 				b.linkMu.Unlock()
 				continue
 			}
 			b.ps, b.probing = nil, outstanding{}
 			b.linkMu.Unlock()
-			b.stats.proofTimeouts.Add(1)
-			b.log.Warn("invalidate: no proof within MaxStaleness; reconnecting", "waited", time.Duration(now-p.sentAt))
+			b.hub.stats.proofTimeouts.Add(1)
+			b.hub.log.Warn("invalidate: no proof within the staleness bound; reconnecting", "waited", time.Duration(now-p.sentAt))
 			_ = ps.Close()
 			continue
 		}
@@ -526,14 +462,14 @@ func (b *PubSub) proofLoop() {
 // probeLoop is the prober goroutine: it publishes the probes proofLoop
 // hands it. It is separate so that a publication stuck on a stalled link
 // (for up to the client's timeouts) does not hold up proofLoop's timeout.
-func (b *PubSub) probeLoop() {
+func (b *PubSub) probeLoop(ctx context.Context) {
 	for {
 		select {
-		case <-b.ctx.Done():
+		case <-ctx.Done():
 			return
 		case payload := <-b.send1:
-			if err := b.runScript(b.ctx, b.probe, payload); err != nil && b.ctx.Err() == nil {
-				b.log.Debug("invalidate: publishing a probe failed", "err", err)
+			if err := b.runScript(ctx, b.probe, payload); err != nil && ctx.Err() == nil {
+				b.hub.log.Debug("invalidate: publishing a probe failed", "err", err)
 			}
 		}
 	}

@@ -36,13 +36,10 @@ func TestNewPubSubRejects(t *testing.T) {
 		{"nil client", nil, nil},
 		{"ring", ring, nil},
 		{"cluster reading replicas", replicas, nil},
-		{"negative ProofInterval", client, &PubSubOptions{ProofInterval: -1}},
-		{"negative MaxStaleness", client, &PubSubOptions{MaxStaleness: -1}},
-		{"ProofInterval not below MaxStaleness", client, &PubSubOptions{ProofInterval: time.Second, MaxStaleness: time.Second}},
-		{"default ProofInterval above MaxStaleness", client, &PubSubOptions{MaxStaleness: 50 * time.Millisecond}},
-		{"negative BatchWindow", client, &PubSubOptions{BatchWindow: -1}},
-		{"negative BatchKeys", client, &PubSubOptions{BatchKeys: -1}},
-		{"negative MaxBackoff", client, &PubSubOptions{MaxBackoff: -1}},
+		{"negative ProofInterval", client, &PubSubOptions{Options: Options{ProofInterval: -1}}},
+		{"negative BatchWindow", client, &PubSubOptions{Options: Options{BatchWindow: -1}}},
+		{"negative BatchKeys", client, &PubSubOptions{Options: Options{BatchKeys: -1}}},
+		{"negative MaxBackoff", client, &PubSubOptions{Options: Options{MaxBackoff: -1}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -60,16 +57,16 @@ func TestNewPubSubRejects(t *testing.T) {
 func TestPubSubSubscribeRejects(t *testing.T) {
 	t.Parallel()
 	b := newPubSub(t, newClient(t, nil), testOptions(uniqueName(t)))
-	if _, err := b.Subscribe("", new(invalidatetest.Recorder)); err == nil {
+	if _, err := b.Subscribe("", new(invalidatetest.Recorder), staleness); err == nil {
 		t.Errorf("Subscribe(\"\") error = nil; want an error")
 	}
-	if _, err := b.Subscribe(strings.Repeat("n", cache.MaxKeyLen+1), new(invalidatetest.Recorder)); err == nil {
+	if _, err := b.Subscribe(strings.Repeat("n", cache.MaxKeyLen+1), new(invalidatetest.Recorder), staleness); err == nil {
 		t.Errorf("Subscribe(too long) error = nil; want an error")
 	}
-	if _, err := b.Subscribe("ns", nil); err == nil {
+	if _, err := b.Subscribe("ns", nil, staleness); err == nil {
 		t.Errorf("Subscribe(nil handler) error = nil; want an error")
 	}
-	s, err := b.Subscribe("ns", new(invalidatetest.Recorder))
+	s, err := b.Subscribe("ns", new(invalidatetest.Recorder), staleness)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -79,14 +76,14 @@ func TestPubSubSubscribeRejects(t *testing.T) {
 		}
 	}
 	_ = b.Close()
-	if _, err := b.Subscribe("ns", new(invalidatetest.Recorder)); !errors.Is(err, ErrClosed) {
+	if _, err := b.Subscribe("ns", new(invalidatetest.Recorder), staleness); !errors.Is(err, ErrClosed) {
 		t.Errorf("Subscribe after Close error = %v; want ErrClosed", err)
 	}
 	if err := s.Publish(context.Background(), []cache.Invalidation{{Key: "k"}}); !errors.Is(err, ErrClosed) {
 		t.Errorf("Publish after Close error = %v; want ErrClosed", err)
 	}
-	if lp := s.LastProof(); !lp.IsZero() {
-		t.Errorf("LastProof after Close = %v; want zero", lp)
+	if age, ok := s.ProofAge(); ok {
+		t.Errorf("ProofAge after Close = %v, true; want no proof", age)
 	}
 }
 
@@ -101,7 +98,7 @@ func TestPubSubCloseStopsGoroutines(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := b.Subscribe("ns", new(invalidatetest.Recorder))
+	s, err := b.Subscribe("ns", new(invalidatetest.Recorder), staleness)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,7 +125,7 @@ func TestPubSubPublishError(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer b.Close()
-	s, err := b.Subscribe("ns", new(invalidatetest.Recorder))
+	s, err := b.Subscribe("ns", new(invalidatetest.Recorder), staleness)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,8 +141,8 @@ func TestPubSubPublishError(t *testing.T) {
 	if err := s.Publish(ctx, []cache.Invalidation{{Key: "k"}}); !errors.Is(err, context.Canceled) {
 		t.Errorf("Publish(cancelled ctx) error = %v; want context.Canceled", err)
 	}
-	if lp := s.LastProof(); !lp.IsZero() {
-		t.Errorf("LastProof() without Redis = %v; want zero", lp)
+	if age, ok := s.ProofAge(); ok {
+		t.Errorf("ProofAge() without Redis = %v, true; want no proof", age)
 	}
 }
 
@@ -159,8 +156,8 @@ func TestPubSubGarbage(t *testing.T) {
 	b := newPubSub(t, newClient(t, nil), testOptions(channel))
 	a := newPubSub(t, newClient(t, nil), testOptions(channel))
 	rb := new(invalidatetest.Recorder)
-	sb, _ := b.Subscribe("ns", rb)
-	sa, _ := a.Subscribe("ns", new(invalidatetest.Recorder))
+	sb, _ := b.Subscribe("ns", rb, staleness)
+	sa, _ := a.Subscribe("ns", new(invalidatetest.Recorder), staleness)
 	invalidatetest.WaitProven(t, sa, sb)
 	rb.Reset()
 
@@ -207,8 +204,8 @@ func TestPubSubGarbage(t *testing.T) {
 	if st.FlushesResubscribe != 0 || st.Reconnects != 0 {
 		t.Errorf("garbage broke the link: %+v", st)
 	}
-	proof := sb.LastProof()
-	invalidatetest.WaitFor(t, "a new proof", func() bool { return sb.LastProof().After(proof) })
+	start := time.Now()
+	invalidatetest.WaitFor(t, "a new proof", func() bool { return invalidatetest.ProofTime(sb).After(start) })
 }
 
 func publishKeys(t testing.TB, s cache.Subscription, keys ...string) {
@@ -232,7 +229,7 @@ func TestPubSubSequenceGap(t *testing.T) {
 	raw := newClient(t, nil)
 	b := newPubSub(t, newClient(t, nil), testOptions(channel))
 	rb := new(invalidatetest.Recorder)
-	sb, _ := b.Subscribe("ns", rb)
+	sb, _ := b.Subscribe("ns", rb, staleness)
 	invalidatetest.WaitProven(t, sb)
 	rb.Reset()
 	var x, y nodeID
@@ -250,7 +247,7 @@ func TestPubSubSequenceGap(t *testing.T) {
 		{x, 10, "x10", true}, // 9 is missing
 		{x, 11, "x11", false},
 		{x, 11, "x11again", true}, // a replay
-		{b.cfg.node, 99, "echo", false},
+		{b.hub.cfg.node(), 99, "echo", false},
 		{y, 2, "y2", false},
 	}
 	ctx := context.Background()
@@ -268,7 +265,7 @@ func TestPubSubSequenceGap(t *testing.T) {
 		switch {
 		case s.gap:
 			gaps++
-		case s.origin != b.cfg.node:
+		case s.origin != b.hub.cfg.node():
 			want = append(want, s.key)
 		}
 	}
@@ -307,11 +304,11 @@ func TestPubSubHandlerPanic(t *testing.T) {
 	channel := uniqueName(t)
 	a := newPubSub(t, newClient(t, nil), testOptions(channel))
 	b := newPubSub(t, newClient(t, nil), testOptions(channel))
-	sa, _ := a.Subscribe("ns", new(invalidatetest.Recorder))
+	sa, _ := a.Subscribe("ns", new(invalidatetest.Recorder), staleness)
 	h := new(panicky)
-	sb, _ := b.Subscribe("ns", h)
+	sb, _ := b.Subscribe("ns", h, staleness)
 	good := new(invalidatetest.Recorder)
-	sg, _ := b.Subscribe("ns", good)
+	sg, _ := b.Subscribe("ns", good, staleness)
 	invalidatetest.WaitProven(t, sa, sb, sg)
 	h.Reset()
 
@@ -321,19 +318,19 @@ func TestPubSubHandlerPanic(t *testing.T) {
 	if st := b.Stats(); st.HandlerPanics != 1 {
 		t.Errorf("HandlerPanics = %d; want 1", st.HandlerPanics)
 	}
-	if sb.LastProof().IsZero() {
+	if !invalidatetest.Proven(sb) {
 		t.Errorf("a handler that panicked but flushed reports no proof")
 	}
 
 	h.flushPanics.Store(true)
 	publishKeys(t, sa, "k2")
-	invalidatetest.WaitFor(t, "the handler to be unproven", func() bool { return sb.LastProof().IsZero() })
-	if sg.LastProof().IsZero() {
+	invalidatetest.WaitFor(t, "the handler to be unproven", func() bool { return !invalidatetest.Proven(sb) })
+	if !invalidatetest.Proven(sg) {
 		t.Errorf("another handler lost its proof")
 	}
 	h.flushPanics.Store(false)
 	publishKeys(t, sa) // a namespace flush, which now succeeds
-	invalidatetest.WaitFor(t, "the handler to be proven again", func() bool { return !sb.LastProof().IsZero() })
+	invalidatetest.WaitProven(t, sb)
 }
 
 // TestPubSubBatching checks that concurrent publications share messages,
@@ -357,9 +354,9 @@ func TestPubSubBatching(t *testing.T) {
 			opts.BatchKeys, opts.BatchWindow = tt.batchKeys, tt.window
 			a := newPubSub(t, newClient(t, nil), opts)
 			b := newPubSub(t, newClient(t, nil), testOptions(channel))
-			sa, _ := a.Subscribe("ns", new(invalidatetest.Recorder))
+			sa, _ := a.Subscribe("ns", new(invalidatetest.Recorder), staleness)
 			rb := new(invalidatetest.Recorder)
-			sb, _ := b.Subscribe("ns", rb)
+			sb, _ := b.Subscribe("ns", rb, staleness)
 			invalidatetest.WaitProven(t, sa, sb)
 			rb.Reset()
 			const writers, each = 20, 25
@@ -405,9 +402,9 @@ func TestPubSubLargeBatchSplits(t *testing.T) {
 	channel := uniqueName(t)
 	a := newPubSub(t, newClient(t, nil), testOptions(channel))
 	b := newPubSub(t, newClient(t, nil), testOptions(channel))
-	sa, _ := a.Subscribe("ns", new(invalidatetest.Recorder))
+	sa, _ := a.Subscribe("ns", new(invalidatetest.Recorder), staleness)
 	rb := new(invalidatetest.Recorder)
-	sb, _ := b.Subscribe("ns", rb)
+	sb, _ := b.Subscribe("ns", rb, staleness)
 	invalidatetest.WaitProven(t, sa, sb)
 	keys := make([]string, 1200) // 1200 × 4 KiB: over BatchKeys, over 4 MiB (two script calls)
 	for i := range keys {
@@ -502,8 +499,8 @@ func TestPubSubSilentLink(t *testing.T) {
 	s.waitBypassing()
 	invalidatetest.WaitFor(t, "a proof timeout", func() bool { return reader.Stats().ProofTimeouts >= 1 })
 	time.Sleep(300 * time.Millisecond) // let writes pile up behind the stalled link
-	if lp := s.probe.LastProof(); time.Since(lp) < 300*time.Millisecond {
-		t.Errorf("LastProof advanced during the stall: %v ago", time.Since(lp))
+	if age, ok := s.probe.ProofAge(); ok && age < staleness {
+		t.Errorf("the proof advanced during the stall: %v ago", age)
 	}
 	proxy.Resume()
 	invalidatetest.WaitFor(t, "a flush after the stall", func() bool {
@@ -606,13 +603,12 @@ func TestPubSubSlowSubscriber(t *testing.T) {
 	}
 	admin := client("")
 	writer := newPubSub(t, client(""), testOptions("ch"))
-	// A long MaxStaleness, so that only Redis can end the subscription.
-	slowOpts := testOptions("ch")
-	slowOpts.MaxStaleness = time.Minute
-	slow := newPubSub(t, client("slow"), slowOpts)
-	sw, _ := writer.Subscribe("ns", new(invalidatetest.Recorder))
+	// A long MaxStaleness (below), so that only Redis can end the
+	// subscription.
+	slow := newPubSub(t, client("slow"), testOptions("ch"))
+	sw, _ := writer.Subscribe("ns", new(invalidatetest.Recorder), staleness)
 	h := &blocking{gate: make(chan struct{})}
-	ss, _ := slow.Subscribe("ns", h)
+	ss, _ := slow.Subscribe("ns", h, time.Minute)
 	invalidatetest.WaitProven(t, sw, ss)
 
 	publishKeys(t, sw, "first") // blocks the slow reader
@@ -626,27 +622,27 @@ func TestPubSubSlowSubscriber(t *testing.T) {
 	}
 	close(h.gate)
 	invalidatetest.WaitFor(t, "a resubscription flush", func() bool { return slow.Stats().FlushesResubscribe >= 1 })
-	invalidatetest.WaitFor(t, "a proof after it", func() bool { return !ss.LastProof().IsZero() })
+	invalidatetest.WaitProven(t, ss)
 	publishKeys(t, sw, "after")
 	invalidatetest.WaitFor(t, "delivery after the reconnect", func() bool { return h.Has("after") })
 	t.Logf("slow bus %+v", slow.Stats())
 }
 
 // TestProveLateFlushes checks the proof rule on its own: a proof that comes
-// more than MaxStaleness after the previous one flushes first, unless a
-// flush happened in between.
+// more than the bus's staleness bound after the previous one flushes
+// first, unless a flush happened in between.
 func TestProveLateFlushes(t *testing.T) {
 	t.Parallel()
 	cfg, err := (&PubSubOptions{}).config()
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := newHub(cfg, func(context.Context, [][]byte) error { return nil })
+	h := newHub(cfg, idleTransport{})
 	r := new(invalidatetest.Recorder)
-	if _, err := h.subscribe("ns", r); err != nil {
+	if _, err := h.subscribe("ns", r, time.Second); err != nil {
 		t.Fatal(err)
 	}
-	ms := int64(cfg.maxStaleness)
+	ms := int64(time.Second)
 	steps := []struct {
 		at      int64
 		flushes int
@@ -673,3 +669,83 @@ func TestProveLateFlushes(t *testing.T) {
 		t.Errorf("Stats() = %+v; want FlushesProofTimeout 3, Proofs 7", st)
 	}
 }
+
+// TestStalenessBound checks that the bus keeps the staleness bound of its
+// subscriptions, set once, in the caches' options: the smallest of those
+// open, or the default without one (a relay-only process); and that
+// Subscribe rejects a bound the bus cannot keep, one not longer than its
+// ProofInterval, with an error a cache passes on as its own invalid
+// options.
+func TestStalenessBound(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		interval, def time.Duration
+	}{
+		{0, time.Second}, // default ProofInterval, 100ms
+		{500 * time.Millisecond, 5 * time.Second}, // ten ProofIntervals
+	} {
+		cfg, err := (&PubSubOptions{Options: Options{ProofInterval: tt.interval}}).config()
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := newHub(cfg, idleTransport{})
+		if got := h.maxStaleness(); got != tt.def {
+			t.Errorf("ProofInterval %v: bound without a subscription = %v; want %v", cfg.ProofInterval, got, tt.def)
+		}
+		var subs []cache.Subscription
+		for _, ms := range []time.Duration{3 * tt.def, 2 * tt.def, 4 * tt.def} {
+			s, err := h.subscribe("ns", new(invalidatetest.Recorder), ms)
+			if err != nil {
+				t.Fatalf("subscribe(%v) error = %v", ms, err)
+			}
+			subs = append(subs, s)
+		}
+		for _, step := range []struct {
+			close int
+			want  time.Duration
+		}{
+			{-1, 2 * tt.def}, // the smallest
+			{0, 2 * tt.def},
+			{1, 4 * tt.def}, // the smallest of those left
+			{2, tt.def},     // none left: the default
+		} {
+			if step.close >= 0 {
+				_ = subs[step.close].Close()
+			}
+			if got := h.maxStaleness(); got != step.want {
+				t.Errorf("ProofInterval %v, after closing subscription %d: bound = %v; want %v", cfg.ProofInterval, step.close, got, step.want)
+			}
+		}
+		for _, ms := range []time.Duration{-1, 0, cfg.ProofInterval} {
+			if _, err := h.subscribe("ns", new(invalidatetest.Recorder), ms); !errors.Is(err, cache.ErrInvalidOptions) {
+				t.Errorf("ProofInterval %v: subscribe(%v) error = %v; want cache.ErrInvalidOptions", cfg.ProofInterval, ms, err)
+			}
+		}
+		if got := h.maxStaleness(); got != tt.def {
+			t.Errorf("bound after rejected subscriptions = %v; want %v", got, tt.def)
+		}
+	}
+	// Through a cache, the error is the cache's own invalid options.
+	client := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"})
+	t.Cleanup(func() { _ = client.Close() })
+	load := func(context.Context, string) (int, error) { return 0, nil }
+	slow := Options{ProofInterval: time.Second}
+	for _, b := range []cache.Bus{
+		newPubSub(t, client, &PubSubOptions{Options: slow}),
+		newStreams(t, client, &StreamsOptions{Options: slow}),
+	} {
+		if _, err := cache.New("ns", 10, load, &cache.Options[string, int]{Bus: b}); !errors.Is(err, cache.ErrInvalidOptions) {
+			t.Errorf("%T: cache.New with the default MaxStaleness on a bus proving every second: error = %v; want cache.ErrInvalidOptions", b, err)
+		}
+	}
+	if _, err := NewInProcess().Subscribe("ns", new(invalidatetest.Recorder), 0); !errors.Is(err, cache.ErrInvalidOptions) {
+		t.Errorf("InProcess.Subscribe(0) error = %v; want cache.ErrInvalidOptions", err)
+	}
+}
+
+// idleTransport is a transport that sends nothing anywhere, for tests of
+// a hub on its own.
+type idleTransport struct{}
+
+func (idleTransport) send(context.Context, [][]byte) error { return nil }
+func (idleTransport) run(ctx context.Context)              { <-ctx.Done() }

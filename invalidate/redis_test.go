@@ -43,11 +43,18 @@ func uniqueName(t testing.TB) string {
 	return "coherent-test:" + name + ":" + hex.EncodeToString(b[:])
 }
 
-// testOptions are fast proofs for tests: faults show within a fraction of
-// a second.
+// testOptions are fast proofs for tests: with subscriptions of staleness,
+// faults show within a fraction of a second.
 func testOptions(channel string) *PubSubOptions {
-	return &PubSubOptions{Channel: channel, ProofInterval: 10 * time.Millisecond, MaxStaleness: 300 * time.Millisecond, MaxBackoff: 50 * time.Millisecond}
+	return &PubSubOptions{Channel: channel, Options: testBusOptions}
 }
+
+// testBusOptions are the options of testOptions and testStreamsOptions.
+var testBusOptions = Options{ProofInterval: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond}
+
+// staleness is the MaxStaleness with which the tests subscribe, unless
+// they need another.
+const staleness = 300 * time.Millisecond
 
 func newPubSub(t testing.TB, client redis.UniversalClient, opts *PubSubOptions) *PubSub {
 	t.Helper()

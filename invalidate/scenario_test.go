@@ -107,7 +107,7 @@ func newUnprovenScenario(t *testing.T, writerBus, readerBus cache.Bus, maxStalen
 	}
 	s.writer, s.reader = newCache(writerBus), newCache(readerBus)
 	var err error
-	if s.probe, err = readerBus.Subscribe("probe", new(invalidatetest.Recorder)); err != nil {
+	if s.probe, err = readerBus.Subscribe("probe", new(invalidatetest.Recorder), maxStaleness); err != nil {
 		t.Fatalf("Subscribe error = %v", err)
 	}
 	t.Cleanup(func() { _ = s.probe.Close() })
@@ -163,7 +163,7 @@ func (s *scenario) write(k string) {
 
 func (s *scenario) read(k string) {
 	start := time.Now()
-	proof := s.probe.LastProof()
+	proof := invalidatetest.ProofTime(s.probe)
 	bound := start.Add(-s.maxStaleness - s.maxStaleness/2)
 	var floor int64
 	s.mu.Lock()

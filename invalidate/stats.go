@@ -22,7 +22,8 @@ type Stats struct {
 	// or XREAD round trips (Streams).
 	Proofs uint64
 	// ProofTimeouts counts connections declared dead because a probe did
-	// not come back within MaxStaleness (pub/sub).
+	// not come back within the bus's staleness bound, the smallest
+	// MaxStaleness of its subscriptions (pub/sub).
 	ProofTimeouts uint64
 	// Reconnects counts attempts to recover from a failed, killed or
 	// abandoned connection: resubscriptions (pub/sub), reads and position
@@ -60,8 +61,8 @@ type Stats struct {
 	// channel or writes to the stream.
 	MessagesMalformed uint64
 	// FlushesProofTimeout counts flushes because a proof arrived more than
-	// MaxStaleness after the previous one without a resubscription in
-	// between (pub/sub).
+	// the bus's staleness bound after the previous one without a
+	// resubscription in between (pub/sub).
 	FlushesProofTimeout uint64
 	// FlushesTrimmed counts flushes because the stream no longer held the
 	// reader's position: it was trimmed past it, deleted or lost in a

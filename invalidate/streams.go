@@ -1,17 +1,16 @@
 package invalidate
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
 
 	"github.com/coherentcache/coherent/cache"
-	"github.com/coherentcache/coherent/internal/backoff"
 )
 
 // Streams is a [cache.Bus] over a Redis stream: publications are XADDed
@@ -24,19 +23,14 @@ import (
 // Create one Streams per process, pass it to every [cache.Cache], and close
 // it after them. It is safe for concurrent use.
 type Streams struct {
-	*hub
+	hub     *hub
 	client  redis.UniversalClient // publishes
 	reader  redis.UniversalClient // reads; see readerClient
 	cluster *redis.ClusterClient  // reader, if it is one
-	owned   bool                  // reader was made by NewStreams, which closes it
+	owned   bool                  // reader was made by NewStreams; run closes it
 	key     string
 
 	xr xreader // parses the reader's XREAD replies; belongs to the reader goroutine
-
-	ctx       context.Context // cancelled by Close
-	cancel    context.CancelFunc
-	wg        sync.WaitGroup
-	closeOnce sync.Once
 }
 
 var _ cache.Bus = (*Streams)(nil)
@@ -53,18 +47,15 @@ const (
 // holdsScript reports whether the stream still holds the entry ARGV[1],
 // and the stream's max-deleted-entry-id. Trimming removes entries from the
 // head only, so while the entry is there, every entry after it is there
-// too, except those removed by XDEL, which max-deleted-entry-id reveals.
-// (XTRIM and MAXLEN do not update max-deleted-entry-id: measured on Redis
-// 7.0.15.)
+// too, except those removed by XDEL, which max-deleted-entry-id reveals
+// (trimming does not update it).
 //
 // The #!lua line (Redis 7) declares a script that may write, which a
-// read-only replica refuses with a READONLY error, and go-redis drops a
-// connection that got one (isBadConn in error.go). So a reader whose
-// connection ended up on a replica (a Sentinel failover keeps existing
-// connections) gets no proof from it, and its next connection goes to the
-// master; the XREAD before the check ran on the same connection (the
-// reader's pool holds one), so a read from a lagging replica is never
-// taken for a proof.
+// replica refuses: a reader whose connection ended up on a replica gets no
+// proof from it, and its next connection goes to the master. The XREAD
+// before the check ran on the same connection, so a read from a lagging
+// replica is never taken for a proof. See docs/go-redis.md ("Streams",
+// "Redis") for the facts this relies on.
 var holdsScript = redis.NewScript(`#!lua
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then
   return {0, ''}
@@ -99,25 +90,21 @@ func NewStreams(client redis.UniversalClient, opts *StreamsOptions) (*Streams, e
 	b := &Streams{client: client, key: cfg.name}
 	b.reader, b.owned = readerClient(client)
 	b.cluster, _ = b.reader.(*redis.ClusterClient)
-	b.hub = newHub(cfg, b.send)
-	b.log = cfg.log.With("stream", cfg.name, "node", cfg.node.String())
-	b.ctx, b.cancel = context.WithCancel(context.Background())
-	b.wg.Add(2)
-	go func() { defer b.wg.Done(); b.batch.run(b.ctx) }()
-	go func() { defer b.wg.Done(); b.readLoop() }()
+	b.hub = newHub(cfg, b)
+	b.hub.start()
 	return b, nil
 }
 
 // Subscribe registers h for the invalidations of namespace published by
-// other nodes and by the other subscriptions of this Streams. The returned
+// other nodes and by the other subscriptions of this Streams, for a cache
+// whose staleness bound is maxStaleness; the bus keeps the smallest bound
+// of its subscriptions (see [StreamsOptions.ProofInterval]). The returned
 // Subscription reports no proof until a read of the stream started after
-// this call has returned. Subscribe returns ErrClosed after Close.
-func (b *Streams) Subscribe(namespace string, h cache.Handler) (cache.Subscription, error) {
-	s, err := b.subscribe(namespace, h)
-	if err != nil {
-		return nil, err
-	}
-	return s, nil
+// this call has returned. Subscribe returns ErrClosed after Close, and an
+// error for which errors.Is(err, cache.ErrInvalidOptions) is true for a
+// maxStaleness not longer than ProofInterval.
+func (b *Streams) Subscribe(namespace string, h cache.Handler, maxStaleness time.Duration) (cache.Subscription, error) {
+	return b.hub.subscribe(namespace, h, maxStaleness)
 }
 
 // Publish announces that keys of namespace changed to every node, this one
@@ -127,51 +114,54 @@ func (b *Streams) Publish(ctx context.Context, namespace string, keys []cache.In
 }
 
 // Stats returns a snapshot of the counters.
-func (b *Streams) Stats() Stats { return b.stats.snapshot() }
+func (b *Streams) Stats() Stats { return b.hub.stats.snapshot() }
 
-// Proven reports whether the bus's link was proven within MaxStaleness and
-// has not been detected lost since: whether a cache on this bus, with the
-// same MaxStaleness, serves cached values now. It is false before the
-// first read of the stream, from the moment a read, a marker or a position
-// check fails, or the stream no longer holds the reader's position, until
-// the next read that proves the link, once MaxStaleness has passed since
-// the last proof (a silent link), and after Close. See [PubSub.Proven].
+// Proven reports whether the bus's link was proven within its staleness
+// bound and has not been detected lost since; see [PubSub.Proven]. It is
+// false before the first read of the stream, from the moment a read, a
+// marker or a position check fails, or the stream no longer holds the
+// reader's position, until the next read that proves the link, once the
+// bound has passed since the last proof (a silent link), and after Close.
 func (b *Streams) Proven() bool { return b.hub.proven() }
 
-// Close stops every goroutine of the bus and waits for them (up to
-// MaxStaleness for a read in progress, and the client's timeouts for a
-// publication in progress), and fails pending and later publications with
-// ErrClosed. It does not close the client. Subscriptions report no proof afterwards. It is safe to call more
-// than once and always returns nil.
+// Close stops every goroutine of the bus and waits for them (a read in
+// progress ends by its deadline, the bus's staleness bound at most; a
+// publication in progress by the client's timeouts), and fails pending and
+// later publications with ErrClosed. It does not close the client.
+// Subscriptions report no proof afterwards. It is safe to call more than
+// once and always returns nil.
 func (b *Streams) Close() error {
-	b.closeOnce.Do(func() {
-		b.cancel()
-		b.wg.Wait() // a blocked XREAD ends by its deadline, MaxStaleness at most
-		b.hub.close()
-		if b.owned {
-			_ = b.reader.Close()
-		}
-	})
+	b.hub.close()
 	return nil
 }
 
-func (b *Streams) xadd(p redis.Cmdable, ctx context.Context, field string, value any) *redis.StringCmd {
-	return p.XAdd(ctx, &redis.XAddArgs{Stream: b.key, MaxLen: b.cfg.maxLen, Approx: true, Values: []any{field, value}})
+// xadd adds an entry of one field to the stream through p.
+func (b *Streams) xadd(ctx context.Context, p redis.Cmdable, field string, value any) *redis.StringCmd {
+	return p.XAdd(ctx, &redis.XAddArgs{Stream: b.key, MaxLen: b.hub.cfg.maxLen, Approx: true, Values: []any{field, value}})
 }
 
-// send adds msgs to the stream in order: one XADD, or a pipeline on one
-// connection, which Redis executes in order.
+// send implements transport: it adds msgs to the stream in order, with one
+// XADD, or a pipeline on one connection, which Redis executes in order.
 func (b *Streams) send(ctx context.Context, msgs [][]byte) error {
 	if len(msgs) == 1 {
-		return b.xadd(b.client, ctx, fieldMessage, msgs[0]).Err()
+		return b.xadd(ctx, b.client, fieldMessage, msgs[0]).Err()
 	}
 	_, err := b.client.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for _, m := range msgs {
-			b.xadd(p, ctx, fieldMessage, m)
+			b.xadd(ctx, p, fieldMessage, m)
 		}
 		return nil
 	})
 	return err
+}
+
+// run implements transport: it runs the reader until ctx ends, then
+// closes the reader's client if NewStreams made it.
+func (b *Streams) run(ctx context.Context) {
+	b.readLoop(ctx)
+	if b.owned {
+		_ = b.reader.Close()
+	}
 }
 
 // readLoop is the reader goroutine. It keeps two positions: pos, the last
@@ -180,29 +170,22 @@ func (b *Streams) send(ctx context.Context, msgs [][]byte) error {
 // the stream must still hold anchor, which shows that nothing after anchor
 // was trimmed before that read. When the stream no longer holds it, the
 // loop adds a marker entry, flushes, and reads on from the marker.
-func (b *Streams) readLoop() {
+func (b *Streams) readLoop(ctx context.Context) {
 	var (
 		pos, anchor string // "" until the first marker is added
 		first       = true
 		attempt     int
 	)
 	fail := func(what string, err error) bool {
-		if b.ctx.Err() != nil {
+		if ctx.Err() != nil {
 			return false
 		}
 		// Entries are added meanwhile that this node has not read: end
 		// the proof now. No flush: the next read resumes from pos.
-		b.linkLost()
-		b.stats.reconnects.Add(1)
-		d := backoff.Policy{Min: 10 * time.Millisecond, Max: b.cfg.maxBackoff}.Wait(attempt)
+		b.hub.linkLost()
+		ok := b.hub.retry(ctx, attempt, "stream "+what+" failed", err)
 		attempt++
-		b.log.Warn("invalidate: stream "+what+" failed; retrying", "err", err, "after", d)
-		select {
-		case <-b.ctx.Done():
-			return false
-		case <-time.After(d):
-			return true
-		}
+		return ok
 	}
 	for {
 		if anchor == "" {
@@ -213,8 +196,8 @@ func (b *Streams) readLoop() {
 			// loaded into a cache without a proof, but a local write may
 			// have installed a value that an entry before the marker,
 			// never to be read here, overwrote.
-			ctx, cancel := context.WithTimeout(b.ctx, b.cfg.maxStaleness)
-			id, err := b.xadd(b.reader, ctx, fieldMarker, b.cfg.node.String()).Result()
+			mctx, cancel := context.WithTimeout(ctx, b.hub.maxStaleness())
+			id, err := b.xadd(mctx, b.reader, fieldMarker, b.hub.cfg.node().String()).Result()
 			cancel()
 			if err != nil {
 				if !fail("marker", err) {
@@ -223,21 +206,20 @@ func (b *Streams) readLoop() {
 				continue
 			}
 			if first {
-				b.flushAll(causeFirstSubscription)
+				b.hub.flushAll(causeFirstSubscription)
 			} else {
-				b.flushAll(causeTrimmed)
+				b.hub.flushAll(causeTrimmed)
 			}
 			first = false
 			pos, anchor = id, id
 		}
-		sentAt := b.now()
-		// A read that does not return within MaxStaleness is abandoned: the
-		// link is silent (race 5). go-redis closes the connection of a
-		// command that ends in a deadline error (isBadConn in error.go).
-		// Entries delivered before a read fails stay delivered: pos has
-		// moved past them.
-		ctx, cancel := context.WithTimeout(b.ctx, b.cfg.maxStaleness)
-		n, err := b.read(ctx, &pos)
+		sentAt := b.hub.now()
+		// A read that does not return within the staleness bound is
+		// abandoned, and its connection with it: the link is silent (race
+		// 5). Entries delivered before a read fails stay delivered: pos
+		// has moved past them.
+		rctx, cancel := context.WithTimeout(ctx, b.hub.maxStaleness())
+		n, err := b.read(rctx, &pos)
 		cancel()
 		if err != nil {
 			if b.cluster != nil {
@@ -245,7 +227,7 @@ func (b *Streams) readLoop() {
 				// failover or a slot move that the read did not follow
 				// (an UNBLOCKED reply, a timeout), the client's slot map
 				// may be out of date.
-				b.cluster.ReloadState(b.ctx)
+				b.cluster.ReloadState(ctx)
 			}
 			if !fail("read", err) {
 				return
@@ -255,7 +237,7 @@ func (b *Streams) readLoop() {
 		if n == streamReadCount {
 			continue // there may be more: read on before proving
 		}
-		ok, err := b.holds(anchor)
+		ok, err := b.holds(ctx, anchor)
 		if err != nil {
 			if !fail("position check", err) {
 				return
@@ -266,8 +248,8 @@ func (b *Streams) readLoop() {
 			// Entries this node has not read are gone: end the proof now,
 			// not after the marker's round trip (or its retries), and
 			// flush once the marker is in.
-			b.log.Warn("invalidate: the stream no longer holds this node's position", "position", anchor)
-			b.linkLost()
+			b.hub.log.Warn("invalidate: the stream no longer holds this node's position", "position", anchor)
+			b.hub.linkLost()
 			anchor = ""
 			continue
 		}
@@ -298,7 +280,7 @@ func (b *Streams) read(ctx context.Context, pos *string) (int, error) {
 		*pos = e.id
 	}
 	b.xr.reset()
-	block := max(b.cfg.proofInterval.Milliseconds(), 1) // BLOCK 0 would wait for ever
+	block := max(b.hub.cfg.ProofInterval.Milliseconds(), 1) // BLOCK 0 would wait for ever
 	cmd := redis.NewRawWriteToCmd(ctx, &b.xr, "xread", "count", streamReadCount, "block", block, "streams", b.key, *pos)
 	err := b.reader.Process(ctx, cmd)
 	n, rerr := b.xr.result()
@@ -333,9 +315,9 @@ func truncate(s string) string {
 }
 
 // holds reports whether the stream still holds id and no entry after it
-// was deleted.
-func (b *Streams) holds(id string) (bool, error) {
-	ctx, cancel := context.WithTimeout(b.ctx, b.cfg.maxStaleness)
+// was deleted. The check takes the bus's staleness bound at most.
+func (b *Streams) holds(ctx context.Context, id string) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, b.hub.maxStaleness())
 	defer cancel()
 	res, err := holdsScript.Run(ctx, b.reader, []string{b.key}, id).Slice()
 	if err != nil {
@@ -365,9 +347,9 @@ func compareIDs(a, b string) int {
 	case !okB:
 		return -1
 	case pa[0] != pb[0]:
-		return cmpUint(pa[0], pb[0])
+		return cmp.Compare(pa[0], pb[0])
 	default:
-		return cmpUint(pa[1], pb[1])
+		return cmp.Compare(pa[1], pb[1])
 	}
 }
 
@@ -381,30 +363,16 @@ func parseID(id string) ([2]uint64, bool) {
 	return [2]uint64{a, b}, err1 == nil && err2 == nil
 }
 
-func cmpUint(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
-}
-
-// readerClient returns the client the reader goroutine uses. go-redis
-// ignores context deadlines on the socket unless ContextTimeoutEnabled is
-// set (baseClient.context in redis.go); a blocked XREAD would then wait for
-// its BLOCK time plus 10s (baseClient.cmdTimeout), however silent the link,
-// and so would Close. So for a *redis.Client or *redis.ClusterClient the
-// reader gets a client of its own, with one connection (per node), the
-// user's options (address, Sentinel, TLS, credentials) and
-// ContextTimeoutEnabled, and no ReadTimeout but the context's: the raw
-// XREAD (see Streams.read) cannot lengthen the read timeout by its BLOCK
-// time as the typed XRead does, and every command of the reader carries a
-// deadline of MaxStaleness. It leaves out
-// client-side caching and the push-notification processor, which NewClient
-// stores in the options and a second client must not share (redis.go,
-// NewClient). Other implementations are used as they are.
+// readerClient returns the client the reader goroutine uses, and whether
+// it made it. Every command of the reader carries a deadline, the bus's
+// staleness bound, which the socket must honour, or a silent link would
+// hold a blocked XREAD, and Close, for its BLOCK time plus 10s. So for a
+// *redis.Client or *redis.ClusterClient the reader gets a client of its
+// own: one connection (per node), the user's options (address, Sentinel,
+// TLS, credentials), ContextTimeoutEnabled and no ReadTimeout but the
+// context's, without the client-side cache and push processor that a
+// second client must not share. Other implementations are used as they
+// are. docs/go-redis.md ("Streams") says why each option is set.
 func readerClient(client redis.UniversalClient) (redis.UniversalClient, bool) {
 	switch c := client.(type) {
 	case *redis.Client:

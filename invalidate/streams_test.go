@@ -17,7 +17,7 @@ import (
 )
 
 func testStreamsOptions(stream string) *StreamsOptions {
-	return &StreamsOptions{Stream: stream, ProofInterval: 10 * time.Millisecond, MaxStaleness: 300 * time.Millisecond, MaxBackoff: 50 * time.Millisecond}
+	return &StreamsOptions{Stream: stream, Options: testBusOptions}
 }
 
 func newStreams(t testing.TB, client redis.UniversalClient, opts *StreamsOptions) *Streams {
@@ -63,7 +63,7 @@ func TestNewStreamsRejects(t *testing.T) {
 		{"nil client", nil, nil},
 		{"ring", ring, nil},
 		{"negative MaxLen", client, &StreamsOptions{MaxLen: -1}},
-		{"ProofInterval not below MaxStaleness", client, &StreamsOptions{ProofInterval: 2 * time.Second}},
+		{"negative ProofInterval", client, &StreamsOptions{Options: Options{ProofInterval: -1}}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			if b, err := NewStreams(tt.client, tt.opts); !errors.Is(err, ErrInvalidOptions) {
@@ -89,7 +89,7 @@ func TestStreamsCloseStopsGoroutines(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, _ := b.Subscribe("ns", new(invalidatetest.Recorder))
+	s, _ := b.Subscribe("ns", new(invalidatetest.Recorder), staleness)
 	invalidatetest.WaitProven(t, s)
 	publishKeys(t, s, "k")
 	_ = b.Close()
@@ -120,9 +120,9 @@ func TestStreamsResumes(t *testing.T) {
 	readerClient, proxy := proxied(t)
 	writer := newStreams(t, newClient(t, nil), testStreamsOptions(key))
 	reader := newStreams(t, readerClient, testStreamsOptions(key))
-	sw, _ := writer.Subscribe("ns", new(invalidatetest.Recorder))
+	sw, _ := writer.Subscribe("ns", new(invalidatetest.Recorder), staleness)
 	r := new(invalidatetest.Recorder)
-	sr, _ := reader.Subscribe("ns", r)
+	sr, _ := reader.Subscribe("ns", r, staleness)
 	invalidatetest.WaitProven(t, sw, sr)
 	r.Reset()
 
@@ -147,8 +147,8 @@ func TestStreamsResumes(t *testing.T) {
 	proxy.Pause() // stalled longer than MaxStaleness: the read is abandoned
 	publish(50)
 	invalidatetest.WaitFor(t, "the stalled read to be abandoned", func() bool { return reader.Stats().Reconnects >= 2 })
-	if lp := sr.LastProof(); time.Since(lp) < 300*time.Millisecond {
-		t.Errorf("LastProof advanced during the stall: %v ago", time.Since(lp))
+	if age, ok := sr.ProofAge(); ok && age < staleness {
+		t.Errorf("the proof advanced during the stall: %v ago", age)
 	}
 	proxy.Resume()
 	invalidatetest.WaitFor(t, "the keys sent while stalled", func() bool { return len(r.Keys()) == len(want) })
@@ -173,9 +173,9 @@ func TestStreamsTrimmedPastPosition(t *testing.T) {
 	opts.MaxLen = 10 // trimmed by whole radix nodes of 100 entries
 	writer := newStreams(t, newClient(t, nil), opts)
 	reader := newStreams(t, readerClient, testStreamsOptions(key))
-	sw, _ := writer.Subscribe("ns", new(invalidatetest.Recorder))
+	sw, _ := writer.Subscribe("ns", new(invalidatetest.Recorder), staleness)
 	r := new(invalidatetest.Recorder)
-	sr, _ := reader.Subscribe("ns", r)
+	sr, _ := reader.Subscribe("ns", r, staleness)
 	invalidatetest.WaitProven(t, sw, sr)
 	r.Reset()
 
@@ -205,9 +205,9 @@ func TestStreamsDeletedAfterPosition(t *testing.T) {
 	readerClient, proxy := proxied(t)
 	writer := newStreams(t, newClient(t, nil), testStreamsOptions(key))
 	reader := newStreams(t, readerClient, testStreamsOptions(key))
-	sw, _ := writer.Subscribe("ns", new(invalidatetest.Recorder))
+	sw, _ := writer.Subscribe("ns", new(invalidatetest.Recorder), staleness)
 	r := new(invalidatetest.Recorder)
-	sr, _ := reader.Subscribe("ns", r)
+	sr, _ := reader.Subscribe("ns", r, staleness)
 	invalidatetest.WaitProven(t, sw, sr)
 	r.Reset()
 
@@ -240,9 +240,9 @@ func TestStreamsGarbage(t *testing.T) {
 	key := streamKey(t, admin)
 	writer := newStreams(t, newClient(t, nil), testStreamsOptions(key))
 	reader := newStreams(t, newClient(t, nil), testStreamsOptions(key))
-	sw, _ := writer.Subscribe("ns", new(invalidatetest.Recorder))
+	sw, _ := writer.Subscribe("ns", new(invalidatetest.Recorder), staleness)
 	r := new(invalidatetest.Recorder)
-	sr, _ := reader.Subscribe("ns", r)
+	sr, _ := reader.Subscribe("ns", r, staleness)
 	invalidatetest.WaitProven(t, sw, sr)
 	r.Reset()
 	ctx := context.Background()

@@ -9,32 +9,9 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
-// What this file relies on in go-redis v9.23.0 (command.go and
-// internal/proto/reader.go):
-//
-//   - The typed XRead reads the whole reply before it returns, and
-//     proto.Reader.readStringReply allocates every bulk string whole, at
-//     the size its header announces, before it reads a byte of it. A
-//     stream holds whatever its writers put there, so a reply is as large
-//     as they like.
-//   - RawWriteToCmd (NewRawWriteToCmd) hands the reply to an io.Writer
-//     instead, as it comes off the socket: each header line with one
-//     Write and its CRLF with another, and a bulk string's payload through
-//     io.CopyN, in pieces of at most 32 KiB (io.Copy's buffer). An error
-//     reply is written like any other line, not returned. A Write that
-//     fails ends the command with its error, and go-redis drops the
-//     connection (isBadConn in error.go), whose stream of replies is then
-//     out of step.
-//   - Process routes a RawWriteToCmd named "xread" by the key after
-//     STREAMS (cmdFirstKeyPosWithInfo), so a ClusterClient sends it to the
-//     stream's slot. The error a Write returns is the command's error,
-//     which the ClusterClient examines as it does a reply it parsed
-//     itself (ClusterClient.process): an error whose text starts with
-//     "MOVED " or "ASK " (isMovedError falls back on the text) makes it
-//     reload its slot map and send the same command, with the same
-//     writer, to the node named, at once. An error that implements
-//     redis.Error is a reply, after which the connection is kept
-//     (isBadConn); any other error drops it.
+// How go-redis's typed XRead and its RawWriteToCmd read a reply, and how a
+// ClusterClient treats the error a writer returns, which xreader is built
+// on, is in docs/go-redis.md ("Streams").
 
 // streamEntry is what xreader keeps of one stream entry: its id and, if
 // they were short enough to keep, the name and value of its first field.
@@ -55,12 +32,9 @@ const (
 	maxFieldName = 16   // fieldMessage and fieldMarker are one byte
 )
 
-// errProtocol reports a reply xreader does not understand.
-var errProtocol = errors.New("invalidate: unexpected XREAD reply")
-
 // replyError is an error reply from the server, such as MOVED, ASK or
 // WRONGTYPE. Its text is the server's, and it implements redis.Error, so
-// that go-redis handles it as an error reply it parsed itself (see above):
+// that go-redis handles it as an error reply it parsed itself:
 // a ClusterClient follows MOVED and ASK, and the connection is kept.
 type replyError string
 
@@ -73,10 +47,10 @@ var _ redis.Error = replyError("")
 
 // xreader parses the reply of XREAD [COUNT n] [BLOCK ms] STREAMS key id,
 // for one stream, in RESP2 or RESP3, as go-redis's RawWriteToCmd streams
-// it (see above): it is the io.Writer the command writes to. It hands
-// each entry to onEntry as soon as the entry is complete, and keeps no
-// more than that entry, of which it keeps the id and, of the first field,
-// a name of at most maxFieldName bytes and a value of at most maxValue.
+// it: it is the io.Writer the command writes to. It hands each entry to
+// onEntry as soon as the entry is complete, and keeps no more than that
+// entry, of which it keeps the id and, of the first field, a name of at
+// most maxFieldName bytes and a value of at most maxValue.
 // The bytes of anything larger are counted and dropped as they pass. So
 // what a read allocates on this node is bounded whatever the stream
 // holds: about maxValue, however many entries the reply carries and

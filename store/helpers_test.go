@@ -197,7 +197,7 @@ func (p *testPublisher) Publish(ctx context.Context, ns string, keys []cache.Inv
 	sub, ok := p.subs[ns]
 	if !ok {
 		var err error
-		if sub, err = p.bus.Subscribe(ns, nopHandler{}); err != nil {
+		if sub, err = p.bus.Subscribe(ns, nopHandler{}, time.Second); err != nil {
 			p.mu.Unlock()
 			return err
 		}
@@ -231,8 +231,8 @@ type failingBus struct {
 	fail error
 }
 
-func (b *failingBus) Subscribe(ns string, h cache.Handler) (cache.Subscription, error) {
-	sub, err := b.Bus.Subscribe(ns, h)
+func (b *failingBus) Subscribe(ns string, h cache.Handler, maxStaleness time.Duration) (cache.Subscription, error) {
+	sub, err := b.Bus.Subscribe(ns, h, maxStaleness)
 	return failingSub{Subscription: sub, b: b}, err
 }
 

@@ -186,7 +186,7 @@ func measure(ctx context.Context, cfg config, ropts *redis.Options, admin *redis
 		nd := &node{rdb: redis.NewClient(&o)}
 		nodes[i] = nd
 		var err error
-		if nd.bus, err = invalidate.NewPubSub(nd.rdb, &invalidate.PubSubOptions{Channel: channel, BatchWindow: cfg.batchWindow}); err != nil {
+		if nd.bus, err = invalidate.NewPubSub(nd.rdb, &invalidate.PubSubOptions{Channel: channel, Options: invalidate.Options{BatchWindow: cfg.batchWindow}}); err != nil {
 			return Row{}, err
 		}
 		if nd.items, err = cache.New("fanout", maxKeys, func(_ context.Context, k int64) (value, error) {

@@ -346,7 +346,7 @@ func newNode(ctx context.Context, id int, cfg config, suffix string, log *slog.L
 	ropts.PoolSize = cfg.readers + 4
 	n := &node{id: id, pool: pool, rdb: redis.NewClient(ropts)}
 	if n.bus, err = invalidate.NewPubSub(n.rdb, &invalidate.PubSubOptions{
-		Channel: "coherent:demo:" + suffix, MaxStaleness: cfg.maxStaleness, Logger: log,
+		Channel: "coherent:demo:" + suffix, Options: invalidate.Options{Logger: log},
 	}); err != nil {
 		return n, err
 	}

@@ -273,9 +273,8 @@ func newApp(ctx context.Context, cfg config, pool *pgxpool.Pool, rdb *redis.Clie
 		return nil, fmt.Errorf("create table items: %w", err)
 	}
 	bus, err := invalidate.NewPubSub(rdb, &invalidate.PubSubOptions{
-		Channel:      cfg.redisPrefix + "invalidations",
-		MaxStaleness: cfg.maxStaleness,
-		Logger:       log,
+		Channel: cfg.redisPrefix + "invalidations",
+		Options: invalidate.Options{Logger: log},
 	})
 	if err != nil {
 		return nil, err

@@ -32,6 +32,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -42,6 +43,11 @@ import (
 // Timeout bounds every wait of the suite. It is generous: the suite asserts
 // what eventually happens, never how fast.
 const Timeout = 10 * time.Second
+
+// MaxStaleness is the staleness bound with which the suite subscribes, the
+// default of [cache.Options.MaxStaleness], with which its caches subscribe.
+// The buses that [NewNodes] makes must accept it.
+const MaxStaleness = time.Second
 
 // WaitFor polls cond until it holds, and fails t if it does not within
 // Timeout.
@@ -148,8 +154,32 @@ func (r *Recorder) LinksLost() int {
 func WaitProven(t testing.TB, subs ...cache.Subscription) {
 	t.Helper()
 	for i, s := range subs {
-		WaitFor(t, fmt.Sprintf("subscription %d to be proven", i), func() bool { return !s.LastProof().IsZero() })
+		WaitFor(t, fmt.Sprintf("subscription %d to be proven", i), func() bool {
+			_, ok := s.ProofAge()
+			return ok
+		})
 	}
+}
+
+// Proven reports whether s reports a proof.
+func Proven(s cache.Subscription) bool {
+	_, ok := s.ProofAge()
+	return ok
+}
+
+// ProofTime returns when s was last proven, by time.Now, or the zero Time
+// if s reports no proof. The bus must measure the age of its proofs by a
+// clock that runs at the rate of time.Now, as the buses' default clocks
+// do. ProofTime reads time.Now before it asks s for the age, so the time
+// it returns is no later than the proof: a write that returned before it
+// returned before the proof.
+func ProofTime(s cache.Subscription) time.Time {
+	now := time.Now()
+	age, ok := s.ProofAge()
+	if !ok {
+		return time.Time{}
+	}
+	return now.Add(-age)
 }
 
 // NewNodes makes n connected nodes isolated from other tests. The function
@@ -184,7 +214,7 @@ func Run(t *testing.T, newNodes NewNodes) {
 func subscribe(t *testing.T, bus cache.Bus, namespace string) (cache.Subscription, *Recorder) {
 	t.Helper()
 	r := new(Recorder)
-	s, err := bus.Subscribe(namespace, r)
+	s, err := bus.Subscribe(namespace, r, MaxStaleness)
 	if err != nil {
 		t.Fatalf("Subscribe(%q) error = %v", namespace, err)
 	}
@@ -254,21 +284,11 @@ func testVersions(t *testing.T, newNodes NewNodes) {
 	for _, e := range rb.Events() {
 		got = append(got, e.Keys...)
 	}
-	slices.SortFunc(got, func(x, y cache.Invalidation) int { return cmpString(x.Key, y.Key) })
-	slices.SortFunc(want, func(x, y cache.Invalidation) int { return cmpString(x.Key, y.Key) })
+	slices.SortFunc(got, func(x, y cache.Invalidation) int { return strings.Compare(x.Key, y.Key) })
+	slices.SortFunc(want, func(x, y cache.Invalidation) int { return strings.Compare(x.Key, y.Key) })
 	if !slices.Equal(got, want) {
 		t.Errorf("received %v; want %v", got, want)
 	}
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 func testFlush(t *testing.T, newNodes NewNodes) {
@@ -360,12 +380,8 @@ func testProof(t *testing.T, newNodes NewNodes) {
 	nodes := newNodes(t, 1)
 	s, _ := subscribe(t, nodes[0], "ns")
 	WaitProven(t, s)
-	first := s.LastProof()
 	start := time.Now()
-	WaitFor(t, "a proof sent after the first one was seen", func() bool {
-		lp := s.LastProof()
-		return lp.After(first) || lp.After(start)
-	})
+	WaitFor(t, "a proof sent after the first one was seen", func() bool { return ProofTime(s).After(start) })
 	// A subscription made later is proven on its own terms.
 	s2, _ := subscribe(t, nodes[0], "ns")
 	WaitProven(t, s2)
@@ -384,8 +400,8 @@ func testClose(t *testing.T, newNodes NewNodes) {
 	if err := b.Close(); err != nil {
 		t.Errorf("second Close() error = %v; want nil", err)
 	}
-	if lp := b.LastProof(); !lp.IsZero() {
-		t.Errorf("LastProof() after Close = %v; want zero", lp)
+	if age, ok := b.ProofAge(); ok {
+		t.Errorf("ProofAge() after Close = %v, true; want no proof", age)
 	}
 	publish(t, a, inv("after")...)
 	WaitFor(t, "the key on the open subscription", func() bool { return rb2.Has("after") })
@@ -490,7 +506,7 @@ func testCacheEndToEnd(t *testing.T, newNodes NewNodes) {
 		default:
 		}
 		for _, k := range keys {
-			proof := probe.LastProof()
+			proof := ProofTime(probe)
 			mu.Lock()
 			var floor int64
 			for _, w := range last[k] {
