@@ -3,6 +3,7 @@ package invalidate
 import (
 	"context"
 	"testing"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 
@@ -111,3 +112,30 @@ func TestPublishNamespace(t *testing.T) {
 		})
 	}
 }
+
+// TestInProcessStats: the in-process bus counts what it carries like the
+// Redis transports do, so code that reports a bus's Stats works on any.
+func TestInProcessStats(t *testing.T) {
+	ctx := context.Background()
+	bus := NewInProcess()
+	var a, b, c recordingHandler
+	subA, _ := bus.Subscribe("ns", &a, time.Second)
+	bus.Subscribe("ns", &b, time.Second)
+	bus.Subscribe("other", &c, time.Second)
+	if err := subA.Publish(ctx, []cache.Invalidation{{Key: "k1"}, {Key: "k2"}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := bus.Publish(ctx, "ns", nil); err != nil { // a flush, to both
+		t.Fatal(err)
+	}
+	want := Stats{MessagesSent: 2, KeysSent: 2, MessagesReceived: 3, KeysReceived: 2}
+	if got := bus.Stats(); got != want {
+		t.Errorf("Stats = %+v; want %+v", got, want)
+	}
+}
+
+type recordingHandler struct{ n int }
+
+func (h *recordingHandler) Invalidate([]cache.Invalidation) { h.n++ }
+func (h *recordingHandler) Flush()                          { h.n++ }
+func (h *recordingHandler) LinkLost()                       {}

@@ -26,6 +26,10 @@ type InProcess struct {
 	mu     sync.RWMutex
 	subs   map[string]map[*inProcessSub]struct{} // namespace → subscriptions
 	closed atomic.Bool                           // set under mu
+
+	// Counters for Stats: one publication is one message, delivered to
+	// every other subscription of its namespace.
+	messages, keys, received, keysReceived atomic.Uint64
 }
 
 var _ cache.Bus = (*InProcess)(nil)
@@ -73,10 +77,30 @@ func (b *InProcess) Publish(ctx context.Context, namespace string, keys []cache.
 	if b.closed.Load() {
 		return ErrClosed
 	}
-	for _, p := range b.peers(namespace, nil) {
+	b.fanOut(namespace, nil, keys)
+	return nil
+}
+
+// fanOut delivers keys to the subscriptions of namespace but from, and
+// counts them.
+func (b *InProcess) fanOut(namespace string, from *inProcessSub, keys []cache.Invalidation) {
+	b.messages.Add(1)
+	b.keys.Add(uint64(len(keys)))
+	for _, p := range b.peers(namespace, from) {
+		b.received.Add(1)
+		b.keysReceived.Add(uint64(len(keys)))
 		p.deliver(keys)
 	}
-	return nil
+}
+
+// Stats returns a snapshot of the counters. Only the message and key
+// counts apply: delivery is a function call that cannot fail, be lost or
+// need a proof.
+func (b *InProcess) Stats() Stats {
+	return Stats{
+		MessagesSent: b.messages.Load(), KeysSent: b.keys.Load(),
+		MessagesReceived: b.received.Load(), KeysReceived: b.keysReceived.Load(),
+	}
 }
 
 // Proven reports whether the bus is open: an in-process link is proven at
@@ -145,9 +169,7 @@ func (s *inProcessSub) Publish(ctx context.Context, keys []cache.Invalidation) e
 	if closed || s.bus.closed.Load() {
 		return ErrClosed
 	}
-	for _, p := range s.bus.peers(s.namespace, s) {
-		p.deliver(keys)
-	}
+	s.bus.fanOut(s.namespace, s, keys)
 	return nil
 }
 

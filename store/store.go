@@ -24,7 +24,8 @@ type Publisher interface {
 	Publish(ctx context.Context, namespace string, keys []cache.Invalidation) error
 	// Proven reports whether the publisher's link was proven live and in
 	// order recently enough that a publication through it reaches the
-	// other nodes (for a bus: within its MaxStaleness, and not lost since).
+	// other nodes (for a bus of package invalidate: within the smallest
+	// MaxStaleness of its caches, and not lost since).
 	// The relay claims outbox rows only while it is true, so that rows
 	// are left to the relays of healthy nodes (DESIGN race 17).
 	Proven() bool
