@@ -15,6 +15,10 @@ import (
 type Invalidation struct {
 	Key     string
 	Version int64
+	// Position is the source position at or after which the change is
+	// visible, or 0 if unknown; a load of Key that follows must read a
+	// source that has reached it (see RequiredPosition).
+	Position uint64
 }
 
 // Bus carries invalidations between the nodes of a service. A Cache

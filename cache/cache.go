@@ -324,6 +324,9 @@ func (c *Cache[K, V]) startLoad(ctx context.Context, key K, h uint64, now int64,
 	kind := byte(flightLoad)
 	if bypass {
 		kind = flightBypass
+		// The link is unproven: changes may have passed this node by, at
+		// positions it was not told.
+		tok.pos = PositionUnknown
 	}
 	led := new(bool)
 	ch := c.flights.DoChan(flightKey(kind, tok, c.bucket(now, bypass), skey), func() (any, error) {
@@ -370,6 +373,7 @@ func (c *Cache[K, V]) runLoad(ctx context.Context, key K, skey string, h uint64,
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.LoadTimeout)
 	defer cancel()
+	ctx = withLoadPosition(ctx, c.guard, tok)
 	ctx, err := c.traceStart(ctx, []string{skey}, !store, at)
 	var v V
 	var version int64
@@ -470,7 +474,7 @@ func (c *Cache[K, V]) weighWrite(ctx context.Context, h uint64, key K, e *entry[
 		// recover returns nil during a Goexit; a panic(nil) panics with
 		// a *runtime.PanicNilError.
 		p := recover()
-		c.drop(h, key, e.version)
+		c.drop(h, key, e.version, inv[0].Position)
 		perr := c.publish(ctx, inv)
 		if p == nil {
 			c.log.Error("cache: runtime.Goexit in Options.Weigher on a write; key dropped")
@@ -534,7 +538,7 @@ func (c *Cache[K, V]) fill(h uint64, key K, e entry[V], tok token) {
 //
 //	writer A: commit v5 ........................... install v5?
 //	writer B:           commit v6; invalidation v6 arrives, key dropped
-func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token) {
+func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token, pos uint64) {
 	now := c.now()
 	s := c.shard(h)
 	s.mu.Lock()
@@ -545,7 +549,7 @@ func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token) {
 	high := c.guard.high(h)
 	// Bumping under the shard lock is enough to stop loads that read the
 	// row before this write: they check the guard under the same lock.
-	c.guard.bump(h, e.version)
+	c.guard.bump(h, e.version, pos)
 	old, ok := s.peek(key, now)
 	var install bool
 	switch {
@@ -575,9 +579,10 @@ func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token) {
 	s.add(key, h, e)
 }
 
-// drop removes key from this node unless it holds version or newer.
-func (c *Cache[K, V]) drop(h uint64, key K, version int64) {
-	c.guard.bump(h, version)
+// drop removes key from this node unless it holds version or newer, and
+// records the change's source position pos (0: unknown).
+func (c *Cache[K, V]) drop(h uint64, key K, version int64, pos uint64) {
+	c.guard.bump(h, version, pos)
 	s := c.shard(h)
 	s.mu.Lock()
 	if old, ok := s.lru.Peek(key); ok && !keeps(old.e.version, version) {
@@ -626,6 +631,12 @@ type Change[V any] struct {
 	Version int64
 	// Deleted reports that the write deleted the key.
 	Deleted bool
+	// Position is the source position at or after which the write is
+	// visible (a WAL position after its commit, say), or 0 if unknown. It
+	// travels with the invalidation, so that a load of the key that
+	// follows, here or on another node, reads a source that has reached it
+	// (see RequiredPosition).
+	Position uint64
 }
 
 // Update runs write, which must commit a change of key to the source of
@@ -661,21 +672,21 @@ func (c *Cache[K, V]) Update(ctx context.Context, key K, write func(ctx context.
 	tok := c.guard.token(h)
 	ch, err := c.runWrite(ctx, h, key, write)
 	if err != nil {
-		c.drop(h, key, 0)
+		c.drop(h, key, 0, 0)
 		return err
 	}
-	inv := []Invalidation{{Key: skey, Version: ch.Version}}
+	inv := []Invalidation{{Key: skey, Version: ch.Version, Position: ch.Position}}
 	switch {
 	case !ch.Deleted:
 		e := entry[V]{value: ch.Value, version: ch.Version}
 		if err := c.weighWrite(ctx, h, key, &e, inv); err != nil {
 			return err
 		}
-		c.install(h, key, e, &tok)
+		c.install(h, key, e, &tok, ch.Position)
 	case c.cfg.DisableNegative:
-		c.drop(h, key, ch.Version)
+		c.drop(h, key, ch.Version, ch.Position)
 	default:
-		c.install(h, key, absence[V](ch.Version), &tok)
+		c.install(h, key, absence[V](ch.Version), &tok, ch.Position)
 	}
 	return c.publish(ctx, inv)
 }
@@ -687,7 +698,7 @@ func (c *Cache[K, V]) runWrite(ctx context.Context, h uint64, key K, write func(
 	returned := false
 	defer func() {
 		if !returned {
-			c.drop(h, key, 0)
+			c.drop(h, key, 0, 0)
 		}
 	}()
 	ch, err := write(ctx)
@@ -745,7 +756,7 @@ func (c *Cache[K, V]) write(ctx context.Context, key K, e entry[V]) error {
 			return err
 		}
 	}
-	c.install(h, key, e, nil)
+	c.install(h, key, e, nil, 0)
 	return c.publish(ctx, inv)
 }
 
@@ -776,7 +787,7 @@ func (c *Cache[K, V]) invalidate(ctx context.Context, keys []K, version int64) e
 		invs[i] = Invalidation{Key: skey, Version: version}
 	}
 	for _, k := range keys {
-		c.drop(c.hash(k), k, version)
+		c.drop(c.hash(k), k, version, 0)
 	}
 	return c.publish(ctx, invs)
 }
@@ -839,7 +850,7 @@ func (h handler[K, V]) Invalidate(invs []Invalidation) {
 			applied = true
 			return
 		}
-		c.drop(c.hash(key), key, inv.Version)
+		c.drop(c.hash(key), key, inv.Version, inv.Position)
 	}
 	applied = true
 	c.stats.received.Add(uint64(len(invs)))

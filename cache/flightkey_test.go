@@ -113,7 +113,7 @@ func testGetAndGetManyDoNotShare(t *testing.T, proven, getFirst bool) {
 // other keys, or of another kind, and receive its result.
 func TestFlightKeysAreUnambiguous(t *testing.T) {
 	skeys := []string{"abc", collidingKey, "a", "bc", "ab", "c", "\x00", "\x00\x00\x00\x00\x00\x00\x00\x00"}
-	toks := []token{{0, 0}, {0, 3}, {1, 0}}
+	toks := []token{{epoch: 0, gen: 0}, {epoch: 0, gen: 3}, {epoch: 1, gen: 0}}
 	buckets := []int64{0, 3}
 	batches := [][]string{{"abc"}, {"a", "bc"}, {"ab", "c"}, {"abc", "a"}, {"a", "abc"}, {collidingKey}, {"\x00"}}
 	seen := make(map[string]string)
@@ -140,7 +140,7 @@ func TestFlightKeysAreUnambiguous(t *testing.T) {
 					for _, gen := range []uint64{0, 3} {
 						ts := make([]token, len(batch))
 						for i := range ts {
-							ts[i] = token{epoch, gen}
+							ts[i] = token{epoch: epoch, gen: gen}
 						}
 						add(batchFlightKey(kind, epoch, b, ts, batch), fmt.Sprintf("batch(%c, %d, %d, %q, gen %d)", kind, epoch, b, batch, gen))
 					}

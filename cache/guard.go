@@ -5,6 +5,7 @@ import (
 	"math"
 	"strings"
 	"sync/atomic"
+	"unsafe"
 )
 
 // guard is the fill-race guard (DESIGN races 1, 2, 11 and 13).
@@ -25,10 +26,22 @@ import (
 // cannot erase the fact that its key was invalidated (race 11). Keys share
 // slots by hash; a collision only makes a load skip its store, or splits a
 // flight in two.
+//
+// The table also remembers source positions (race 10): each slot the
+// highest position named by an invalidation or a local write of its keys,
+// and the table a floor for every key, unknown after each flush until a
+// load that read the authoritative source reports where it stood (see
+// RequiredPosition and ReportPosition).
 type guard struct {
 	epoch atomic.Uint64
 	slots []slot
 	mask  uint64
+
+	// unknown counts the flushes that made the floor unknown; known is the
+	// count up to which a load has reported the floor since. The floor is
+	// known while they are equal.
+	unknown, known atomic.Uint64
+	floor          atomic.Uint64 // positions every load must reach
 }
 
 type slot struct {
@@ -40,14 +53,22 @@ type slot struct {
 	// installed without other evidence: a newer write may already have
 	// been invalidated (race 13).
 	high atomic.Int64
+	// pos is the highest source position named by an invalidation or a
+	// local write of a key hashing here: a load must read a source that has
+	// reached it.
+	pos atomic.Uint64
 }
 
 // unknownVersion is the high mark of a slot after a change whose version
 // is unknown: it may be newer than any version.
 const unknownVersion = math.MaxInt64
 
-// token is what a load remembers of the guard before it reads the source.
-type token struct{ epoch, gen uint64 }
+// token is what a load remembers of the guard before it reads the source:
+// the flush epoch and the slot's generation, which decide whether it may
+// store its result, and the source position it must read at or after
+// (PositionUnknown: the authoritative source), with the flush count that
+// position was known for.
+type token struct{ epoch, gen, pos, unknown uint64 }
 
 func newGuard(size int) *guard {
 	n := 1
@@ -59,8 +80,22 @@ func newGuard(size int) *guard {
 
 func (g *guard) slot(h uint64) *slot { return &g.slots[h&g.mask] }
 
+// token returns the token of a load of the key hashed to h. The loads of
+// the fields follow the order in which bump and flush store them, so that
+// a token that sees a change's generation or epoch sees its position too:
+//
+//	bump:  pos = max(pos, p) ... gen++
+//	token:                          gen ... pos  (sees p if it saw gen+1)
 func (g *guard) token(h uint64) token {
-	return token{epoch: g.epoch.Load(), gen: g.slot(h).gen.Load()}
+	s := g.slot(h)
+	tok := token{epoch: g.epoch.Load(), gen: s.gen.Load()}
+	tok.unknown = g.unknown.Load()
+	if g.known.Load() != tok.unknown {
+		tok.pos = PositionUnknown
+		return tok
+	}
+	tok.pos = max(s.pos.Load(), g.floor.Load())
+	return tok
 }
 
 // current reports whether nothing that could make a load's result stale has
@@ -69,12 +104,13 @@ func (g *guard) current(h uint64, tok token) bool {
 	return g.epoch.Load() == tok.epoch && g.slot(h).gen.Load() == tok.gen
 }
 
-// bump records a change of the key hashed to h, at version (0: unknown).
-// Call it before a load that could have read the old row can check the
-// token: before, or while holding, the shard lock under which the entry is
-// dropped or replaced.
-func (g *guard) bump(h uint64, version int64) {
+// bump records a change of the key hashed to h, at version (0: unknown)
+// and source position pos (0: unknown). Call it before a load that could
+// have read the old row can check the token: before, or while holding, the
+// shard lock under which the entry is dropped or replaced.
+func (g *guard) bump(h uint64, version int64, pos uint64) {
 	s := g.slot(h)
+	raise(&s.pos, pos) // before gen: see token
 	s.gen.Add(1)
 	if version == 0 {
 		version = unknownVersion
@@ -90,15 +126,46 @@ func (g *guard) bump(h uint64, version int64) {
 // high returns the highest version recorded for the slot of h.
 func (g *guard) high(h uint64) int64 { return g.slot(h).high.Load() }
 
-// flush records that every key may have changed.
-func (g *guard) flush() { g.epoch.Add(1) }
+// flush records that every key may have changed, at positions nobody
+// told: the floor is unknown until a load reports it.
+func (g *guard) flush() {
+	g.unknown.Add(1) // before the epoch: see token
+	g.epoch.Add(1)
+}
+
+// learn records that a load whose token's flush count was unknown read
+// the authoritative source at pos: every change the flushes up to then
+// stood for is at or before pos. A flush since the token keeps the floor
+// unknown.
+func (g *guard) learn(unknown, pos uint64) {
+	if pos == PositionUnknown {
+		return
+	}
+	raise(&g.floor, pos) // before known: see token
+	for {
+		k := g.known.Load()
+		if k >= unknown || g.known.CompareAndSwap(k, unknown) {
+			return
+		}
+	}
+}
+
+// raise sets *a to x if x is greater.
+func raise(a *atomic.Uint64, x uint64) {
+	for {
+		old := a.Load()
+		if x <= old || a.CompareAndSwap(old, x) {
+			return
+		}
+	}
+}
 
 // everFlushed reports whether a flush happened: since then, the high marks
 // say nothing about the versions of keys that changed.
 func (g *guard) everFlushed() bool { return g.epoch.Load() != 0 }
 
 // bytes reports the memory held by the table.
-func (g *guard) bytes() int { return len(g.slots) * 16 }
+func (g *guard) bytes() int { return len(g.slots) * int(unsafe.Sizeof(slot{})) }
 
 // Flight kinds, the first byte of a flight key. Each kind of load has its
 // own, because loads of different kinds return results of different types

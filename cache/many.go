@@ -132,10 +132,29 @@ func (c *Cache[K, V]) loadBatch(ctx context.Context, keys []K, now int64, bypass
 	return nil
 }
 
+// batchToken returns the token whose position a LoadMany of keys whose
+// tokens are toks must reach: the highest, and the smallest flush count
+// (a report then vouches for the oldest). Without store, the link is
+// unproven: PositionUnknown.
+func batchToken(toks []token, store bool) token {
+	var t token
+	for i, tok := range toks {
+		if i == 0 || tok.unknown < t.unknown {
+			t.unknown = tok.unknown
+		}
+		t.pos = max(t.pos, tok.pos)
+	}
+	if !store {
+		t.pos = PositionUnknown
+	}
+	return t
+}
+
 // runBatch is the body of a shared LoadMany; it runs inside contain. It
 // returns the found values of keys only, whatever else LoadMany returned.
 func (c *Cache[K, V]) runBatch(ctx context.Context, keys []K, skeys []string, hashes []uint64, toks []token, store bool, at *string) (any, error) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.LoadTimeout)
+	ctx = withLoadPosition(ctx, c.guard, batchToken(toks, store))
 	defer cancel()
 	ctx, err := c.traceStart(ctx, skeys, !store, at)
 	var found map[K]V

@@ -2,11 +2,11 @@
 // decodes.
 //
 // Every message (a pub/sub payload, or the value of a stream entry's field
-// "m") is, in version 1:
+// "m") is, in version 2:
 //
 //	offset  size      field
 //	0       1         magic, 0xC0
-//	1       1         format version, 1
+//	1       1         format version, 2
 //	2       1         kind: 1 keys, 2 flush the namespace
 //	3       uvarint   namespace length n, 1 ≤ n ≤ cache.MaxKeyLen
 //	        n         namespace
@@ -19,6 +19,11 @@
 //	                  m bytes of key
 //	                  varint version (zigzag, as encoding/binary's
 //	                  AppendVarint); 0 means unknown
+//	                  uvarint source position (a WAL position, opaque
+//	                  here); 0 means unknown
+//
+// Version 1 is version 2 without the positions; receivers still decode it
+// (its keys have position 0), and publishers send version 2.
 //
 // Varints are those of encoding/binary, in their shortest form. Nothing
 // follows the last field, and a message is at most MaxMessageSize bytes.
@@ -26,7 +31,7 @@
 // remaining bytes cannot hold, and flushes. A message of another format
 // version is rejected the same way, so during a rolling upgrade that
 // changes the format, old nodes flush on every new message: correct, but
-// without a cache.
+// without a cache. (Nodes that speak only version 1 flush on version 2.)
 //
 // Streams entries hold one field: "m", a message, or "j", a marker a
 // reader adds to mark its position (its value is the reader's NodeID, in
@@ -49,7 +54,8 @@ const (
 	MaxMessageSize = 1 << 20
 
 	magic         = 0xC0 // first byte of every message
-	formatVersion = 1    // second byte; the only version this package speaks
+	formatVersion = 2    // second byte: the version this package sends
+	formatV1      = 1    // the version before positions, still decoded
 
 	kindKeys  = 1 // a batch of invalidated keys of one namespace
 	kindFlush = 2 // every key of one namespace
@@ -82,7 +88,7 @@ func headerSize(namespace string, seq uint64, nkeys int) int {
 
 // keySize returns the encoded size of one key.
 func keySize(inv cache.Invalidation) int {
-	return uvarintLen(uint64(len(inv.Key))) + len(inv.Key) + varintLen(inv.Version)
+	return uvarintLen(uint64(len(inv.Key))) + len(inv.Key) + varintLen(inv.Version) + uvarintLen(inv.Position)
 }
 
 // appendMessage appends the encoding of m to dst. The caller keeps m within
@@ -106,6 +112,7 @@ func appendMessage(dst []byte, m *message) []byte {
 		dst = binary.AppendUvarint(dst, uint64(len(k.Key)))
 		dst = append(dst, k.Key...)
 		dst = binary.AppendVarint(dst, k.Version)
+		dst = binary.AppendUvarint(dst, k.Position)
 	}
 	return dst
 }
@@ -130,8 +137,9 @@ func decode(data string) (message, error) {
 	if data[0] != magic {
 		return m, fmt.Errorf("%w: bad magic byte %#x", errMalformed, data[0])
 	}
-	if data[1] != formatVersion {
-		return m, fmt.Errorf("%w: version %d (this node speaks %d)", errVersion, data[1], formatVersion)
+	version := data[1]
+	if version != formatVersion && version != formatV1 {
+		return m, fmt.Errorf("%w: version %d (this node speaks %d and %d)", errVersion, version, formatV1, formatVersion)
 	}
 	kind := data[2]
 	if kind != kindKeys && kind != kindFlush {
@@ -159,10 +167,14 @@ func decode(data string) (message, error) {
 		return m, nil
 	}
 	n, ok := r.uvarint()
-	// Each key takes at least three bytes (length, one byte, version), so a
-	// count the remaining bytes cannot hold is rejected before anything is
-	// allocated for it.
-	if !ok || n == 0 || n > uint64(len(r.s)-r.off)/3 {
+	// Each key takes at least three bytes (length, one byte, version), and
+	// one more for its position in version 2, so a count the remaining
+	// bytes cannot hold is rejected before anything is allocated for it.
+	minKey := uint64(4)
+	if version == formatV1 {
+		minKey = 3
+	}
+	if !ok || n == 0 || n > uint64(len(r.s)-r.off)/minKey {
 		return m, fmt.Errorf("%w: bad key count", errMalformed)
 	}
 	m.keys = make([]cache.Invalidation, n)
@@ -175,7 +187,13 @@ func decode(data string) (message, error) {
 		if !ok {
 			return m, fmt.Errorf("%w: bad version of key %d", errMalformed, i)
 		}
-		m.keys[i] = cache.Invalidation{Key: k, Version: v}
+		var pos uint64
+		if version != formatV1 {
+			if pos, ok = r.uvarint(); !ok {
+				return m, fmt.Errorf("%w: bad position of key %d", errMalformed, i)
+			}
+		}
+		m.keys[i] = cache.Invalidation{Key: k, Version: v, Position: pos}
 	}
 	if r.off != len(r.s) {
 		return m, fmt.Errorf("%w: %d trailing bytes", errMalformed, len(r.s)-r.off)

@@ -27,6 +27,9 @@ func TestCodecRoundTrip(t *testing.T) {
 		{"flush", message{namespace: "orders", origin: testOrigin, seq: math.MaxUint64, flush: true}},
 		{"longest key and namespace", message{namespace: long, origin: testOrigin, seq: 7, keys: []cache.Invalidation{{Key: long, Version: 3}}}},
 		{"binary key", message{namespace: "\x00\xff", origin: testOrigin, seq: 2, keys: []cache.Invalidation{{Key: "\x00'; DROP TABLE x;--\xff"}}}},
+		{"positions", message{namespace: "n", origin: testOrigin, seq: 3, keys: []cache.Invalidation{
+			{Key: "a", Version: 2, Position: 1}, {Key: "b", Position: 0x16B374D8}, {Key: "c", Version: 5, Position: math.MaxUint64},
+		}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -43,6 +46,44 @@ func TestCodecRoundTrip(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestDecodeVersion1 guards the upgrade to version 2 (source positions):
+// a message of version 1, as a node of the previous release sends it,
+// still decodes, its keys at position 0.
+func TestDecodeVersion1(t *testing.T) {
+	m := message{namespace: "users", origin: testOrigin, seq: 9, keys: []cache.Invalidation{{Key: "42", Version: 7}, {Key: "43"}}}
+	got, err := decode(string(appendMessageV1(nil, &m)))
+	if err != nil {
+		t.Fatalf("decode of a version 1 message: %v", err)
+	}
+	if !reflect.DeepEqual(got, m) {
+		t.Errorf("decode of a version 1 message = %+v; want %+v", got, m)
+	}
+}
+
+// appendMessageV1 encodes m in format version 1, which has no positions
+// (m's must be 0): what a node of the previous release sends.
+func appendMessageV1(dst []byte, m *message) []byte {
+	kind := byte(kindKeys)
+	if m.flush {
+		kind = kindFlush
+	}
+	dst = append(dst, magic, formatV1, kind)
+	dst = binary.AppendUvarint(dst, uint64(len(m.namespace)))
+	dst = append(dst, m.namespace...)
+	dst = append(dst, m.origin[:]...)
+	dst = binary.AppendUvarint(dst, m.seq)
+	if m.flush {
+		return dst
+	}
+	dst = binary.AppendUvarint(dst, uint64(len(m.keys)))
+	for _, k := range m.keys {
+		dst = binary.AppendUvarint(dst, uint64(len(k.Key)))
+		dst = append(dst, k.Key...)
+		dst = binary.AppendVarint(dst, k.Version)
+	}
+	return dst
 }
 
 func keysSize(keys []cache.Invalidation) int {
@@ -78,7 +119,7 @@ func TestDecodeRejects(t *testing.T) {
 		{"empty", "", errMalformed},
 		{"short", "\xC0\x01", errMalformed},
 		{"bad magic", "\xC1" + string(good[1:]), errMalformed},
-		{"unknown version", "\xC0\x02" + string(good[2:]), errVersion},
+		{"unknown version", "\xC0\x03" + string(good[2:]), errVersion},
 		{"unknown kind", "\xC0\x01\x03" + string(good[3:]), errMalformed},
 		{"empty namespace", "\xC0\x01\x01\x00", errMalformed},
 		{"namespace too long", string(appendMessage(nil, &message{namespace: strings.Repeat("n", cache.MaxKeyLen+1), origin: testOrigin, seq: 1, flush: true})), errMalformed},
@@ -120,7 +161,9 @@ func FuzzDecode(f *testing.F) {
 	}}))
 	f.Add([]byte{})
 	f.Add([]byte{0xC0, 0x01, 0x01, 0x01, 'n'})
-	f.Add([]byte("\xC0\x02 future format"))
+	f.Add([]byte("\xC0\x03 future format"))
+	f.Add(appendMessageV1(nil, &message{namespace: "users", origin: testOrigin, seq: 1, keys: []cache.Invalidation{{Key: "42", Version: 7}}}))
+	f.Add(appendMessage(nil, &message{namespace: "p", origin: testOrigin, seq: 2, keys: []cache.Invalidation{{Key: "k", Position: 1 << 40}}}))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		m, err := decode(string(data))
 		if err != nil {
@@ -137,7 +180,11 @@ func FuzzDecode(f *testing.F) {
 				t.Fatalf("decode accepted a key of length %d", len(k.Key))
 			}
 		}
-		if b := appendMessage(nil, &m); !bytes.Equal(b, data) {
+		reencode := appendMessage
+		if data[1] == formatV1 {
+			reencode = appendMessageV1
+		}
+		if b := reencode(nil, &m); !bytes.Equal(b, data) {
 			t.Fatalf("appendMessage(decode(%x)) = %x; want the input", data, b)
 		}
 	})

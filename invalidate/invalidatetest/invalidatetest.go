@@ -277,7 +277,10 @@ func testVersions(t *testing.T, newNodes NewNodes) {
 	a, _ := subscribe(t, nodes[0], "ns")
 	b, rb := subscribe(t, nodes[1], "ns")
 	WaitProven(t, a, b)
-	want := []cache.Invalidation{{Key: "v0"}, {Key: "v7", Version: 7}, {Key: "neg", Version: -3}, {Key: "max", Version: 1<<63 - 1}}
+	// Versions and source positions (DESIGN race 10) travel with their
+	// keys.
+	want := []cache.Invalidation{{Key: "v0"}, {Key: "v7", Version: 7}, {Key: "neg", Version: -3}, {Key: "max", Version: 1<<63 - 1},
+		{Key: "p", Version: 2, Position: 0x16B374D8}, {Key: "pmax", Position: 1<<64 - 1}}
 	publish(t, a, want...)
 	WaitFor(t, "the versioned keys", func() bool { return len(rb.Keys()) >= len(want) })
 	var got []cache.Invalidation
