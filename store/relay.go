@@ -206,6 +206,10 @@ type outboxRow struct {
 	version int64
 	seq     int64
 	flush   bool      // a flush of the namespace (a TRUNCATE, a broken capture)
+	// pos is a source position read by the claim, after the change
+	// committed (its row is visible): a replica that has replayed it
+	// holds the change.
+	pos uint64
 	was     time.Time // relay_after before the claim
 }
 
@@ -248,7 +252,9 @@ func (s *Store) claim(ctx context.Context) ([]outboxRow, error) {
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (outboxRow, error) {
 		var x outboxRow
 		var async string
-		err := r.Scan(&x.ns, &x.key, &x.version, &x.seq, &x.flush, &x.was, &async)
+		var pos int64
+		err := r.Scan(&x.ns, &x.key, &x.version, &x.seq, &x.flush, &x.was, &pos, &async)
+		x.pos = uint64(pos)
 		return x, err
 	})
 }
@@ -298,7 +304,7 @@ func (s *Store) publishClaimed(ctx context.Context, rows []outboxRow) (int, erro
 			batch(r).flush = true
 		default:
 			b := batch(r)
-			b.keys = append(b.keys, cache.Invalidation{Key: string(r.key), Version: r.version})
+			b.keys = append(b.keys, cache.Invalidation{Key: string(r.key), Version: r.version, Position: r.pos})
 		}
 	}
 	done := dropped

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -286,5 +287,71 @@ func TestFailedRelayHandsRowsBack(t *testing.T) {
 	}
 	if st := s.Stats(); st.Relayed != 0 {
 		t.Errorf("Relayed = %d after a failed publication; want 0", st.Relayed)
+	}
+}
+
+// TestWritesCarryTheirPosition guards the store's part of DESIGN race 10:
+// the invalidation of a write through the store, and of a captured
+// outside write, names a WAL position at or after its commit, so that
+// another node's next load of the key is told to read a source that has
+// reached it.
+func TestWritesCarryTheirPosition(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	s := e.store(&Options{RelayPoll: time.Hour})
+	if err := s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id", VersionColumn: "version"}); err != nil {
+		t.Fatal(err)
+	}
+	runRelay(t, s)
+	writer := NewTable(s, e.node(s), nil)
+	var mu sync.Mutex
+	required := map[string]uint64{}
+	reader, err := cache.New("items", 100, func(ctx context.Context, id string) (item, error) {
+		pos, _ := cache.RequiredPosition(ctx)
+		mu.Lock()
+		required[id] = pos
+		mu.Unlock()
+		return e.loader(s.pool)(ctx, id)
+	}, &cache.Options[string, item]{Bus: e.bus, Version: func(it item) int64 { return it.Version }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reader.Close()
+	lsn := func() uint64 {
+		var p int64
+		if err := e.pool.QueryRow(ctx, sqlPosition).Scan(&p); err != nil {
+			t.Fatal(err)
+		}
+		return uint64(p)
+	}
+	requiredOf := func(id string) uint64 {
+		mu.Lock()
+		defer mu.Unlock()
+		return required[id]
+	}
+
+	before := lsn()
+	ch, err := writer.Update(ctx, "w", e.put("w", "v"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ch.Position <= before {
+		t.Errorf("Change.Position = %d; want past the position before the write, %d", ch.Position, before)
+	}
+	if _, err := reader.Get(ctx, "w"); err != nil {
+		t.Fatal(err)
+	}
+	if got := requiredOf("w"); got < ch.Position {
+		t.Errorf("another node's load after the write requires %d; want at least the write's %d", got, ch.Position)
+	}
+
+	beforeOutside := lsn()
+	e.outsideWrite(t, `INSERT INTO `+e.table+` VALUES ('o', 'outside', 1)`)
+	waitFor(t, "the outside write to be relayed", func() bool { n, err := s.Pending(ctx); return err == nil && n == 0 })
+	if _, err := reader.Get(ctx, "o"); err != nil {
+		t.Fatal(err)
+	}
+	if got := requiredOf("o"); got <= beforeOutside {
+		t.Errorf("a load after a relayed outside write requires %d; want a position past %d, before the write", got, beforeOutside)
 	}
 }

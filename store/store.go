@@ -207,7 +207,9 @@ func New(pool *pgxpool.Pool, opts *Options) (*Store, error) {
 			UPDATE ` + s.ident + `.outbox o SET relay_after = now() + make_interval(secs => $2)
 			FROM due WHERE o.key_hash = due.key_hash
 			RETURNING o.namespace, o.key, o.version, o.seq, o.flush, due.relay_after AS was)
-		SELECT namespace, key, version, seq, flush, was, set_config('synchronous_commit', 'off', true)
+		SELECT namespace, key, version, seq, flush, was,
+			(pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint,
+			set_config('synchronous_commit', 'off', true)
 		FROM claimed ORDER BY was`
 	// Rows a relay could not publish are due again as they were, unless a
 	// newer change replaced them (which set its own relay_after). The

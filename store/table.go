@@ -159,6 +159,7 @@ func (t *Table[K, V]) txBody(key K, skey string, fn TxFunc[V], ch *cache.Change[
 	s, ns := t.store, t.cache.Namespace()
 	return func(ctx context.Context, l *lockguard.Lock) (committed, published bool, err error) {
 		var seq int64
+		var pos uint64
 		// cache.Update takes its guard token before the transaction
 		// starts, so that the install of step 4 is skipped if an
 		// invalidation of key from elsewhere overtakes it (race 13). It
@@ -169,7 +170,7 @@ func (t *Table[K, V]) txBody(key K, skey string, fn TxFunc[V], ch *cache.Change[
 		defer cancel()
 		perr := t.cache.Update(pctx, key, func(context.Context) (cache.Change[V], error) {
 			var err error
-			seq, err = s.commit(ctx, ns, skey, l, s.grace, func(ctx context.Context, tx pgx.Tx) (int64, error) {
+			seq, pos, err = s.commit(ctx, ns, skey, l, s.grace, func(ctx context.Context, tx pgx.Tx) (int64, error) {
 				var err error
 				*ch, err = fn(ctx, tx)
 				return ch.Version, err
@@ -181,6 +182,7 @@ func (t *Table[K, V]) txBody(key K, skey string, fn TxFunc[V], ch *cache.Change[
 				return cache.Change[V]{}, err
 			}
 			committed = true
+			ch.Position = pos
 			return *ch, nil
 		})
 		if !committed {

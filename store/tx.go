@@ -17,13 +17,16 @@ import (
 
 // commit runs body in a transaction that, when l is not nil, first checks
 // and advances l's fencing token, and that records the change in the outbox
-// as it commits. It returns the outbox row's seq. Round trips: BEGIN (with
-// capture turned off), the fence, body's statements, and the outbox upsert
-// pipelined with COMMIT.
-func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, delay time.Duration, body func(ctx context.Context, tx pgx.Tx) (int64, error)) (seq int64, err error) {
+// as it commits. It returns the outbox row's seq and a source position at
+// or after the commit (the WAL insert position read right after COMMIT; 0
+// if it could not be read), for the invalidation (DESIGN race 10). Round
+// trips: BEGIN (with the skip of the row's capture), the fence, body's
+// statements, and the outbox upsert pipelined with COMMIT and the read of
+// the position.
+func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, delay time.Duration, body func(ctx context.Context, tx pgx.Tx) (int64, error)) (seq int64, pos uint64, err error) {
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
-		return 0, fmt.Errorf("store: %w", translate(err))
+		return 0, 0, fmt.Errorf("store: %w", translate(err))
 	}
 	defer func() {
 		if conn.Conn().PgConn().TxStatus() != 'I' {
@@ -44,16 +47,16 @@ func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, d
 	// statement as a literal and BEGIN stays one round trip.
 	tx, err := conn.BeginTx(ctx, pgx.TxOptions{BeginQuery: "BEGIN; SET LOCAL coherent.skip = '" + outboxKeyHex(ns, key) + "'"})
 	if err != nil {
-		return 0, fmt.Errorf("store: begin: %w", translate(err))
+		return 0, 0, fmt.Errorf("store: begin: %w", translate(err))
 	}
 	if l != nil {
 		if err := s.fence(ctx, tx, l); err != nil {
-			return 0, err
+			return 0, 0, err
 		}
 	}
 	version, err := body(ctx, tx)
 	if err != nil {
-		return 0, translate(err)
+		return 0, 0, translate(err)
 	}
 	// One round trip for the outbox row and the commit. tx is left
 	// unfinished on purpose: the batch commits on the server, and
@@ -67,20 +70,37 @@ func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, d
 		tag = ct
 		return nil
 	})
+	// Read after COMMIT returned, in the same round trip: the position is
+	// at or after the commit record, so a replica that has replayed it
+	// holds the write. Its failure does not fail the committed write: the
+	// position is then unknown (0).
+	batch.Queue(sqlPosition).QueryRow(func(r pgx.Row) error {
+		var p int64
+		if err := r.Scan(&p); err != nil {
+			s.log.Warn("store: reading the WAL position after a commit", "err", err)
+			return nil
+		}
+		pos = uint64(p)
+		return nil
+	})
 	if err := conn.SendBatch(ctx, &batch).Close(); err != nil {
 		if unknownOutcome(err) {
-			return 0, fmt.Errorf("store: outbox and commit: %w: %w", ErrCommitUnknown, err)
+			return 0, 0, fmt.Errorf("store: outbox and commit: %w: %w", ErrCommitUnknown, err)
 		}
-		return 0, fmt.Errorf("store: outbox and commit: %w", translate(err))
+		return 0, 0, fmt.Errorf("store: outbox and commit: %w", translate(err))
 	}
 	if tag.String() != "COMMIT" {
 		// COMMIT of a failed transaction answers ROLLBACK: body hid an
 		// error of one of its statements.
-		return 0, fmt.Errorf("store: commit: %w", pgx.ErrTxCommitRollback)
+		return 0, 0, fmt.Errorf("store: commit: %w", pgx.ErrTxCommitRollback)
 	}
 	s.traceCommit(ctx, ns, key, version)
-	return seq, nil
+	return seq, pos, nil
 }
+
+// sqlPosition reads the primary's current WAL insert position as a number
+// of bytes: a source position in the sense of package cache.
+const sqlPosition = `SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint`
 
 // unknownOutcome reports whether err, from the round trip that carries
 // COMMIT, leaves the transaction's outcome unknown: the server answered

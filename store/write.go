@@ -33,7 +33,7 @@ func (s *Store) Write(ctx context.Context, namespace, key string, fn func(ctx co
 		if s.pub == nil {
 			delay = 0
 		}
-		seq, err := s.commit(ctx, namespace, key, l, delay, func(ctx context.Context, tx pgx.Tx) (int64, error) {
+		seq, pos, err := s.commit(ctx, namespace, key, l, delay, func(ctx context.Context, tx pgx.Tx) (int64, error) {
 			return 0, fn(ctx, tx)
 		})
 		if err != nil {
@@ -44,7 +44,7 @@ func (s *Store) Write(ctx context.Context, namespace, key string, fn func(ctx co
 		}
 		pctx, cancel := s.afterCommit(ctx)
 		defer cancel()
-		return true, s.afterPublish(ctx, namespace, key, seq, s.pub.Publish(pctx, namespace, []cache.Invalidation{{Key: key}})), nil
+		return true, s.afterPublish(ctx, namespace, key, seq, s.pub.Publish(pctx, namespace, []cache.Invalidation{{Key: key, Position: pos}})), nil
 	})
 }
 
