@@ -205,12 +205,12 @@ type outboxRow struct {
 	ns, key []byte
 	version int64
 	seq     int64
-	flush   bool      // a flush of the namespace (a TRUNCATE, a broken capture)
+	flush   bool // a flush of the namespace (a TRUNCATE, a broken capture)
 	// pos is a source position read by the claim, after the change
 	// committed (its row is visible): a replica that has replayed it
 	// holds the change.
 	pos uint64
-	was     time.Time // relay_after before the claim
+	was time.Time // relay_after before the claim
 }
 
 // relay runs one round: claim, publish, delete. It returns how many rows
