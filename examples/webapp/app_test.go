@@ -52,7 +52,7 @@ func newTestApp(t testing.TB, redisAddr string) *testApp {
 	cfg := config{node: "test", schema: schema, redisPrefix: prefix, lockTTL: 2 * time.Second, maxStaleness: time.Second}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	a, err := newApp(ctx, cfg, pool, rdb, log)
+	a, err := newApp(ctx, cfg, pool, nil, rdb, log)
 	if err != nil {
 		t.Fatalf("newApp: %v", err)
 	}

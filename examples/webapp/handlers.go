@@ -335,11 +335,15 @@ func (a *app) addItem(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *app) stats(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, http.StatusOK, map[string]any{
+	st := map[string]any{
 		"cache": a.items.Cache().Stats(),
 		"bus":   a.bus.Stats(),
 		"store": a.store.Stats(),
-	})
+	}
+	if a.reads != nil {
+		st["replica"] = a.reads.Stats()
+	}
+	writeJSON(w, http.StatusOK, st)
 }
 
 func (a *app) healthz(w http.ResponseWriter, r *http.Request) {

@@ -25,7 +25,9 @@
 // outcome is unknown; the server logs why.
 //
 // Writes go through the lock guard and the outbox (package store); writes
-// to the table from any other client are captured and relayed.
+// to the table from any other client are captured and relayed. With
+// -replica-url, loads read a streaming replica once it has replayed what
+// they must see, and the primary otherwise.
 package main
 
 import (
@@ -61,6 +63,7 @@ import (
 type config struct {
 	addr, node      string
 	dbURL, redisURL string
+	replicaURL      string // a streaming replica for loads; "": none
 	// The rest serve operators and the fault tests of integration/.
 	schema       string        // the library's tables
 	redisPrefix  string        // the bus channel and lock keys
@@ -103,6 +106,7 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	fs.StringVar(&cfg.node, "node", "a", "name of this instance, for logs and connection names")
 	fs.StringVar(&cfg.dbURL, "database-url", "", "Postgres URL; a search_path parameter selects the schema of the items table (default $DATABASE_URL, or "+defaultDatabaseURL+")")
 	fs.StringVar(&cfg.redisURL, "redis-url", "", "Redis URL (default $REDIS_URL, or "+defaultRedisURL+")")
+	fs.StringVar(&cfg.replicaURL, "replica-url", "", "URL of a streaming replica of -database-url that loads read once it has replayed what they must see (default $DATABASE_REPLICA_URL, or none: loads read the primary)")
 	fs.StringVar(&cfg.schema, "schema", store.DefaultSchema, "schema of the library's tables")
 	fs.StringVar(&cfg.redisPrefix, "redis-prefix", "coherent:", "prefix of the bus channel and the lock keys")
 	fs.DurationVar(&cfg.lockTTL, "lock-ttl", lockguard.DefaultTTL, "lease of a write's lock")
@@ -112,6 +116,7 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	}
 	cfg.dbURL = cmp.Or(cfg.dbURL, getenv("DATABASE_URL"), defaultDatabaseURL)
 	cfg.redisURL = cmp.Or(cfg.redisURL, getenv("REDIS_URL"), defaultRedisURL)
+	cfg.replicaURL = cmp.Or(cfg.replicaURL, getenv("DATABASE_REPLICA_URL"))
 	return cfg, nil
 }
 
@@ -122,6 +127,7 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 var (
 	errDatabaseURL = errors.New("-database-url (or DATABASE_URL) is neither a Postgres URL nor a keyword/value string; not shown, as it may hold a password (percent-encode special characters in a URL's password)")
 	errRedisURL    = errors.New("-redis-url (or REDIS_URL) is not a Redis URL, redis://[[user]:password@]host:port/db; not shown, as it may hold a password (percent-encode special characters in it)")
+	errReplicaURL  = errors.New("-replica-url (or DATABASE_REPLICA_URL) is neither a Postgres URL nor a keyword/value string; not shown, as it may hold a password")
 )
 
 // hideSecret returns err, or an error of the same message with every
@@ -160,6 +166,25 @@ func run(ctx context.Context, cfg config, log *slog.Logger) error {
 	if err := pool.Ping(pctx); err != nil {
 		return hideSecret(fmt.Errorf("postgres at %s unreachable: %w", redact(cfg.dbURL), err), pw)
 	}
+	var replica *pgxpool.Pool
+	if cfg.replicaURL != "" {
+		rcfg, err := pgxpool.ParseConfig(cfg.replicaURL)
+		if err != nil {
+			return errReplicaURL
+		}
+		rcfg.ConnConfig.RuntimeParams["application_name"] = "coherent-webapp-" + cfg.node + "-replica"
+		if _, ok := rcfg.ConnConfig.RuntimeParams["search_path"]; !ok {
+			if sp, ok := pcfg.ConnConfig.RuntimeParams["search_path"]; ok {
+				rcfg.ConnConfig.RuntimeParams["search_path"] = sp // the items table's schema
+			}
+		}
+		if replica, err = pgxpool.NewWithConfig(ctx, rcfg); err != nil {
+			return hideSecret(fmt.Errorf("postgres replica: %w", err), rcfg.ConnConfig.Password)
+		}
+		defer replica.Close()
+		// A replica that is down at start is not fatal: loads read the
+		// primary until it answers.
+	}
 	ropts, err := redis.ParseURL(cfg.redisURL)
 	if err != nil {
 		return errRedisURL
@@ -171,7 +196,7 @@ func run(ctx context.Context, cfg config, log *slog.Logger) error {
 		return hideSecret(fmt.Errorf("redis at %s unreachable: %w", ropts.Addr, err), ropts.Password)
 	}
 
-	app, err := newApp(ctx, cfg, pool, rdb, log)
+	app, err := newApp(ctx, cfg, pool, replica, rdb, log)
 	if err != nil {
 		return err
 	}
@@ -250,12 +275,16 @@ type app struct {
 	store   *store.Store
 	metrics *prometheus.Registry
 	items   *store.Table[string, Item]
+	reads   *store.Replica // nil without -replica-url
 	log     *slog.Logger
 	cancel  context.CancelFunc
 	relay   chan error
 }
 
-func newApp(ctx context.Context, cfg config, pool *pgxpool.Pool, rdb *redis.Client, log *slog.Logger) (*app, error) {
+// newApp wires the app: writes go to pool, the primary; loads go to
+// replica, a streaming replica of it, when it is not nil and has replayed
+// what they must see (store.Replica), else to the primary.
+func newApp(ctx context.Context, cfg config, pool, replica *pgxpool.Pool, rdb *redis.Client, log *slog.Logger) (*app, error) {
 	if err := store.Migrate(ctx, pool, cfg.schema); err != nil {
 		return nil, err
 	}
@@ -294,8 +323,18 @@ func newApp(ctx context.Context, cfg config, pool *pgxpool.Pool, rdb *redis.Clie
 		bus.Close()
 		return nil, err
 	}
+	const selectItem = `SELECT id, value, version FROM items WHERE id = $1`
+	load := store.Loader[string](pool, selectItem, pgx.RowToStructByName[Item])
+	var reads *store.Replica
+	if replica != nil {
+		if reads, err = store.NewReplica(pool, replica, &store.ReplicaOptions{Logger: log}); err != nil {
+			bus.Close()
+			return nil, err
+		}
+		load = store.ReplicaLoader[string](reads, selectItem, pgx.RowToStructByName[Item])
+	}
 	itemsCache, err := cache.New("items", 100_000,
-		store.Loader[string](pool, `SELECT id, value, version FROM items WHERE id = $1`, pgx.RowToStructByName[Item]),
+		load,
 		&cache.Options[string, Item]{
 			Bus:          bus,
 			MaxStaleness: cfg.maxStaleness,
@@ -321,10 +360,14 @@ func newApp(ctx context.Context, cfg config, pool *pgxpool.Pool, rdb *redis.Clie
 		bus.Close()
 		return nil, err
 	}
-	reg.MustRegister(statsCollector{cache: itemsCache.Stats, bus: bus.Stats, store: s.Stats},
+	sc := statsCollector{cache: itemsCache.Stats, bus: bus.Stats, store: s.Stats}
+	if reads != nil {
+		sc.replica = reads.Stats
+	}
+	reg.MustRegister(sc,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	a := &app{pool: pool, rdb: rdb, bus: bus, locks: locks, store: s, items: items, metrics: reg, log: log, cancel: cancel, relay: make(chan error, 1)}
+	a := &app{pool: pool, rdb: rdb, bus: bus, locks: locks, store: s, items: items, reads: reads, metrics: reg, log: log, cancel: cancel, relay: make(chan error, 1)}
 	go func() { a.relay <- s.RunRelay(rctx) }()
 	return a, nil
 }

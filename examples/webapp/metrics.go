@@ -21,12 +21,20 @@ type statsCollector struct {
 	cache func() cache.Stats
 	bus   func() invalidate.Stats
 	store func() store.Stats
+	// replica is nil without -replica-url.
+	replica func() store.ReplicaStats
 }
 
 var (
-	descCache  = map[string]*prometheus.Desc{}
-	descBus    = map[string]*prometheus.Desc{}
-	descStore  = map[string]*prometheus.Desc{}
+	descCache   = map[string]*prometheus.Desc{}
+	descBus     = map[string]*prometheus.Desc{}
+	descStore   = map[string]*prometheus.Desc{}
+	descReplica = map[string]*prometheus.Desc{
+		"replica_reads":  prometheus.NewDesc("coherent_replica_reads_total", "Loads served by the replica.", nil, nil),
+		"waits":          prometheus.NewDesc("coherent_replica_waits_total", "Loads that found the replica behind and waited for it.", nil, nil),
+		"primary_reads":  prometheus.NewDesc("coherent_replica_primary_reads_total", "Loads the primary served: replica behind, failing, or the position unknown.", nil, nil),
+		"replica_errors": prometheus.NewDesc("coherent_replica_errors_total", "Failed reads of the replica.", nil, nil),
+	}
 	descFlush  = prometheus.NewDesc("coherent_bus_flushes_total", "Flushes of every local subscription, by cause.", []string{"cause"}, nil)
 	descSize   = prometheus.NewDesc("coherent_cache_entries", "Entries held by the cache.", nil, nil)
 	descWeight = prometheus.NewDesc("coherent_cache_weight_bytes", "Weight of the entries held by the cache (Options.Weigher).", nil, nil)
@@ -103,6 +111,14 @@ func (c statsCollector) Collect(ch chan<- prometheus.Metric) {
 		"poison_rows": ss.PoisonRows, "relay_unproven": ss.RelayUnproven,
 	} {
 		counter(descStore[name], v)
+	}
+	if c.replica != nil {
+		rs := c.replica()
+		for name, v := range map[string]uint64{
+			"replica_reads": rs.ReplicaReads, "waits": rs.Waits, "primary_reads": rs.PrimaryReads, "replica_errors": rs.ReplicaErrors,
+		} {
+			counter(descReplica[name], v)
+		}
 	}
 }
 
