@@ -56,9 +56,15 @@ func Name(prefix string) string {
 // and, if searchPath is not empty, that search_path.
 func PoolConfig(t testing.TB, app, searchPath string) *pgxpool.Config {
 	t.Helper()
-	cfg, err := pgxpool.ParseConfig(DatabaseURL())
+	return PoolConfigFor(t, DatabaseURL(), app, searchPath)
+}
+
+// PoolConfigFor is [PoolConfig] for the Postgres URL dsn.
+func PoolConfigFor(t testing.TB, dsn, app, searchPath string) *pgxpool.Config {
+	t.Helper()
+	cfg, err := pgxpool.ParseConfig(dsn)
 	if err != nil {
-		t.Fatalf("DATABASE_URL: %v", err)
+		t.Fatalf("Postgres URL: %v", err)
 	}
 	cfg.ConnConfig.RuntimeParams["application_name"] = app
 	if searchPath != "" {
