@@ -65,7 +65,7 @@ func newBenchNode(b *testing.B, e *env, tr *benchTrace) *benchNode {
 	b.Helper()
 	n := &benchNode{e: e, rawLock: e.prefix + "raw:", rawChannel: e.prefix + "raw-channel"}
 
-	cfg := testenv.PoolConfig(b, e.app, "")
+	cfg := poolConfig(b, e.app)
 	ropt, err := redis.ParseURL(testenv.RedisURL())
 	if err != nil {
 		b.Fatalf("REDIS_URL: %v", err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -19,10 +20,44 @@ import (
 )
 
 // newPool returns a pool whose connections carry application name app, so
-// that a test can find and terminate them.
+// that a test can find and terminate them. It connects to the test's
+// Postgres: DATABASE_URL, or what [useURL] chose.
 func newPool(t testing.TB, app string) *pgxpool.Pool {
 	t.Helper()
-	return testenv.Pool(t, testenv.PoolConfig(t, app, ""))
+	return testenv.Pool(t, poolConfig(t, app))
+}
+
+// poolConfig is the configuration of newPool.
+func poolConfig(t testing.TB, app string) *pgxpool.Config {
+	t.Helper()
+	return testenv.PoolConfigFor(t, testURL(t), app, "")
+}
+
+// testURLs maps test names, each followed by "/", to the Postgres URL
+// their pools use instead of DATABASE_URL: a test and its subtests.
+var testURLs sync.Map
+
+// useURL makes t and its subtests connect to the Postgres of the URL u
+// (a primary with a replica, or a pooler) wherever they would connect to
+// DATABASE_URL: newEnv, newPool and the env's stores.
+func useURL(t testing.TB, u string) {
+	t.Helper()
+	key := t.Name() + "/"
+	testURLs.Store(key, u)
+	t.Cleanup(func() { testURLs.Delete(key) })
+}
+
+// testURL returns the Postgres URL of t: the one [useURL] set for t or a
+// test it is a subtest of, else DATABASE_URL.
+func testURL(t testing.TB) string {
+	u, longest := testenv.DatabaseURL(), 0
+	testURLs.Range(func(k, v any) bool {
+		if p := k.(string); len(p) > longest && strings.HasPrefix(t.Name()+"/", p) {
+			u, longest = v.(string), len(p)
+		}
+		return true
+	})
+	return u
 }
 
 // item is a row of the test table.

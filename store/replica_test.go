@@ -63,7 +63,7 @@ func TestReplicaLoaderRoutes(t *testing.T) {
 		t.Errorf("Get of a missing row = %v; want cache.ErrNotFound", err)
 	}
 
-	down := testenv.Pool(t, testenv.PoolConfig(t, "coh_test_replica_down", ""))
+	down := testenv.Pool(t, poolConfig(t, "coh_test_replica_down"))
 	down.Close() // a replica that fails every read
 	rd, err := NewReplica(e.pool, down, nil)
 	if err != nil {

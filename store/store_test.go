@@ -1066,7 +1066,7 @@ func TestCommitOfUnknownOutcome(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer p.Close()
-	cfg := testenv.PoolConfig(t, e.app, "")
+	cfg := poolConfig(t, e.app)
 	host, port, _ := net.SplitHostPort(p.Addr())
 	n, _ := strconv.Atoi(port)
 	cfg.ConnConfig.Host, cfg.ConnConfig.Port = host, uint16(n)
