@@ -70,24 +70,31 @@ type clusterConfig struct {
 	MaxStaleness time.Duration
 	// Extra holds more flags for some nodes, by index.
 	Extra map[int][]string
+	// DatabaseURL is the Postgres of the nodes and of the test's own
+	// writes; default testenv.DatabaseURL().
+	DatabaseURL string
+	// ReplicaURL, if set, is a streaming replica of DatabaseURL that every
+	// node's loads read (the webapp's -replica-url).
+	ReplicaURL string
 }
 
 // cluster is a set of webapp processes sharing a schema of the test's own
 // (for the items table and the library's tables) and a Redis key prefix
 // of its own, plus the history of what the test did to them.
 type cluster struct {
-	t         testing.TB
-	id        string // names the nodes; unique per test
-	schema    string
-	dbURL     string
-	redisURL  string
-	prefix    string
-	lockTTL   time.Duration
-	staleness time.Duration
-	db        *pgxpool.Pool // outside writes and snapshots
-	hist      *History
-	http      *http.Client
-	nodes     []*node
+	t          testing.TB
+	id         string // names the nodes; unique per test
+	schema     string
+	dbURL      string
+	replicaURL string // "": the nodes read the primary
+	redisURL   string
+	prefix     string
+	lockTTL    time.Duration
+	staleness  time.Duration
+	db         *pgxpool.Pool // outside writes and snapshots
+	hist       *History
+	http       *http.Client
+	nodes      []*node
 
 	mu         sync.Mutex // guards unexpected
 	unexpected []string   // nodes that exited without the test asking
@@ -133,7 +140,10 @@ func (l *logBuffer) String() string {
 // are killed, the schema dropped, the Redis keys deleted.
 func newCluster(t testing.TB, cfg clusterConfig) *cluster {
 	t.Helper()
-	db := testenv.Pool(t, testenv.PoolConfig(t, "coherent-integration", ""))
+	if cfg.DatabaseURL == "" {
+		cfg.DatabaseURL = testenv.DatabaseURL()
+	}
+	db := testenv.Pool(t, testenv.PoolConfigFor(t, cfg.DatabaseURL, "coherent-integration", ""))
 	if cfg.RedisURL == "" {
 		cfg.RedisURL = testenv.RedisURL()
 	}
@@ -162,8 +172,13 @@ func newCluster(t testing.TB, cfg clusterConfig) *cluster {
 		testenv.DeleteKeys(t, testenv.Redis(t), c.prefix)
 	}
 	var err error
-	if c.dbURL, err = withSearchPath(testenv.DatabaseURL(), c.schema); err != nil {
+	if c.dbURL, err = withSearchPath(cfg.DatabaseURL, c.schema); err != nil {
 		t.Fatal(err)
+	}
+	if cfg.ReplicaURL != "" {
+		if c.replicaURL, err = withSearchPath(cfg.ReplicaURL, c.schema); err != nil {
+			t.Fatal(err)
+		}
 	}
 	t.Cleanup(c.teardown)
 	addrs, err := freeAddrs(cfg.Nodes)
@@ -187,6 +202,19 @@ func newCluster(t testing.TB, cfg clusterConfig) *cluster {
 		}
 	}
 	return c
+}
+
+// nodeEnv is the environment of a node: the test's, without the
+// variables the webapp reads in place of a flag the cluster did not give
+// (DATABASE_REPLICA_URL names CI's private replica, of another primary).
+func nodeEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "DATABASE_REPLICA_URL=") {
+			env = append(env, kv)
+		}
+	}
+	return env
 }
 
 // withSearchPath adds search_path=schema to a Postgres URL or keyword/value
@@ -360,10 +388,13 @@ func (n *node) launch(flags []string) error {
 		"-schema", c.schema, "-redis-prefix", c.prefix,
 		"-lock-ttl", c.lockTTL.String(), "-max-staleness", c.staleness.String(),
 	}
+	if c.replicaURL != "" {
+		args = append(args, "-replica-url", c.replicaURL)
+	}
 	args = append(args, flags...)
 	cmd := exec.Command(webappBin, args...)
 	cmd.Stdout, cmd.Stderr = n.log, n.log
-	cmd.Env = append(os.Environ(), "GORACE=halt_on_error=1")
+	cmd.Env = append(nodeEnv(), "GORACE=halt_on_error=1")
 	testenv.DieWithParent(cmd)
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -909,6 +940,9 @@ type nodeStats struct {
 	}
 	Store struct {
 		PublishFailures, Relayed, RelayErrors uint64
+	}
+	Replica struct { // with -replica-url only
+		ReplicaReads, Waits, PrimaryReads, ReplicaErrors uint64
 	}
 }
 
