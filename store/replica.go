@@ -137,6 +137,33 @@ func ReplicaLoader[K comparable, V any](r *Replica, query string, scan pgx.RowTo
 	}
 }
 
+// ReplicaLoaderMany is [LoaderMany] over a Replica, for
+// cache.Options.LoadMany: it runs query with the keys as its only
+// parameter ($1, an array: WHERE id = ANY($1)) on the replica when the
+// replica has replayed the position the batch must reach (the highest of
+// its keys'), and on the primary otherwise, and files each row under
+// keyOf(v). Keys without a row are absent from the result.
+func ReplicaLoaderMany[K comparable, V any](r *Replica, query string, scan pgx.RowToFunc[V], keyOf func(V) K) func(ctx context.Context, keys []K) (map[K]V, error) {
+	return func(ctx context.Context, keys []K) (map[K]V, error) {
+		var m map[K]V
+		read := func(rows pgx.Rows) error {
+			vs, err := pgx.CollectRows(rows, scan)
+			if err != nil {
+				return err
+			}
+			m = make(map[K]V, len(vs))
+			for _, v := range vs {
+				m[keyOf(v)] = v
+			}
+			return nil
+		}
+		if err := r.load(ctx, query, keys, read); err != nil {
+			return nil, err
+		}
+		return m, nil
+	}
+}
+
 // sqlReplay reads a server's replay position; on a server that is not in
 // recovery (a primary), its current position, so that reading it is
 // always current enough.

@@ -198,3 +198,55 @@ func TestReplicaLagCapture(t *testing.T) {
 		t.Errorf("stats %+v; want the read after the outside write served by the primary", st)
 	}
 }
+
+// TestReplicaLagMany is TestReplicaLag for batch loads (GetMany through
+// ReplicaLoaderMany): a batch must read a source that has reached the
+// highest position of its keys, or it caches the rows the writes replaced.
+func TestReplicaLagMany(t *testing.T) {
+	e := newReplicaEnv(t)
+	ctx := context.Background()
+	sA, sB := e.store(nil), e.store(nil)
+	a := NewTable(sA, e.node(sA), nil)
+	r, err := NewReplica(sB.pool, e.replica, &ReplicaOptions{MaxWait: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	query := `SELECT id, value, version FROM ` + e.table + ` WHERE id = ANY($1)`
+	b, err := cache.New("items", 1000, ReplicaLoader[string](r, `SELECT id, value, version FROM `+e.table+` WHERE id = $1`, pgx.RowToStructByName[item]),
+		&cache.Options[string, item]{
+			Bus:      e.bus,
+			Version:  func(it item) int64 { return it.Version },
+			LoadMany: ReplicaLoaderMany(r, query, pgx.RowToStructByName[item], func(it item) string { return it.ID }),
+		})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	keys := []string{"k1", "k2", "k3"}
+	for _, k := range keys {
+		if _, err := a.Update(ctx, k, e.put(k, "v1")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testenv.WaitReplayed(t, e.primaryURL, e.replicaURL)
+	if m, err := b.GetMany(ctx, keys); err != nil || len(m) != 3 {
+		t.Fatalf("GetMany = %v, %v", m, err)
+	}
+	if st := r.Stats(); st.ReplicaReads != 1 {
+		t.Fatalf("the first batch with the replica caught up: %+v; want one replica read", st)
+	}
+	testenv.PauseReplay(t, e.replicaURL)
+	if _, err := a.Update(ctx, "k2", e.put("k2", "v2")); err != nil {
+		t.Fatal(err)
+	}
+	m, err := b.GetMany(ctx, append(keys, "absent"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m["k1"].Value != "v1" || m["k2"].Value != "v2" || m["k3"].Value != "v1" || len(m) != 3 {
+		t.Fatalf("GetMany after A wrote k2, replay paused = %+v (stats %+v); want k2 at v2", m, r.Stats())
+	}
+	if it, err := b.Get(ctx, "k2"); err != nil || it.Value != "v2" {
+		t.Fatalf("Get(k2) after the batch = %+v, %v; want v2 (the batch must not have cached v1)", it, err)
+	}
+}
