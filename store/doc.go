@@ -71,6 +71,26 @@
 // key, which the trigger skips; every other row its function changes is
 // captured. Keys are the key column's text form (see [Store.Capture]).
 //
+// # Read replicas
+//
+// Loads may read a streaming replica without breaking G1–G3 (DESIGN race
+// 10). Every invalidation of a committed write carries a WAL position at
+// or after its commit: a write through this package reads
+// pg_current_wal_insert_lsn() after COMMIT in the same round trip, and the
+// relay reads one after it saw a captured row. The cache remembers, per
+// key and per flush, the highest position it was told of, this node's own
+// writes included, and hands it to the load (cache.RequiredPosition).
+// [ReplicaLoader] and [ReplicaLoaderMany], over a [Replica], read the
+// replica in one round trip that also reads its pg_last_wal_replay_lsn();
+// a replica that has not replayed the required position is polled for up
+// to [ReplicaOptions.MaxWait] (default 50ms), and then the primary serves
+// the load. When the cache cannot name a position (after a flush, or while
+// its link is unproven) the primary serves it and reports where it stood,
+// so that later loads may use the replica again. A replica that is down or
+// fails is read around. [Replica.Stats] counts replica reads, waits,
+// primary reads and replica errors. The replica must stream from the
+// primary the Store writes: positions of two servers are not comparable.
+//
 // # Limits
 //
 // The library's tables live in one schema (default "coherent"), created by
