@@ -211,6 +211,10 @@ wal_level = replica
 max_wal_senders = 5
 max_replication_slots = 5
 hot_standby = on
+# The primary keeps the row versions the replica's queries still see, as
+# read replicas are run: without it, vacuum on the primary cancels them
+# (and even connections being set up) with "conflict with recovery".
+hot_standby_feedback = on
 fsync = off
 shared_buffers = 32MB
 max_connections = 200

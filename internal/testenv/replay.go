@@ -107,8 +107,14 @@ func WaitReplayed(t testing.TB, primary, replica string) {
 	for {
 		var done bool
 		// target is a pg_lsn's text form, read from the server: no quote.
+		// A hot standby cancels queries, and even connections, that
+		// conflict with what it replays (a dropped schema, say): retry.
 		if err := queryRow(ctx, replica, `SELECT pg_last_wal_replay_lsn() >= '`+target+`'::pg_lsn`, &done); err != nil {
-			t.Fatalf("the replica's replay: %v", err)
+			if ctx.Err() != nil {
+				t.Fatalf("the replica's replay: %v", err)
+			}
+			time.Sleep(20 * time.Millisecond)
+			continue
 		}
 		if done {
 			return
