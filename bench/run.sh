@@ -13,11 +13,13 @@
 #             leaves the committed charts alone)
 #   -only S   run only these steps (comma-separated: readpath, readpath-c8,
 #             readpath-rate, readpath-procs1, hitpath, fanout, size,
-#             writepath, stampede)
+#             writepath, stampede, replica)
 #             into an -out DIR of an earlier run, and regenerate its tables
 #             and charts from what the DIR then holds
 #
 # Needs Postgres and Redis (DATABASE_URL, REDIS_URL, or the local defaults);
+# the replica step uses DATABASE_PRIMARY_URL and DATABASE_REPLICA_URL, or
+# starts a primary and a replica of its own with integration/pgreplica/pg.sh;
 # wrk, if installed, cross-checks the read path; benchstat, if installed,
 # summarises the hit path. Every step records the load average beside its
 # output, in tables.md.
@@ -73,6 +75,19 @@ step() {
 	mv "$out/steps.tsv.new" "$out/steps.tsv"
 }
 
+# The replica step's servers: the ones named, else a set of this run's own,
+# stopped on exit.
+pg_dir=""
+need_replica() {
+	[ -z "$only" ] || [[ $only == *",replica,"* ]]
+}
+if need_replica && [ -z "${DATABASE_PRIMARY_URL:-}${DATABASE_REPLICA_URL:-}" ]; then
+	pg_dir=$(mktemp -d "${TMPDIR:-/tmp}/coherent-bench-pg.XXXXXX")
+	trap 'integration/pgreplica/pg.sh stop "$pg_dir" >/dev/null 2>&1 || true' EXIT
+	pg_env=$(integration/pgreplica/pg.sh start "$pg_dir")
+	while read -r v; do export "${v?}"; done <<<"$pg_env"
+fi
+
 if [ -z "$only" ]; then : >"$out/steps.tsv"; else touch "$out/steps.tsv"; fi
 if [ "$quick" = 1 ]; then
 	bt=(-benchtime=1x -count=1)
@@ -82,6 +97,7 @@ if [ "$quick" = 1 ]; then
 	step size go run ./bench/size -quick -json "$out/size.json"
 	step writepath go test -run '^$' -bench WritePathVsRaw "${bt[@]}" ./store
 	step stampede go test -run '^$' -bench Stampede "${bt[@]}" ./bench/stampede
+	step replica go test -run '^$' -bench ReplicaReadPath "${bt[@]}" ./store
 else
 	wrk=()
 	if command -v wrk >/dev/null; then wrk=(-wrk); fi
@@ -94,6 +110,7 @@ else
 	step size go run ./bench/size -json "$out/size.json"
 	step writepath go test -run '^$' -bench WritePathVsRaw -benchtime=2000x -count=6 ./store
 	step stampede go test -run '^$' -bench Stampede -benchtime=20x -count=3 ./bench/stampede
+	step replica go test -run '^$' -bench ReplicaReadPath -benchtime=2s -count=6 ./store
 fi
 
 echo "bench: charts in $svg" >&2
@@ -119,7 +136,7 @@ go run ./bench/chart "${charts[@]}" -dir "$svg"
 	fi
 	echo "- kernel $(uname -r); clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>/dev/null || echo '?')"
 	echo
-	for name in readpath readpath-c8 readpath-rate readpath-procs1 hitpath fanout size writepath stampede; do
+	for name in readpath readpath-c8 readpath-rate readpath-procs1 hitpath fanout size writepath stampede replica; do
 		line=$(grep "^$name	" "$out/steps.tsv" || true)
 		[ -n "$line" ] || continue
 		IFS=$'\t' read -r name before after cmd <<<"$line"
@@ -128,7 +145,7 @@ go run ./bench/chart "${charts[@]}" -dir "$svg"
 		echo "\`$cmd\` — load $before → $after"
 		echo
 		case "$name" in
-		hitpath | writepath | stampede)
+		hitpath | writepath | stampede | replica)
 			go run ./bench/chart -benchmd "$out/$name.txt"
 			if [ "$name" = hitpath ] && command -v benchstat >/dev/null && [ "$quick" = 0 ]; then
 				echo

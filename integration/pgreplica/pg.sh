@@ -234,7 +234,9 @@ start_servers() {
 		return 1
 	}
 	server_conf "$p" | as_pg tee -a "$dir/primary/postgresql.conf" >/dev/null
-	as_pg "$bin/pg_ctl" -D "$dir/primary" -l "$dir/primary.log" -w -t 60 start >/dev/null || {
+	# 9>&-: the servers and pgbouncer must not inherit the start lock, or
+	# they hold it for as long as they run.
+	as_pg "$bin/pg_ctl" -D "$dir/primary" -l "$dir/primary.log" -w -t 60 start >/dev/null 9>&- || {
 		tail -n 20 "$dir/primary.log" >&2
 		return 1
 	}
@@ -249,7 +251,7 @@ start_servers() {
 	server_conf "$r" | as_pg tee -a "$dir/replica/postgresql.conf" >/dev/null
 	echo "primary_conninfo = 'host=127.0.0.1 port=$p user=postgres application_name=$slot'" |
 		as_pg tee -a "$dir/replica/postgresql.auto.conf" >/dev/null
-	as_pg "$bin/pg_ctl" -D "$dir/replica" -l "$dir/replica.log" -w -t 60 start >/dev/null || {
+	as_pg "$bin/pg_ctl" -D "$dir/replica" -l "$dir/replica.log" -w -t 60 start >/dev/null 9>&- || {
 		tail -n 20 "$dir/replica.log" >&2
 		return 1
 	}
@@ -286,7 +288,7 @@ ignore_startup_parameters = extra_float_digits
 logfile = $dir/pgbouncer.log
 pidfile = $dir/pgbouncer.pid
 EOF
-	as_pg pgbouncer -d "$dir/pgbouncer.ini" >/dev/null 2>"$dir/pgbouncer.err" || {
+	as_pg pgbouncer -d "$dir/pgbouncer.ini" >/dev/null 2>"$dir/pgbouncer.err" 9>&- || {
 		cat "$dir/pgbouncer.err" >&2
 		tail -n 20 "$dir/pgbouncer.log" >&2 2>/dev/null || true
 		return 1
