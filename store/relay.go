@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/coherentcache/coherent/cache"
 	"github.com/coherentcache/coherent/internal/backoff"
@@ -257,10 +258,18 @@ func (s *Store) listenOnce(ctx context.Context, wake chan<- struct{}) (delivered
 		if err != nil {
 			return true, err
 		}
-		if !strings.HasPrefix(n.Payload, probePrefix) {
-			signal(wake)
-		}
+		s.notified(n, wake)
 	}
+}
+
+// notified signals wake for a notification of the outbox; another relay's
+// probe wakes nothing.
+func (s *Store) notified(n *pgconn.Notification, wake chan<- struct{}) {
+	if strings.HasPrefix(n.Payload, probePrefix) {
+		s.foreignProbes.Add(1)
+		return
+	}
+	signal(wake)
 }
 
 // probe proves that notifications reach conn, which LISTENs on channel: it
@@ -274,6 +283,7 @@ func (s *Store) probe(ctx context.Context, conn *pgx.Conn, channel string, wake 
 	var b [16]byte
 	rand.Read(b[:])
 	payload := probePrefix + hex.EncodeToString(b[:])
+	s.probes.Add(1)
 	if _, err := s.pool.Exec(ctx, `SELECT pg_notify($1::text, $2::text)`, channel, payload); err != nil {
 		return false, fmt.Errorf("probe notification: %w", err)
 	}
@@ -290,8 +300,8 @@ func (s *Store) probe(ctx context.Context, conn *pgx.Conn, channel string, wake 
 			return false, err
 		case n.Payload == payload:
 			return true, nil
-		case !strings.HasPrefix(n.Payload, probePrefix):
-			signal(wake)
+		default:
+			s.notified(n, wake)
 		}
 	}
 }

@@ -127,7 +127,10 @@ type Store struct {
 	// (probeUnknown, probeDelivered, probeLost), for logging changes only.
 	listening  atomic.Bool
 	probeState atomic.Int32
-	poisonLog  poisonLog
+	// probes counts the probes sent and foreignProbes those of other
+	// relays a listener ignored (tests read them).
+	probes, foreignProbes atomic.Uint64
+	poisonLog             poisonLog
 
 	publishFailures atomic.Uint64
 	relayed         atomic.Uint64
