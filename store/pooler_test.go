@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/coherentcache/coherent/cache"
@@ -18,9 +19,23 @@ import (
 )
 
 // TestThroughPooler runs the store's tests of the write path, optimistic
-// writes, the relay and capture through pgbouncer in transaction mode,
-// with each of pgx's exec modes that need no prepared statement kept
-// across transactions.
+// writes, the relay, capture, Migrate, the loaders and Replica through
+// pgbouncer in transaction mode (pool_mode = transaction, no prepared
+// statement support), with each of pgx's exec modes that keep no prepared
+// statement across round trips: exec, cache_describe and simple_protocol.
+// It guards against statements that need a session: a prepared statement
+// or a session-level SET reused by a later transaction, a lock or setting
+// outside a transaction, a parameter whose type only a prepared
+// statement's description would tell. (With the default, cache_statement,
+// nearly every test fails: "prepared statement already exists"; and
+// describe_exec loses its unnamed statement between its two round trips
+// outside a transaction.) The relays LISTEN straight on the primary
+// (ListenConfig), as a pooled deployment must configure them;
+// TestRelayBehindAPoolerPolls covers a relay that does not.
+//
+// All of the test's SQL goes through the pooler, which routes every
+// database to the primary, the schema set-up and the outside writes
+// included.
 func TestThroughPooler(t *testing.T) {
 	pooler, primary := testenv.PoolerURL(t)
 	for _, mode := range []string{"exec", "cache_describe", "simple_protocol"} {
@@ -34,6 +49,19 @@ func TestThroughPooler(t *testing.T) {
 	}
 }
 
+// poolerTests are the tests TestThroughPooler runs. Left out:
+//
+//   - TestListenBackoffResets and TestPostgresConnectionsKilled terminate
+//     backends found by application_name; behind the pooler a server
+//     connection carries the name of whichever client used it last, and
+//     serves every test's pools, so they would kill connections of
+//     others and miss their own. The pooler does not change what they
+//     guard (the relay's reconnect backoff, a write's error when its
+//     connection dies).
+//   - TestCommitOfUnknownOutcome connects through a fault proxy in front
+//     of DATABASE_URL's server, not the pooler's: its env and its store
+//     would be on different servers.
+//   - TestBadOptions checks arguments only.
 var poolerTests = []struct {
 	name string
 	test func(*testing.T)
@@ -310,4 +338,26 @@ func (r *logRecorder) all() []string {
 		ms = append(ms, rec.Level.String()+" "+rec.Message)
 	}
 	return ms
+}
+
+// TestPreparedStatementErrorsNameTheFix: behind a pooler in transaction
+// mode, pgx's default exec mode fails with "prepared statement ... already
+// exists" or "... does not exist", which says nothing of the cause; the
+// store's errors add what to configure, and keep the original in the
+// chain. (A unit test: whether the default mode fails at once through
+// the pooler depends on which server connections the pooler hands out.)
+func TestPreparedStatementErrorsNameTheFix(t *testing.T) {
+	for _, code := range []string{"26000", "42P05"} {
+		pgErr := &pgconn.PgError{Code: code, Message: `prepared statement "stmtcache_1" does not exist`}
+		err := translate(fmt.Errorf("query: %w", pgErr))
+		if !strings.Contains(err.Error(), "default_query_exec_mode=exec") {
+			t.Errorf("translate(SQLSTATE %s) = %v; want the fix named", code, err)
+		}
+		if got := (*pgconn.PgError)(nil); !errors.As(err, &got) || got != pgErr {
+			t.Errorf("translate(SQLSTATE %s) lost the PgError: %v", code, err)
+		}
+	}
+	if err := translate(&pgconn.PgError{Code: "23505"}); strings.Contains(err.Error(), "pooler") {
+		t.Errorf("translate(unique_violation) = %v; want no pooler hint", err)
+	}
 }
