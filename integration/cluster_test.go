@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -70,6 +71,15 @@ type clusterConfig struct {
 	MaxStaleness time.Duration
 	// Extra holds more flags for some nodes, by index.
 	Extra map[int][]string
+	// DatabaseURL is the nodes' -database-url, and the URL of the test's
+	// outside writes, as it is; its database's search_path must lead to
+	// Schema (a pooler refuses search_path as a connection parameter:
+	// ALTER DATABASE … SET search_path). Default DATABASE_URL, with
+	// search_path set to the test's schema.
+	DatabaseURL string
+	// Schema is the test's schema, which newCluster creates and drops;
+	// default a new name.
+	Schema string
 }
 
 // cluster is a set of webapp processes sharing a schema of the test's own
@@ -133,7 +143,8 @@ func (l *logBuffer) String() string {
 // are killed, the schema dropped, the Redis keys deleted.
 func newCluster(t testing.TB, cfg clusterConfig) *cluster {
 	t.Helper()
-	db := testenv.Pool(t, testenv.PoolConfig(t, "coherent-integration", ""))
+	dbURL := cmp.Or(cfg.DatabaseURL, testenv.DatabaseURL())
+	db := testenv.Pool(t, testenv.PoolConfigFor(t, dbURL, "coherent-integration", ""))
 	if cfg.RedisURL == "" {
 		cfg.RedisURL = testenv.RedisURL()
 	}
@@ -146,7 +157,7 @@ func newCluster(t testing.TB, cfg clusterConfig) *cluster {
 	c := &cluster{
 		t:         t,
 		id:        testenv.Name("")[:8],
-		schema:    testenv.Schema(t, db),
+		schema:    cfg.Schema,
 		redisURL:  cfg.RedisURL,
 		lockTTL:   cfg.LockTTL,
 		staleness: cfg.MaxStaleness,
@@ -161,9 +172,27 @@ func newCluster(t testing.TB, cfg clusterConfig) *cluster {
 	if cfg.RedisURL == testenv.RedisURL() {
 		testenv.DeleteKeys(t, testenv.Redis(t), c.prefix)
 	}
+	if c.schema == "" {
+		c.schema = testenv.Schema(t, db)
+	} else {
+		ident := pgx.Identifier{c.schema}.Sanitize()
+		if _, err := db.Exec(context.Background(), `CREATE SCHEMA `+ident); err != nil {
+			t.Fatalf("create schema: %v", err)
+		}
+		t.Cleanup(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if _, err := db.Exec(ctx, `DROP SCHEMA `+ident+` CASCADE`); err != nil {
+				t.Errorf("drop schema %s: %v", c.schema, err)
+			}
+		})
+	}
 	var err error
-	if c.dbURL, err = withSearchPath(testenv.DatabaseURL(), c.schema); err != nil {
-		t.Fatal(err)
+	c.dbURL = cfg.DatabaseURL
+	if c.dbURL == "" {
+		if c.dbURL, err = withSearchPath(testenv.DatabaseURL(), c.schema); err != nil {
+			t.Fatal(err)
+		}
 	}
 	t.Cleanup(c.teardown)
 	addrs, err := freeAddrs(cfg.Nodes)
@@ -909,6 +938,7 @@ type nodeStats struct {
 	}
 	Store struct {
 		PublishFailures, Relayed, RelayErrors uint64
+		RelayListening                        bool
 	}
 }
 

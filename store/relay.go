@@ -285,7 +285,7 @@ func (s *Store) probe(ctx context.Context, conn *pgx.Conn, channel string, wake 
 	payload := probePrefix + hex.EncodeToString(b[:])
 	s.probes.Add(1)
 	if _, err := s.pool.Exec(ctx, `SELECT pg_notify($1::text, $2::text)`, channel, payload); err != nil {
-		return false, fmt.Errorf("probe notification: %w", err)
+		return false, fmt.Errorf("probe notification: %w", translate(err))
 	}
 	wctx, cancel := context.WithTimeout(ctx, s.probeWait)
 	defer cancel()
