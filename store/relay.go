@@ -204,7 +204,7 @@ func (s *Store) listen(ctx context.Context, wake chan<- struct{}) {
 func (s *Store) listenOnce(ctx context.Context, wake chan<- struct{}) (delivered bool, err error) {
 	var conn *pgx.Conn
 	if s.listenConfig != nil {
-		conn, err = pgx.ConnectConfig(ctx, s.listenConfig)
+		conn, err = connectListener(ctx, s.listenConfig)
 		if err != nil {
 			return false, fmt.Errorf("ListenConfig: %w", err)
 		}
@@ -272,6 +272,17 @@ func (s *Store) notified(n *pgconn.Notification, wake chan<- struct{}) {
 	signal(wake)
 }
 
+// connectListener connects with cfg; a configuration that pgx refuses
+// with a panic (one not made by pgx.ParseConfig) is an error.
+func connectListener(ctx context.Context, cfg *pgx.ConnConfig) (conn *pgx.Conn, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			conn, err = nil, fmt.Errorf("%w: %v", ErrInvalidOptions, r)
+		}
+	}()
+	return pgx.ConnectConfig(ctx, cfg)
+}
+
 // probe proves that notifications reach conn, which LISTENs on channel: it
 // sends a notification with an unguessable payload through the pool, as
 // the outbox's trigger would, and waits up to probeWait for it on conn. It
@@ -316,8 +327,12 @@ func (s *Store) probed(delivered bool) {
 	switch old := s.probeState.Swap(state); {
 	case old == state:
 	case !delivered:
+		hint := "set Options.ListenConfig to a direct connection"
+		if s.listenConfig != nil {
+			hint = "Options.ListenConfig must lead to the database the pool writes, not through a pooler in transaction mode"
+		}
 		s.log.Warn("store: notifications do not reach the relay's LISTEN (a pooler in transaction mode?); "+
-			"polling every RelayPoll; set Options.ListenConfig to a direct connection",
+			"polling every RelayPoll; "+hint,
 			"relay_poll", s.poll, "recheck", s.listenRecheck)
 	case old == probeLost:
 		s.log.Info("store: notifications reach the relay's LISTEN again")

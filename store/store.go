@@ -69,8 +69,8 @@ type Options struct {
 	// through a pooler in transaction mode (pgbouncer's pool_mode =
 	// transaction), which hands the server connection that ran LISTEN to
 	// other clients: point it at the primary directly, or at a pooler in
-	// session mode. It must reach the database the pool writes. Default
-	// nil: a connection of the pool.
+	// session mode. It must reach the database the pool writes, and come
+	// from pgx.ParseConfig. Default nil: a connection of the pool.
 	//
 	// Either way the relay checks that notifications reach its LISTEN (see
 	// [Store.RunRelay]) and polls every RelayPoll while they do not.
@@ -162,6 +162,10 @@ func New(pool *pgxpool.Pool, opts *Options) (*Store, error) {
 		return nil, fmt.Errorf("%w: negative RelayPoll %v", ErrInvalidOptions, o.RelayPoll)
 	case o.PublishTimeout < 0:
 		return nil, fmt.Errorf("%w: negative PublishTimeout %v", ErrInvalidOptions, o.PublishTimeout)
+	case o.ListenConfig != nil && o.ListenConfig.Host == "":
+		// pgx connects only with a configuration from ParseConfig, which
+		// always names a host (or socket directory).
+		return nil, fmt.Errorf("%w: ListenConfig names no host; make it with pgx.ParseConfig", ErrInvalidOptions)
 	}
 	s := &Store{
 		pool:   pool,
