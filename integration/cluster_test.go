@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -70,11 +71,19 @@ type clusterConfig struct {
 	MaxStaleness time.Duration
 	// Extra holds more flags for some nodes, by index.
 	Extra map[int][]string
-	// DatabaseURL is the Postgres of the nodes and of the test's own
-	// writes; default testenv.DatabaseURL().
+	// DatabaseURL is the Postgres of the nodes (-database-url) and of
+	// the test's own writes. Without Schema, newCluster adds to it
+	// search_path set to the test's schema; with Schema, it is used as it
+	// is, and its database's search_path must lead to Schema (a pooler
+	// refuses search_path as a connection parameter: ALTER DATABASE … SET
+	// search_path). Default DATABASE_URL.
 	DatabaseURL string
+	// Schema is the test's schema, which newCluster creates and drops;
+	// default a new name.
+	Schema string
 	// ReplicaURL, if set, is a streaming replica of DatabaseURL that every
-	// node's loads read (the webapp's -replica-url).
+	// node's loads read (the webapp's -replica-url), with search_path
+	// added as to DatabaseURL.
 	ReplicaURL string
 }
 
@@ -140,10 +149,8 @@ func (l *logBuffer) String() string {
 // are killed, the schema dropped, the Redis keys deleted.
 func newCluster(t testing.TB, cfg clusterConfig) *cluster {
 	t.Helper()
-	if cfg.DatabaseURL == "" {
-		cfg.DatabaseURL = testenv.DatabaseURL()
-	}
-	db := testenv.Pool(t, testenv.PoolConfigFor(t, cfg.DatabaseURL, "coherent-integration", ""))
+	dbURL := cmp.Or(cfg.DatabaseURL, testenv.DatabaseURL())
+	db := testenv.Pool(t, testenv.PoolConfigFor(t, dbURL, "coherent-integration", ""))
 	if cfg.RedisURL == "" {
 		cfg.RedisURL = testenv.RedisURL()
 	}
@@ -156,7 +163,7 @@ func newCluster(t testing.TB, cfg clusterConfig) *cluster {
 	c := &cluster{
 		t:         t,
 		id:        testenv.Name("")[:8],
-		schema:    testenv.Schema(t, db),
+		schema:    cfg.Schema,
 		redisURL:  cfg.RedisURL,
 		lockTTL:   cfg.LockTTL,
 		staleness: cfg.MaxStaleness,
@@ -171,13 +178,31 @@ func newCluster(t testing.TB, cfg clusterConfig) *cluster {
 	if cfg.RedisURL == testenv.RedisURL() {
 		testenv.DeleteKeys(t, testenv.Redis(t), c.prefix)
 	}
-	var err error
-	if c.dbURL, err = withSearchPath(cfg.DatabaseURL, c.schema); err != nil {
-		t.Fatal(err)
+	if c.schema == "" {
+		c.schema = testenv.Schema(t, db)
+	} else {
+		ident := pgx.Identifier{c.schema}.Sanitize()
+		if _, err := db.Exec(context.Background(), `CREATE SCHEMA `+ident); err != nil {
+			t.Fatalf("create schema: %v", err)
+		}
+		t.Cleanup(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if _, err := db.Exec(ctx, `DROP SCHEMA `+ident+` CASCADE`); err != nil {
+				t.Errorf("drop schema %s: %v", c.schema, err)
+			}
+		})
 	}
-	if cfg.ReplicaURL != "" {
-		if c.replicaURL, err = withSearchPath(cfg.ReplicaURL, c.schema); err != nil {
+	var err error
+	c.dbURL, c.replicaURL = dbURL, cfg.ReplicaURL
+	if cfg.Schema == "" {
+		if c.dbURL, err = withSearchPath(dbURL, c.schema); err != nil {
 			t.Fatal(err)
+		}
+		if cfg.ReplicaURL != "" {
+			if c.replicaURL, err = withSearchPath(cfg.ReplicaURL, c.schema); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
 	t.Cleanup(c.teardown)
@@ -206,11 +231,11 @@ func newCluster(t testing.TB, cfg clusterConfig) *cluster {
 
 // nodeEnv is the environment of a node: the test's, without the
 // variables the webapp reads in place of a flag the cluster did not give
-// (DATABASE_REPLICA_URL names CI's private replica, of another primary).
+// (under CI, DATABASE_REPLICA_URL names a replica of another primary).
 func nodeEnv() []string {
 	var env []string
 	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "DATABASE_REPLICA_URL=") {
+		if !strings.HasPrefix(kv, "DATABASE_REPLICA_URL=") && !strings.HasPrefix(kv, "DATABASE_LISTEN_URL=") {
 			env = append(env, kv)
 		}
 	}
@@ -940,6 +965,7 @@ type nodeStats struct {
 	}
 	Store struct {
 		PublishFailures, Relayed, RelayErrors uint64
+		RelayListening                        bool
 	}
 	Replica struct { // with -replica-url only
 		ReplicaReads, Waits, PrimaryReads, ReplicaErrors uint64

@@ -80,7 +80,7 @@ func (s *Store) Capture(ctx context.Context, namespace string, opts *TableOption
 		var pgErr *pgconn.PgError
 		if err == nil || !errors.As(err, &pgErr) || pgErr.Code != "55P03" { // lock_not_available
 			if err != nil {
-				return fmt.Errorf("store: capture %s: %w", table, err)
+				return fmt.Errorf("store: capture %s: %w", table, translate(err))
 			}
 			return nil
 		}

@@ -91,6 +91,28 @@
 // primary reads and replica errors. The replica must stream from the
 // primary the Store writes: positions of two servers are not comparable.
 //
+// # Pooled deployment
+//
+// Behind a pooler in transaction mode (pgbouncer's pool_mode =
+// transaction) a server connection serves a client for one transaction
+// only. Everything in this package keeps its session state inside a
+// transaction (SET LOCAL, set_config(…, true), pg_advisory_xact_lock), so
+// the write path, the fence, the outbox, the relay's rounds, [Migrate],
+// [Store.Capture], the loaders and [Replica] work there, given two
+// settings:
+//
+//   - The pool's statements must not rely on prepared statements kept by
+//     a connection: put default_query_exec_mode=exec in its URL
+//     (cache_describe and simple_protocol work too). pgx's default,
+//     cache_statement, fails with "prepared statement … already exists"
+//     or "does not exist"; this package's errors then name the fix. The
+//     package cannot tell a pooler from a server, so it rejects no mode.
+//   - The relay's LISTEN needs a session: set [Options.ListenConfig] to a
+//     direct connection to the primary. Without it the relay finds that
+//     its probe notification does not arrive, logs a warning once, and
+//     polls every [Options.RelayPoll]; [Stats].RelayListening reports
+//     which.
+//
 // # Limits
 //
 // The library's tables live in one schema (default "coherent"), created by

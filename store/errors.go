@@ -65,7 +65,17 @@ func translate(err error) error {
 		switch pgErr.Code {
 		case "40001", "40P01": // serialization_failure, deadlock_detected
 			return fmt.Errorf("%w: %w", ErrConflict, err)
+		case "26000", "42P05": // invalid_sql_statement_name, duplicate_prepared_statement
+			return fmt.Errorf("%w (%s)", err, poolerHint)
 		}
 	}
 	return err
 }
+
+// poolerHint explains the errors of pgx's prepared statements behind a
+// pooler in transaction mode: a statement prepared on one server
+// connection is missing on the next one the pooler hands out, or already
+// there under the same name. The package never deallocates a statement,
+// so either error means that statements moved between connections.
+const poolerHint = "prepared statements do not survive a pooler in transaction mode: " +
+	"add default_query_exec_mode=exec to the database URL (see the store package's Pooled deployment)"

@@ -50,8 +50,28 @@ func useURL(t testing.TB, u string) {
 // testURL returns the Postgres URL of t: the one [useURL] set for t or a
 // test it is a subtest of, else DATABASE_URL.
 func testURL(t testing.TB) string {
-	u, longest := testenv.DatabaseURL(), 0
-	testURLs.Range(func(k, v any) bool {
+	return urlFor(t, &testURLs, testenv.DatabaseURL())
+}
+
+// listenURLs maps test names, each followed by "/", to the Postgres URL
+// of the ListenConfig their env's stores get: a test and its subtests.
+var listenURLs sync.Map
+
+// useListenURL gives the stores [env.store] makes for t and its subtests
+// an Options.ListenConfig for the Postgres URL u, unless the test sets
+// one itself.
+func useListenURL(t testing.TB, u string) {
+	t.Helper()
+	key := t.Name() + "/"
+	listenURLs.Store(key, u)
+	t.Cleanup(func() { listenURLs.Delete(key) })
+}
+
+// urlFor returns the URL m holds for t or the nearest test it is a
+// subtest of, else def.
+func urlFor(t testing.TB, m *sync.Map, def string) string {
+	u, longest := def, 0
+	m.Range(func(k, v any) bool {
 		if p := k.(string); len(p) > longest && strings.HasPrefix(t.Name()+"/", p) {
 			u, longest = v.(string), len(p)
 		}
@@ -127,6 +147,14 @@ func (e *env) store(opts *Options) *Store {
 	}
 	if o.Publisher == nil {
 		o.Publisher = e.pub
+	}
+	if u := urlFor(e.t, &listenURLs, ""); u != "" && o.ListenConfig == nil {
+		cfg, err := pgx.ParseConfig(u)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		cfg.RuntimeParams["application_name"] = e.app + "_listen"
+		o.ListenConfig = cfg
 	}
 	s, err := New(newPool(e.t, e.app), &o)
 	if err != nil {

@@ -127,7 +127,7 @@ func Migrate(ctx context.Context, pool *pgxpool.Pool, schema string) error {
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("store: migrate schema %q: %w", schema, err)
+		return fmt.Errorf("store: migrate schema %q: %w", schema, translate(err))
 	}
 	return nil
 }

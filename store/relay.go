@@ -2,12 +2,16 @@ package store
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/coherentcache/coherent/cache"
 	"github.com/coherentcache/coherent/internal/backoff"
@@ -41,9 +45,17 @@ import (
 // the outbox holds at most one row per key, so it stays bounded by the
 // keys written meanwhile, and the relay catches up when the bus returns.
 //
+// Notifications need a connection that stays the relay's own: the relay
+// LISTENs on a connection made with [Options.ListenConfig] if set, else on
+// one it holds from the pool. After each LISTEN it sends a probe
+// notification through the pool and waits a few seconds for it. Behind a
+// pooler in transaction mode the probe never arrives: the relay then logs
+// a warning once, polls every RelayPoll, and LISTENs and probes again
+// every minute, logging again only when notifications come through.
+// [Stats].RelayListening tells which.
+//
 // RunRelay blocks until ctx ends and then returns ctx.Err(). It returns an
-// error at once if the Store has no [Options.Publisher]. It holds one pool
-// connection to listen for notifications while it runs.
+// error at once if the Store has no [Options.Publisher].
 func (s *Store) RunRelay(ctx context.Context) error {
 	if s.pub == nil {
 		return fmt.Errorf("%w: the relay needs a Publisher", ErrInvalidOptions)
@@ -135,15 +147,45 @@ func sleep(ctx context.Context, d time.Duration, wakeable bool, wake <-chan stru
 // listenBackoff spaces the relay's attempts to LISTEN.
 var listenBackoff = backoff.Policy{Min: 10 * time.Millisecond, Max: 5 * time.Second}
 
+const (
+	// defaultProbeWait bounds the wait for the relay's probe notification.
+	defaultProbeWait = 3 * time.Second
+	// defaultListenRecheck is how long a relay whose probe notification
+	// did not arrive polls before it LISTENs and probes again.
+	defaultListenRecheck = time.Minute
+)
+
+// probePrefix starts the payload of every relay's probe notification. The
+// outbox's own notifications carry an empty payload (see the migrations),
+// so a listener tells probes apart by the prefix alone, and ignores those
+// of other relays without waking its rounds.
+const probePrefix = "coherent.probe:"
+
+// Outcomes of the relay's last probe, for Store.probeState.
+const (
+	probeUnknown int32 = iota
+	probeDelivered
+	probeLost
+)
+
 // listen signals wake on every notification on the outbox's channel until
 // ctx ends, reconnecting as needed. The backoff between attempts starts
 // over after every LISTEN that succeeded: a connection that worked for a
-// while and then broke is a new failure, not the next of a streak.
+// while and then broke is a new failure, not the next of a streak. When
+// the probe of a LISTEN does not arrive, the relay polls, and LISTENs and
+// probes again every listenRecheck.
 func (s *Store) listen(ctx context.Context, wake chan<- struct{}) {
 	for ctx.Err() == nil {
-		err := s.listenOnce(ctx, wake)
+		delivered, err := s.listenOnce(ctx, wake)
+		s.listening.Store(false)
 		if ctx.Err() != nil {
 			return
+		}
+		if err == nil && !delivered {
+			if !backoff.Sleep(ctx, s.listenRecheck) {
+				return
+			}
+			continue
 		}
 		failures := s.listenFailures.Add(1)
 		s.log.Warn("store: relay listen", "err", err)
@@ -153,36 +195,155 @@ func (s *Store) listen(ctx context.Context, wake chan<- struct{}) {
 	}
 }
 
-func (s *Store) listenOnce(ctx context.Context, wake chan<- struct{}) error {
-	conn, err := s.pool.Acquire(ctx)
-	if err != nil {
-		return err
+// listenOnce LISTENs on a connection of its own ([Options.ListenConfig])
+// or of the pool, and proves with a probe that notifications reach it.
+// If they do, it signals wake on every outbox notification until the
+// connection fails, and returns delivered true and the error. If the
+// probe does not arrive, it returns delivered false and a nil error at
+// once.
+func (s *Store) listenOnce(ctx context.Context, wake chan<- struct{}) (delivered bool, err error) {
+	var conn *pgx.Conn
+	if s.listenConfig != nil {
+		conn, err = connectListener(ctx, s.listenConfig)
+		if err != nil {
+			return false, fmt.Errorf("ListenConfig: %w", err)
+		}
+		defer func() {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			conn.Close(cctx)
+			cancel()
+		}()
+	} else {
+		pc, err := s.pool.Acquire(ctx)
+		if err != nil {
+			return false, err
+		}
+		defer pc.Release()
+		conn = pc.Conn()
 	}
-	defer conn.Release()
-	channel := pgx.Identifier{s.schema + ".outbox"}.Sanitize()
-	if _, err := conn.Exec(ctx, "LISTEN "+channel); err != nil {
-		return err
+	channel := s.schema + ".outbox"
+	ident := pgx.Identifier{channel}.Sanitize()
+	// Exec without arguments uses the simple protocol, whatever the
+	// connection's DefaultQueryExecMode.
+	if _, err := conn.Exec(ctx, "LISTEN "+ident); err != nil {
+		return false, err
 	}
 	s.listenFailures.Store(0)
-	defer func() {
-		// Leave the pooled connection as we found it.
-		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-		conn.Exec(uctx, "UNLISTEN "+channel)
-		cancel()
-	}()
+	if s.listenConfig == nil {
+		defer func() {
+			// Leave the pooled connection as we found it. Behind a pooler
+			// in transaction mode, this reaches the server connection that
+			// ran LISTEN only if the pooler hands that one out again (as
+			// pgbouncer does by default, last in first out): the
+			// registration may stay until the pooler closes it, and its
+			// notifications go to other clients, which ignore them.
+			uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			conn.Exec(uctx, "UNLISTEN "+ident)
+			cancel()
+		}()
+	}
 	// Rows may have become due while nobody listened.
+	signal(wake)
+	delivered, err = s.probe(ctx, conn, channel, wake)
+	if err != nil {
+		return false, err
+	}
+	s.probed(delivered)
+	if !delivered {
+		return false, nil
+	}
+	s.listening.Store(true)
+	for {
+		n, err := conn.WaitForNotification(ctx)
+		if err != nil {
+			return true, err
+		}
+		s.notified(n, wake)
+	}
+}
+
+// notified signals wake for a notification of the outbox; another relay's
+// probe wakes nothing.
+func (s *Store) notified(n *pgconn.Notification, wake chan<- struct{}) {
+	if strings.HasPrefix(n.Payload, probePrefix) {
+		s.foreignProbes.Add(1)
+		return
+	}
+	signal(wake)
+}
+
+// connectListener connects with cfg; a configuration that pgx refuses
+// with a panic (one not made by pgx.ParseConfig) is an error.
+func connectListener(ctx context.Context, cfg *pgx.ConnConfig) (conn *pgx.Conn, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			conn, err = nil, fmt.Errorf("%w: %v", ErrInvalidOptions, r)
+		}
+	}()
+	return pgx.ConnectConfig(ctx, cfg)
+}
+
+// probe proves that notifications reach conn, which LISTENs on channel: it
+// sends a notification with an unguessable payload through the pool, as
+// the outbox's trigger would, and waits up to probeWait for it on conn. It
+// reports false if the probe did not arrive: behind a pooler in
+// transaction mode the server connection that ran LISTEN went back to the
+// pooler, and its notifications reach whichever client holds it next, if
+// any. Outbox notifications that arrive meanwhile signal wake.
+func (s *Store) probe(ctx context.Context, conn *pgx.Conn, channel string, wake chan<- struct{}) (bool, error) {
+	var b [16]byte
+	rand.Read(b[:])
+	payload := probePrefix + hex.EncodeToString(b[:])
+	s.probes.Add(1)
+	if _, err := s.pool.Exec(ctx, `SELECT pg_notify($1::text, $2::text)`, channel, payload); err != nil {
+		return false, fmt.Errorf("probe notification: %w", translate(err))
+	}
+	wctx, cancel := context.WithTimeout(ctx, s.probeWait)
+	defer cancel()
+	for {
+		// A deadline interrupts the wait without breaking the
+		// connection (pgconn treats a timeout as not fatal).
+		n, err := conn.WaitForNotification(wctx)
+		switch {
+		case err != nil && ctx.Err() == nil && wctx.Err() != nil && !conn.IsClosed():
+			return false, nil
+		case err != nil:
+			return false, err
+		case n.Payload == payload:
+			return true, nil
+		default:
+			s.notified(n, wake)
+		}
+	}
+}
+
+// probed records the outcome of a probe and logs it when it changed: the
+// first lost probe, and the first delivered one after lost ones.
+func (s *Store) probed(delivered bool) {
+	state := probeLost
+	if delivered {
+		state = probeDelivered
+	}
+	switch old := s.probeState.Swap(state); {
+	case old == state:
+	case !delivered:
+		hint := "set Options.ListenConfig to a direct connection"
+		if s.listenConfig != nil {
+			hint = "Options.ListenConfig must lead to the database the pool writes, not through a pooler in transaction mode"
+		}
+		s.log.Warn("store: notifications do not reach the relay's LISTEN (a pooler in transaction mode?); "+
+			"polling every RelayPoll; "+hint,
+			"relay_poll", s.poll, "recheck", s.listenRecheck)
+	case old == probeLost:
+		s.log.Info("store: notifications reach the relay's LISTEN again")
+	}
+}
+
+// signal sends a wake-up unless one is pending already.
+func signal(wake chan<- struct{}) {
 	select {
 	case wake <- struct{}{}:
 	default:
-	}
-	for {
-		if _, err := conn.Conn().WaitForNotification(ctx); err != nil {
-			return err
-		}
-		select {
-		case wake <- struct{}{}:
-		default: // a wake-up is pending already
-		}
 	}
 }
 

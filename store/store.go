@@ -58,8 +58,23 @@ type Options struct {
 	RelayBatch int
 
 	// RelayPoll is how often the relay looks for due rows when no
-	// notification wakes it and no row is about to become due. Default 1s.
+	// notification wakes it and no row is about to become due. It bounds
+	// the staleness after an outside write when notifications cannot reach
+	// the relay (see ListenConfig). Default 1s.
 	RelayPoll time.Duration
+
+	// ListenConfig, if not nil, is the configuration of a connection the
+	// relay makes for itself to LISTEN for the outbox's notifications,
+	// instead of holding one of the pool's. Set it when the pool goes
+	// through a pooler in transaction mode (pgbouncer's pool_mode =
+	// transaction), which hands the server connection that ran LISTEN to
+	// other clients: point it at the primary directly, or at a pooler in
+	// session mode. It must reach the database the pool writes, and come
+	// from pgx.ParseConfig. Default nil: a connection of the pool.
+	//
+	// Either way the relay checks that notifications reach its LISTEN (see
+	// [Store.RunRelay]) and polls every RelayPoll while they do not.
+	ListenConfig *pgx.ConnConfig
 
 	// PublishTimeout bounds one publication: a writer's, after its
 	// commit, and each of the relay's. Keep it well under the caches'
@@ -93,6 +108,12 @@ type Store struct {
 	log    *slog.Logger
 	tracer WriteTracer
 
+	listenConfig *pgx.ConnConfig // Options.ListenConfig
+	// probeWait bounds the wait for the relay's probe notification, and
+	// listenRecheck is how long a relay whose probe did not arrive polls
+	// before it tries again (fields, so that tests can shorten them).
+	probeWait, listenRecheck time.Duration
+
 	// sql holds the statements of the write path, built once.
 	sql struct{ fence, outboxPut, confirm, claim, handBack, nextDue, makeDue string }
 
@@ -101,7 +122,15 @@ type Store struct {
 
 	// listenFailures counts the relay's consecutive failures to LISTEN.
 	listenFailures atomic.Int64
-	poisonLog      poisonLog
+	// listening is set while a relay LISTENs on a connection its probe
+	// notification reached; probeState is the outcome of the last probe
+	// (probeUnknown, probeDelivered, probeLost), for logging changes only.
+	listening  atomic.Bool
+	probeState atomic.Int32
+	// probes counts the probes sent and foreignProbes those of other
+	// relays a listener ignored (tests read them).
+	probes, foreignProbes atomic.Uint64
+	poisonLog             poisonLog
 
 	publishFailures atomic.Uint64
 	relayed         atomic.Uint64
@@ -133,6 +162,10 @@ func New(pool *pgxpool.Pool, opts *Options) (*Store, error) {
 		return nil, fmt.Errorf("%w: negative RelayPoll %v", ErrInvalidOptions, o.RelayPoll)
 	case o.PublishTimeout < 0:
 		return nil, fmt.Errorf("%w: negative PublishTimeout %v", ErrInvalidOptions, o.PublishTimeout)
+	case o.ListenConfig != nil && o.ListenConfig.Host == "":
+		// pgx connects only with a configuration from ParseConfig, which
+		// always names a host (or socket directory).
+		return nil, fmt.Errorf("%w: ListenConfig names no host; make it with pgx.ParseConfig", ErrInvalidOptions)
 	}
 	s := &Store{
 		pool:   pool,
@@ -146,6 +179,12 @@ func New(pool *pgxpool.Pool, opts *Options) (*Store, error) {
 		pubTTL: o.PublishTimeout,
 		log:    o.Logger,
 		tracer: o.Tracer,
+
+		probeWait:     defaultProbeWait,
+		listenRecheck: defaultListenRecheck,
+	}
+	if o.ListenConfig != nil {
+		s.listenConfig = o.ListenConfig.Copy()
 	}
 	if s.grace == 0 {
 		s.grace = 2 * time.Second
@@ -242,6 +281,13 @@ type Stats struct {
 	// RelayUnproven counts relay rounds that claimed nothing because the
 	// Publisher's link was not proven.
 	RelayUnproven uint64
+	// RelayListening reports whether a relay ([Store.RunRelay]) LISTENs on
+	// a connection that its probe notification reached: notifications wake
+	// it. False while no relay runs, while it reconnects, and while it
+	// polls every [Options.RelayPoll] because notifications do not reach
+	// its LISTEN (a pooler in transaction mode: see
+	// [Options.ListenConfig]).
+	RelayListening bool
 }
 
 // Stats returns a snapshot of the counters.
@@ -252,6 +298,7 @@ func (s *Store) Stats() Stats {
 		RelayErrors:     s.relayErrors.Load(),
 		PoisonRows:      s.poisonRows.Load(),
 		RelayUnproven:   s.relayUnproven.Load(),
+		RelayListening:  s.listening.Load(),
 	}
 }
 

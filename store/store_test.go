@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/coherentcache/coherent/cache"
 	"github.com/coherentcache/coherent/internal/faultproxy"
@@ -141,6 +142,14 @@ func TestBadOptions(t *testing.T) {
 	}
 	if _, err := New(nil, nil); !errors.Is(err, ErrInvalidOptions) {
 		t.Errorf("New(nil pool) = %v; want ErrInvalidOptions", err)
+	}
+	if _, err := New(pool, &Options{ListenConfig: &pgx.ConnConfig{}}); !errors.Is(err, ErrInvalidOptions) {
+		t.Errorf("New(ListenConfig not from ParseConfig) = %v; want ErrInvalidOptions", err)
+	}
+	// One that names a host passes New, and pgx panics on it: the relay
+	// must get an error instead.
+	if _, err := connectListener(context.Background(), &pgx.ConnConfig{Config: pgconn.Config{Host: "127.0.0.1"}}); !errors.Is(err, ErrInvalidOptions) {
+		t.Errorf("connecting with a ListenConfig not from ParseConfig = %v; want ErrInvalidOptions", err)
 	}
 	if _, err := New(pool, &Options{Grace: -1}); !errors.Is(err, ErrInvalidOptions) {
 		t.Errorf("New(negative Grace) = %v; want ErrInvalidOptions", err)

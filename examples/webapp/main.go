@@ -28,6 +28,14 @@
 // to the table from any other client are captured and relayed. With
 // -replica-url, loads read a streaming replica once it has replayed what
 // they must see, and the primary otherwise.
+//
+// Behind a pooler in transaction mode (pgbouncer's pool_mode =
+// transaction), put default_query_exec_mode=exec in -database-url, and
+// give the relay a direct connection to the primary for its LISTEN with
+// -listen-url (or DATABASE_LISTEN_URL); without it the relay polls every
+// second and logs a warning at start. A pooler refuses search_path as a
+// connection parameter: set it on the database or the role instead (ALTER
+// DATABASE … SET search_path = …).
 package main
 
 import (
@@ -64,6 +72,7 @@ type config struct {
 	addr, node      string
 	dbURL, redisURL string
 	replicaURL      string // a streaming replica for loads; "": none
+	listenURL       string // a direct connection for the relay's LISTEN; "": one of the pool's
 	// The rest serve operators and the fault tests of integration/.
 	schema       string        // the library's tables
 	redisPrefix  string        // the bus channel and lock keys
@@ -107,6 +116,7 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	fs.StringVar(&cfg.dbURL, "database-url", "", "Postgres URL; a search_path parameter selects the schema of the items table (default $DATABASE_URL, or "+defaultDatabaseURL+")")
 	fs.StringVar(&cfg.redisURL, "redis-url", "", "Redis URL (default $REDIS_URL, or "+defaultRedisURL+")")
 	fs.StringVar(&cfg.replicaURL, "replica-url", "", "URL of a streaming replica of -database-url that loads read once it has replayed what they must see (default $DATABASE_REPLICA_URL, or none: loads read the primary)")
+	fs.StringVar(&cfg.listenURL, "listen-url", "", "URL of a direct connection to the primary (not through a pooler in transaction mode) on which the relay LISTENs for notifications (default $DATABASE_LISTEN_URL, or none: a connection of -database-url)")
 	fs.StringVar(&cfg.schema, "schema", store.DefaultSchema, "schema of the library's tables")
 	fs.StringVar(&cfg.redisPrefix, "redis-prefix", "coherent:", "prefix of the bus channel and the lock keys")
 	fs.DurationVar(&cfg.lockTTL, "lock-ttl", lockguard.DefaultTTL, "lease of a write's lock")
@@ -117,6 +127,7 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	cfg.dbURL = cmp.Or(cfg.dbURL, getenv("DATABASE_URL"), defaultDatabaseURL)
 	cfg.redisURL = cmp.Or(cfg.redisURL, getenv("REDIS_URL"), defaultRedisURL)
 	cfg.replicaURL = cmp.Or(cfg.replicaURL, getenv("DATABASE_REPLICA_URL"))
+	cfg.listenURL = cmp.Or(cfg.listenURL, getenv("DATABASE_LISTEN_URL"))
 	return cfg, nil
 }
 
@@ -128,6 +139,7 @@ var (
 	errDatabaseURL = errors.New("-database-url (or DATABASE_URL) is neither a Postgres URL nor a keyword/value string; not shown, as it may hold a password (percent-encode special characters in a URL's password)")
 	errRedisURL    = errors.New("-redis-url (or REDIS_URL) is not a Redis URL, redis://[[user]:password@]host:port/db; not shown, as it may hold a password (percent-encode special characters in it)")
 	errReplicaURL  = errors.New("-replica-url (or DATABASE_REPLICA_URL) is neither a Postgres URL nor a keyword/value string; not shown, as it may hold a password")
+	errListenURL   = errors.New("-listen-url (or DATABASE_LISTEN_URL) is neither a Postgres URL nor a keyword/value string; not shown, as it may hold a password")
 )
 
 // hideSecret returns err, or an error of the same message with every
@@ -316,9 +328,18 @@ func newApp(ctx context.Context, cfg config, pool, replica *pgxpool.Pool, rdb *r
 		bus.Close()
 		return nil, err
 	}
+	var listen *pgx.ConnConfig
+	if cfg.listenURL != "" {
+		if listen, err = pgx.ParseConfig(cfg.listenURL); err != nil {
+			locks.Close()
+			bus.Close()
+			return nil, errListenURL
+		}
+		listen.RuntimeParams["application_name"] = "coherent-webapp-" + cfg.node + "-listen"
+	}
 	reg := prometheus.NewRegistry()
 	tr := newTracer(reg)
-	s, err := store.New(pool, &store.Options{Schema: cfg.schema, Locks: locks, Publisher: bus, Tracer: tr, Logger: log})
+	s, err := store.New(pool, &store.Options{Schema: cfg.schema, Locks: locks, Publisher: bus, Tracer: tr, Logger: log, ListenConfig: listen})
 	if err != nil {
 		bus.Close()
 		return nil, err

@@ -37,6 +37,8 @@ func TestFlagsHideCredentials(t *testing.T) {
 	envs := map[string]string{
 		"DATABASE_URL": "postgres://postgres:hunter2%20XyZzy9%40@127.0.0.1:5432/postgres?sslmode=disable",
 		"REDIS_URL":    "redis://:hunter2%20XyZzy9%40@127.0.0.1:6379/0",
+		// The relay's LISTEN connection, behind a pooler.
+		"DATABASE_LISTEN_URL": "postgres://postgres:hunter2%20XyZzy9%40@127.0.0.1:5433/postgres?sslmode=disable",
 	}
 	getenv := func(name string) string { return envs[name] }
 	for _, args := range [][]string{{"-h"}, {"-no-such-flag"}, {"-lock-ttl", "soon"}} {
@@ -54,6 +56,12 @@ func TestFlagsHideCredentials(t *testing.T) {
 	cfg, err := parseFlags(nil, getenv, &out)
 	if err != nil || cfg.dbURL != envs["DATABASE_URL"] || cfg.redisURL != envs["REDIS_URL"] {
 		t.Errorf("parseFlags() = %q, %q, %v; want DATABASE_URL and REDIS_URL", cfg.dbURL, cfg.redisURL, err)
+	}
+	if cfg.listenURL != envs["DATABASE_LISTEN_URL"] {
+		t.Errorf("parseFlags().listenURL = %q; want DATABASE_LISTEN_URL", cfg.listenURL)
+	}
+	if cfg, err := parseFlags([]string{"-listen-url", "postgres://listen"}, getenv, &out); err != nil || cfg.listenURL != "postgres://listen" {
+		t.Errorf("parseFlags(-listen-url) = %q, %v; want the flag", cfg.listenURL, err)
 	}
 	cfg, err = parseFlags([]string{"-database-url", "postgres://flag", "-redis-url", "redis://flag"}, getenv, &out)
 	if err != nil || cfg.dbURL != "postgres://flag" || cfg.redisURL != "redis://flag" {

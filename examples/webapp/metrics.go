@@ -38,6 +38,7 @@ var (
 	descFlush  = prometheus.NewDesc("coherent_bus_flushes_total", "Flushes of every local subscription, by cause.", []string{"cause"}, nil)
 	descSize   = prometheus.NewDesc("coherent_cache_entries", "Entries held by the cache.", nil, nil)
 	descWeight = prometheus.NewDesc("coherent_cache_weight_bytes", "Weight of the entries held by the cache (Options.Weigher).", nil, nil)
+	descListen = prometheus.NewDesc("coherent_store_relay_listening", "1 while notifications wake the relay, 0 while it polls (a pooler in transaction mode without -listen-url?).", nil, nil)
 )
 
 func init() {
@@ -112,6 +113,11 @@ func (c statsCollector) Collect(ch chan<- prometheus.Metric) {
 	} {
 		counter(descStore[name], v)
 	}
+	listening := 0.0
+	if ss.RelayListening {
+		listening = 1
+	}
+	ch <- prometheus.MustNewConstMetric(descListen, prometheus.GaugeValue, listening)
 	if c.replica != nil {
 		rs := c.replica()
 		for name, v := range map[string]uint64{
