@@ -48,14 +48,27 @@ type ReplicaOptions struct {
 // its bus link is unproven: cache.PositionUnknown) the load reads the
 // primary and tells the cache where the primary stood, so that later loads
 // may read the replica again. A replica that fails is read around: the
-// primary serves, and the error is counted.
+// primary serves, and the error is counted. On first use a Replica checks
+// that the replica is a standby of the primary (they share a system
+// identifier); if it is not, it logs an error and every load reads the
+// primary ([ReplicaStats].Unrelated).
 type Replica struct {
 	primary, replica Batcher
 	maxWait          time.Duration
 	log              *slog.Logger
 
 	replicaReads, waits, primaryReads, replicaErrors atomic.Uint64
+
+	// related is whether the replica was found to be a standby of the
+	// primary (relatedYes), not to be one (relatedNo), or not yet checked.
+	related atomic.Int32
 }
+
+const (
+	relatedUnknown = iota
+	relatedYes
+	relatedNo
+)
 
 // ReplicaStats are a Replica's counters.
 type ReplicaStats struct {
@@ -69,6 +82,10 @@ type ReplicaStats struct {
 	PrimaryReads uint64
 	// ReplicaErrors counts failed reads of the replica.
 	ReplicaErrors uint64
+	// Unrelated reports that the replica is not a standby of the primary
+	// (their system identifiers differ): its replay positions say nothing
+	// about the primary's, so every load reads the primary.
+	Unrelated bool
 }
 
 // NewReplica returns a Replica that reads replica when it has replayed far
@@ -101,6 +118,7 @@ func (r *Replica) Stats() ReplicaStats {
 		Waits:         r.waits.Load(),
 		PrimaryReads:  r.primaryReads.Load(),
 		ReplicaErrors: r.replicaErrors.Load(),
+		Unrelated:     r.related.Load() == relatedNo,
 	}
 }
 
@@ -177,13 +195,57 @@ func (r *Replica) load(ctx context.Context, query string, key any, read func(pgx
 	if !ok {
 		required = cache.PositionUnknown // outside a cache's load: be current
 	}
-	if required != cache.PositionUnknown {
+	if required != cache.PositionUnknown && r.isStandby(ctx) {
 		served, err := r.fromReplica(ctx, required, query, key, read)
 		if served || ctx.Err() != nil {
 			return err
 		}
 	}
 	return r.fromPrimary(ctx, required == cache.PositionUnknown, query, key, read)
+}
+
+// sqlSystem reads a server's system identifier, which a physical standby
+// shares with its primary (pg_control_system is open to every role).
+const sqlSystem = `SELECT system_identifier::text FROM pg_control_system()`
+
+// isStandby reports whether the replica is known to be a standby of the
+// primary, finding out on first use: positions of two clusters are not
+// comparable, and a replica of another cluster (a misconfigured URL)
+// would look caught up to any position and serve its rows. A check that
+// fails counts as a replica error and is made again by the next load.
+func (r *Replica) isStandby(ctx context.Context) bool {
+	switch r.related.Load() {
+	case relatedYes:
+		return true
+	case relatedNo:
+		return false
+	}
+	var p, s string
+	if err := r.primary.SendBatch(ctx, batchOf(sqlSystem, &p)).Close(); err != nil {
+		return false // the primary's error shows in the load that follows
+	}
+	if err := r.replica.SendBatch(ctx, batchOf(sqlSystem, &s)).Close(); err != nil {
+		if ctx.Err() == nil {
+			r.replicaErrors.Add(1)
+			r.log.Warn("store: checking the replica; reading the primary", "err", err)
+		}
+		return false
+	}
+	if p != s {
+		if r.related.Swap(relatedNo) != relatedNo {
+			r.log.Error("store: the replica is not a standby of the primary (their system identifiers differ); every load reads the primary", "primary", p, "replica", s)
+		}
+		return false
+	}
+	r.related.Store(relatedYes)
+	return true
+}
+
+// batchOf is a batch of one query of one row, scanned into dst.
+func batchOf(query string, dst ...any) *pgx.Batch {
+	var b pgx.Batch
+	b.Queue(query).QueryRow(func(row pgx.Row) error { return row.Scan(dst...) })
+	return &b
 }
 
 // fromReplica serves the load from the replica if it has replayed

@@ -258,3 +258,52 @@ func TestReplicaLagMany(t *testing.T) {
 		t.Fatalf("Get(k2) after the batch = %+v, %v; want v2 (the batch must not have cached v1)", it, err)
 	}
 }
+
+// TestReplicaOfAnotherCluster guards against a misconfigured replica URL:
+// a standby of another cluster replays positions that say nothing about
+// the primary's, and can look caught up to any of them, so that its rows,
+// not the primary's, would be served and cached. The Replica finds the
+// system identifiers differ and reads the primary only.
+func TestReplicaOfAnotherCluster(t *testing.T) {
+	primary, replica := testenv.ReplicaURLs(t)
+	e := newEnv(t) // on DATABASE_URL: another cluster than the replica's
+	ctx := context.Background()
+	e.outsideWrite(t, `INSERT INTO `+e.table+` VALUES ('k', 'v', 1)`)
+	// The same table on the replica's cluster, with another row: what a
+	// load would serve from the wrong replica.
+	theirs := testenv.Pool(t, testenv.PoolConfigFor(t, primary, e.app+"_theirs", ""))
+	for _, sql := range []string{
+		`CREATE SCHEMA ` + pgx.Identifier{e.schema}.Sanitize(),
+		`CREATE TABLE ` + e.table + ` (id text PRIMARY KEY, value text NOT NULL, version bigint NOT NULL)`,
+		`INSERT INTO ` + e.table + ` VALUES ('k', 'theirs', 7)`,
+	} {
+		if _, err := theirs.Exec(ctx, sql); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		theirs.Exec(context.Background(), `DROP SCHEMA `+pgx.Identifier{e.schema}.Sanitize()+` CASCADE`)
+	})
+	testenv.WaitReplayed(t, primary, replica)
+	other := testenv.Pool(t, testenv.PoolConfigFor(t, replica, e.app+"_other", ""))
+	r, err := NewReplica(e.pool, other, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bus := &fakeProofBus{}
+	c, err := cache.New("items", 10, ReplicaLoader[string](r, `SELECT id, value, version FROM `+e.table+` WHERE id = $1`, pgx.RowToStructByName[item]),
+		&cache.Options[string, item]{Bus: bus})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for i := range 3 {
+		if it, err := c.Get(ctx, "k"); err != nil || it.Value != "v" {
+			t.Fatalf("Get = %+v, %v; want v from the primary", it, err)
+		}
+		bus.h.Invalidate([]cache.Invalidation{{Key: "k", Position: uint64(i + 1)}})
+	}
+	if st := r.Stats(); !st.Unrelated || st.ReplicaReads != 0 || st.PrimaryReads != 3 {
+		t.Errorf("stats %+v; want the replica found unrelated and every load on the primary", st)
+	}
+}
