@@ -29,8 +29,9 @@ import (
 //
 // The table also remembers source positions (race 10): each slot the
 // highest position named by an invalidation or a local write of its keys,
-// and the table a floor for every key, unknown after each flush until a
-// load that read the authoritative source reports where it stood (see
+// and the table a floor for every key, unknown at first and after each
+// flush until a load that read the authoritative source reports where it
+// stood (see
 // RequiredPosition and ReportPosition).
 type guard struct {
 	epoch atomic.Uint64
@@ -75,7 +76,12 @@ func newGuard(size int) *guard {
 	for n < size {
 		n <<= 1
 	}
-	return &guard{slots: make([]slot, n), mask: uint64(n - 1)}
+	g := &guard{slots: make([]slot, n), mask: uint64(n - 1)}
+	// A new cache heard of none of the changes made before it existed,
+	// at positions nobody told it: as after a flush, the floor is unknown
+	// until a load reports it.
+	g.unknown.Store(1)
+	return g
 }
 
 func (g *guard) slot(h uint64) *slot { return &g.slots[h&g.mask] }

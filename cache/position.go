@@ -7,7 +7,8 @@ import (
 
 // PositionUnknown is the position RequiredPosition reports when the cache
 // cannot name one: the bus link is unproven, or a flush (a gap on the bus,
-// a namespace flush) stood for changes at positions nobody told. A loader
+// a namespace flush) or the cache's start stood for changes at positions
+// nobody told. A loader
 // that reads replicas must then read the authoritative source (the
 // primary), and should tell the cache where that stood (ReportPosition).
 const PositionUnknown = math.MaxUint64

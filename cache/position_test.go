@@ -41,8 +41,8 @@ func (l *posLoader) last(key string) uint64 {
 // reading a replica never caches a row older than a change the cache has
 // heard of: the position of every invalidation of the key that reached
 // this node, of this node's own writes (G1 after an eviction), and, after a
-// flush, PositionUnknown until a load reports where the authoritative
-// source stood.
+// flush and in a new cache, PositionUnknown until a load reports where the
+// authoritative source stood.
 func TestRequiredPosition(t *testing.T) {
 	ctx := context.Background()
 	if _, ok := RequiredPosition(ctx); ok {
@@ -53,6 +53,21 @@ func TestRequiredPosition(t *testing.T) {
 		bus := &fakeBus{proof: forever}
 		return newTestCache(t, 1, l.load, &Options[string, string]{Bus: bus, Shards: 1}), l, bus
 	}
+	t.Run("new cache", func(t *testing.T) {
+		// A new cache knows nothing of the changes made before it existed:
+		// a node started a moment after another node's write must not
+		// read a replica that has not replayed it, and keep its row.
+		c, l, _ := setup(t)
+		l.report = 50
+		mustGet(t, c, "a")
+		if got := l.last("a"); got != PositionUnknown {
+			t.Errorf("a new cache's first load requires %d; want PositionUnknown", got)
+		}
+		mustGet(t, c, "b")
+		if got := l.last("b"); got != 50 {
+			t.Errorf("a load after one reported 50 requires %d; want 50", got)
+		}
+	})
 	t.Run("invalidation", func(t *testing.T) {
 		c, l, bus := setup(t)
 		bus.handler().Invalidate([]Invalidation{{Key: "k", Position: 100}})

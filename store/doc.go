@@ -84,8 +84,8 @@
 // replica in one round trip that also reads its pg_last_wal_replay_lsn();
 // a replica that has not replayed the required position is polled for up
 // to [ReplicaOptions.MaxWait] (default 50ms), and then the primary serves
-// the load. When the cache cannot name a position (after a flush, or while
-// its link is unproven) the primary serves it and reports where it stood,
+// the load. When the cache cannot name a position (while it is new, after a
+// flush, or while its link is unproven) the primary serves it and reports where it stood,
 // so that later loads may use the replica again. A replica that is down or
 // fails is read around. [Replica.Stats] counts replica reads, waits,
 // primary reads and replica errors. The replica must stream from the

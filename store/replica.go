@@ -44,8 +44,9 @@ type ReplicaOptions struct {
 // if the replica has replayed that far, the row is current enough, and is
 // served and cached. Otherwise it waits up to [ReplicaOptions.MaxWait] for
 // the replica to catch up, polling its replay position, and then reads the
-// primary. When the cache cannot name a position (after a flush, or while
-// its bus link is unproven: cache.PositionUnknown) the load reads the
+// primary. When the cache cannot name a position (while it is new, after a
+// flush, or while its bus link is unproven: cache.PositionUnknown) the load
+// reads the
 // primary and tells the cache where the primary stood, so that later loads
 // may read the replica again. A replica that fails is read around: the
 // primary serves, and the error is counted. On first use a Replica checks
