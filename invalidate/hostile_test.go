@@ -314,6 +314,11 @@ var floodTargets = []floodTarget{
 // lasts and one flush per ProofInterval; the reader keeps up (no proof
 // timeout, no reconnection), and the node is proven again afterwards.
 func TestMalformedFloodCostsOneFlushPerProof(t *testing.T) {
+	// floodStaleness is the bound of the test's caches and subscriptions:
+	// long enough that a loaded CI machine running the race detector
+	// answers a probe within it while the flood is read, and far shorter
+	// than the flood took the reader when each message flushed every cache.
+	const floodStaleness = 2 * time.Second
 	t.Parallel()
 	for _, tr := range floodTargets {
 		t.Run(tr.name, func(t *testing.T) {
@@ -332,18 +337,18 @@ func TestMalformedFloodCostsOneFlushPerProof(t *testing.T) {
 			for i := range 10_000 {
 				src.rows[strconv.Itoa(i)] = int64(i)
 			}
-			c, err := cache.New("users", 20_000, src.load, &cache.Options[string, int64]{Bus: bus, MaxStaleness: 300 * time.Millisecond})
+			c, err := cache.New("users", 20_000, src.load, &cache.Options[string, int64]{Bus: bus, MaxStaleness: floodStaleness})
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer c.Close()
 			rec := new(invalidatetest.Recorder)
-			sub, err := bus.Subscribe("probe", rec, staleness)
+			sub, err := bus.Subscribe("probe", rec, floodStaleness)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer sub.Close()
-			osub, err := other.Subscribe("probe", new(invalidatetest.Recorder), staleness)
+			osub, err := other.Subscribe("probe", new(invalidatetest.Recorder), floodStaleness)
 			if err != nil {
 				t.Fatal(err)
 			}
