@@ -1,10 +1,12 @@
 // Command readpath measures examples/webapp-style HTTP reads of a hot key
-// set three ways in one run, on one machine:
+// set four ways in one run, on one machine:
 //
 //   - coherent: through the library (cache.Cache over a Redis pub/sub bus,
 //     filled by store.Loader);
 //   - postgres: straight from Postgres, with the same loader;
-//   - redis: cache-aside on Redis: GET, on a miss the same loader and SET.
+//   - redis: cache-aside on Redis: GET, on a miss the same loader and SET;
+//   - ceiling: the item made up at no cost, the same handler otherwise:
+//     what HTTP over loopback allows, which bounds the others.
 //
 // Each variant is an in-process net/http server on loopback whose handler is
 // the same code (webapp's GET /items/{id}) except for the data access. A

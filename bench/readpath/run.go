@@ -47,7 +47,7 @@ type config struct {
 }
 
 // variants, in the order of the first round.
-var variantNames = []string{"coherent", "postgres", "redis"}
+var variantNames = []string{"coherent", "postgres", "redis", "ceiling"}
 
 // Result is what readpath reports, and what bench/chart reads.
 type Result struct {
@@ -65,6 +65,10 @@ type Result struct {
 	// Ratios of coherent's throughput to the others'.
 	VsPostgres float64 `json:"coherent_vs_postgres"`
 	VsRedis    float64 `json:"coherent_vs_redis"`
+	// VsCeiling is coherent's throughput over the ceiling variant's: the
+	// same handler over a source that costs nothing, so what HTTP over
+	// loopback allows on this machine.
+	VsCeiling float64 `json:"coherent_vs_ceiling"`
 	Wrk        []Wrk   `json:"wrk,omitempty"`
 }
 
@@ -178,6 +182,7 @@ func run(ctx context.Context, cfg config, log io.Writer) (*Result, error) {
 		"coherent": coherentSource{items},
 		"postgres": postgresSource{load},
 		"redis":    redisSource{rdb: rdb, prefix: prefix, ttl: 10 * time.Minute, load: load},
+		"ceiling":  ceilingSource{},
 	}
 
 	// Wait for the bus's first proof: until then the cache reads through.
@@ -333,6 +338,9 @@ func run(ctx context.Context, cfg config, log io.Writer) (*Result, error) {
 	}
 	if rd := byName("redis").ReqPerSec; rd > 0 {
 		res.VsRedis = byName("coherent").ReqPerSec / rd
+	}
+	if c := byName("ceiling").ReqPerSec; c > 0 {
+		res.VsCeiling = byName("coherent").ReqPerSec / c
 	}
 
 	if cfg.wrk {
@@ -507,8 +515,8 @@ func (r *Result) print(w io.Writer) {
 		fmt.Fprintf(w, "\npaced at %.0f requests/s in total; %d keys, %d connections, %d round(s) of %.1fs, GOMAXPROCS %d\n",
 			r.Config.Rate, r.Config.Keys, r.Config.Concurrency, r.Config.Rounds, r.Config.DurationS, r.Config.GOMAXPROCS)
 	} else {
-		fmt.Fprintf(w, "\ncoherent/postgres throughput: %.2f× (goal ≥ 5×); coherent/redis: %.2f× (goal ≥ 2×); %d keys, %d connections, %d round(s) of %.1fs, GOMAXPROCS %d\n",
-			r.VsPostgres, r.VsRedis, r.Config.Keys, r.Config.Concurrency, r.Config.Rounds, r.Config.DurationS, r.Config.GOMAXPROCS)
+		fmt.Fprintf(w, "\ncoherent/postgres throughput: %.2f× (goal ≥ 5×); coherent/redis: %.2f× (goal ≥ 2×); coherent/ceiling: %.2f (goal ≥ 0.9); %d keys, %d connections, %d round(s) of %.1fs, GOMAXPROCS %d\n",
+			r.VsPostgres, r.VsRedis, r.VsCeiling, r.Config.Keys, r.Config.Concurrency, r.Config.Rounds, r.Config.DurationS, r.Config.GOMAXPROCS)
 	}
 	if len(r.Wrk) > 0 {
 		fmt.Fprintf(w, "\n| variant (wrk, median of %d rounds) | req/s | p50 µs | p99 µs | load per round (start → end) |\n|---|---:|---:|---:|---|\n", r.Config.Rounds)
