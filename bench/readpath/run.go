@@ -69,7 +69,7 @@ type Result struct {
 	// same handler over a source that costs nothing, so what HTTP over
 	// loopback allows on this machine.
 	VsCeiling float64 `json:"coherent_vs_ceiling"`
-	Wrk        []Wrk   `json:"wrk,omitempty"`
+	Wrk       []Wrk   `json:"wrk,omitempty"`
 }
 
 // Variant is one variant's numbers over every round.
