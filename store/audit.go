@@ -51,7 +51,8 @@ type AuditOptions[V any] struct {
 
 // AuditStats is a snapshot of an Auditor's counters. Counters only grow.
 type AuditStats struct {
-	// Checked counts sampled entries compared with the source.
+	// Checked counts sampled entries compared with the source. An entry
+	// waiting for its re-check is not checked again meanwhile.
 	Checked uint64
 	// Rechecks counts entries that differed from the source at first and
 	// were read again after Recheck.
@@ -201,6 +202,11 @@ func (a *Auditor[K, V]) Run(ctx context.Context) error {
 	tick := time.NewTicker(time.Duration(float64(time.Second) / a.opts.Rate))
 	defer tick.Stop()
 	var pending []suspect[K, V] // in order of due, as Recheck is fixed
+	// queued counts the pending suspects of each key. A key is not
+	// checked again while it waits for its re-check: an entry is counted
+	// once, however often it comes up, so that Inconsistencies and
+	// Checked count the same thing.
+	queued := make(map[K]int)
 	for {
 		select {
 		case <-ctx.Done():
@@ -210,26 +216,34 @@ func (a *Auditor[K, V]) Run(ctx context.Context) error {
 				p := pending[0]
 				pending[0] = suspect[K, V]{}
 				pending = pending[1:]
+				if queued[p.s.Key]--; queued[p.s.Key] == 0 {
+					delete(queued, p.s.Key)
+				}
 				a.recheck(ctx, p.s, now.Sub(p.due)+a.opts.Recheck)
 				continue
 			}
-			if s, ok := a.check(ctx); ok {
+			if s, ok := a.check(ctx, queued); ok {
 				if len(pending) >= maxPending {
 					a.skipped.Add(1)
 					continue
 				}
 				pending = append(pending, suspect[K, V]{s: s, due: time.Now().Add(a.opts.Recheck)})
+				queued[s.Key]++
 			}
 		}
 	}
 }
 
-// check samples one entry and compares it with the source. It reports the
-// entry if the two differ.
-func (a *Auditor[K, V]) check(ctx context.Context) (cache.Sample[K, V], bool) {
+// check samples one entry, of a key not in queued, and compares it with
+// the source. It reports the entry if the two differ.
+func (a *Auditor[K, V]) check(ctx context.Context, queued map[K]int) (cache.Sample[K, V], bool) {
 	var s cache.Sample[K, V]
 	var found bool
-	a.cache.Sample(1, func(x cache.Sample[K, V]) { s, found = x, true })
+	a.cache.Sample(4, func(x cache.Sample[K, V]) {
+		if !found && queued[x.Key] == 0 {
+			s, found = x, true
+		}
+	})
 	if !found {
 		return s, false
 	}
