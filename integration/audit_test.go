@@ -14,7 +14,7 @@ import (
 // auditFigures is the "audit" object of a webapp's /stats (-audit-rate).
 type auditFigures struct {
 	Checked, Rechecks, Resolved, Inconsistencies, SourceErrors, Skipped uint64
-	Consistency, Nines                                                   float64
+	Consistency, Nines                                                  float64
 }
 
 // audit reads n's audit figures.
