@@ -68,8 +68,8 @@ type AuditStats struct {
 	// SourceErrors counts failed reads of the source (not "not found").
 	SourceErrors uint64
 	// Skipped counts samples and rechecks dropped because the cache was
-	// not serving from memory (its link unproven), or because Recheck
-	// could not keep up (more than maxPending entries waiting).
+	// not serving from memory (its link unproven), or because too many
+	// differences waited for their re-check (4,096).
 	Skipped uint64
 }
 
@@ -300,11 +300,12 @@ func (a *Auditor[K, V]) recheck(ctx context.Context, s cache.Sample[K, V], since
 }
 
 // read reads key from the source: its value and true, or false if the
-// source does not have it. Other errors are counted.
+// source does not have it. Other errors, a panic of the source included,
+// are counted.
 func (a *Auditor[K, V]) read(ctx context.Context, key K) (V, bool, error) {
 	rctx, cancel := context.WithTimeout(ctx, a.opts.Timeout)
 	defer cancel()
-	v, err := a.source(rctx, key)
+	v, err := a.call(rctx, key)
 	switch {
 	case err == nil:
 		return v, true, nil
@@ -317,6 +318,17 @@ func (a *Auditor[K, V]) read(ctx context.Context, key K) (V, bool, error) {
 		}
 		return v, false, err
 	}
+}
+
+// call calls the source, turning a panic into an error: a faulty loader
+// costs an audit, not the process.
+func (a *Auditor[K, V]) call(ctx context.Context, key K) (v V, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("store: audit: the source panicked: %v", r)
+		}
+	}()
+	return a.source(ctx, key)
 }
 
 // cachedVersion is the version of s's value, by Version if set.

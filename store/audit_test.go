@@ -421,3 +421,32 @@ func TestAuditStatsNines(t *testing.T) {
 		}
 	}
 }
+
+// TestAuditSourceFailures: a source that fails or panics costs the audit
+// of that entry, counted as a source error, never the process or a false
+// inconsistency.
+func TestAuditSourceFailures(t *testing.T) {
+	ctx := context.Background()
+	c, err := cache.New("items", 10, func(context.Context, string) (item, error) { return item{ID: "k", Version: 1}, nil }, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Get(ctx, "k")
+	var calls atomic.Int64
+	source := func(context.Context, string) (item, error) {
+		if calls.Add(1)%2 == 0 {
+			panic("boom")
+		}
+		return item{}, errors.New("connection refused")
+	}
+	a, err := NewAuditor(c, source, &AuditOptions[item]{Rate: 1000, Version: itemVersion})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runAuditor(t, a)
+	waitFor(t, "source errors", func() bool { return a.Stats().SourceErrors >= 10 })
+	if st := a.Stats(); st.Checked != 0 || st.Inconsistencies != 0 {
+		t.Errorf("Stats = %+v; want nothing checked or found", st)
+	}
+}
