@@ -107,3 +107,22 @@ func TestAuditRate(t *testing.T) {
 		})
 	}
 }
+
+// TestAuditRateFlag: -audit-rate is off by default, takes a rate, and
+// refuses one the auditor cannot run.
+func TestAuditRateFlag(t *testing.T) {
+	getenv := func(string) string { return "" }
+	var out strings.Builder
+	if cfg, err := parseFlags(nil, getenv, &out); err != nil || cfg.auditRate != 0 {
+		t.Errorf("parseFlags() auditRate = %v, %v; want 0 (off)", cfg.auditRate, err)
+	}
+	if cfg, err := parseFlags([]string{"-audit-rate", "50"}, getenv, &out); err != nil || cfg.auditRate != 50 {
+		t.Errorf("parseFlags(-audit-rate 50) = %v, %v; want 50", cfg.auditRate, err)
+	}
+	for _, bad := range []string{"-1", "NaN", "1e9"} {
+		out.Reset()
+		if _, err := parseFlags([]string{"-audit-rate", bad}, getenv, &out); err == nil || !strings.Contains(out.String(), "-audit-rate") {
+			t.Errorf("parseFlags(-audit-rate %s) = %v, output %q; want an error naming the flag", bad, err, out.String())
+		}
+	}
+}
