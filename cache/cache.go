@@ -522,7 +522,7 @@ func (c *Cache[K, V]) fill(h uint64, key K, e entry[V], tok token) {
 		return
 	}
 	e.expires = now + c.lifetime(e.missing())
-	s.add(key, h, e)
+	s.add(key, h, e, now)
 	s.mu.Unlock()
 }
 
@@ -576,7 +576,7 @@ func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token, pos uint6
 		return
 	}
 	e.expires = now + c.lifetime(e.missing())
-	s.add(key, h, e)
+	s.add(key, h, e, now)
 }
 
 // drop removes key from this node unless it holds version or newer, and

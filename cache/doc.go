@@ -98,6 +98,16 @@
 // nothing up front. The generation table holds 16 bytes per slot, between
 // 1,024 and 65,536 slots depending on capacity; [Stats] reports its size.
 //
+// # Sampling
+//
+// [Cache.Sample] hands out live entries picked at random (value, version,
+// whether it is a cached absence, age) for audits such as the store
+// package's Auditor, which compares them with the source. It reads the
+// same lock-free indexes as hits, so it takes no lock, moves nothing in
+// the LRU order and counts no hit. [Cache.Holds] then tells whether a
+// sampled entry is still the one cached: any write, invalidation, flush,
+// eviction, expiry or reload since replaces or removes it.
+//
 // # Memory held by values
 //
 // Capacity bounds the number of entries, not the memory their values

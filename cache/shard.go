@@ -49,6 +49,9 @@ type node[K comparable, V any] struct {
 	// front is the shard's tick when the node last went to the front of
 	// the LRU.
 	front atomic.Uint64
+	// stored is when the node was stored, in Cache.now's time base; only
+	// Sample reads it, for an entry's age.
+	stored int64
 }
 
 // shard is one segment of the cache: an LRU (golang-lru's simplelru) that
@@ -188,18 +191,19 @@ func (s *shard[K, V]) peek(key K, now int64) (entry[V], bool) {
 	return n.e, true
 }
 
-// add stores e for key, of hash h, at the front of the LRU, under mu, and
-// evicts from the back until the shard is within its budget. An entry
+// add stores e for key, of hash h, at the front of the LRU, under mu, at
+// time now, and evicts from the back until the shard is within its budget.
+// An entry
 // heavier than the whole budget is not stored (it would evict every other
 // entry and still not fit), and the entry of key it would have replaced is
 // removed all the same: it is older.
-func (s *shard[K, V]) add(key K, h uint64, e entry[V]) {
+func (s *shard[K, V]) add(key K, h uint64, e entry[V], now int64) {
 	if s.budget != 0 && uint64(e.weight()) > s.budget {
 		s.oversized++
 		s.remove(key)
 		return
 	}
-	n := &node[K, V]{key: key, hash: h, e: e}
+	n := &node[K, V]{key: key, hash: h, e: e, stored: now}
 	n.front.Store(s.tick.Add(1))
 	idx := s.index.Load()
 	if s.lru.Add(key, n) {

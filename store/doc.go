@@ -91,6 +91,28 @@
 // primary reads and replica errors. The replica must stream from the
 // primary the Store writes: positions of two servers are not comparable.
 //
+// # Auditing consistency
+//
+// [Auditor] turns "are the caches stale?" into a number. On any node that
+// runs one, it samples cached entries at [AuditOptions.Rate] per second
+// ([cache.Cache.Sample]: no lock, no change to the LRU order or the hit
+// path), reads each key from the primary through the loader it is given
+// (outside the cache, which it never fills; a replica would lag), and
+// compares versions ([AuditOptions.Version]) or values
+// ([AuditOptions.Equal]). A difference may be a write in flight, so the
+// key is read again after [AuditOptions.Recheck] (the cache's MaxStaleness
+// plus the relay's delays, 3s, by default); if the very entry sampled is
+// still cached ([cache.Cache.Holds]) and still differs, it is an
+// inconsistency: counted, logged with its key, versions and age, and
+// invalidated on every node ([cache.Cache.Invalidate]). A cached absence
+// of a row the primary has counts, and so does a cached row it deleted.
+// The primary sees at most Rate reads per second from each auditor,
+// re-checks included. [AuditStats] reports the counts, the consistency
+// ratio and its nines. In a system that keeps G1–G4 the count stays 0;
+// what it finds are writes the caches never heard of (a table without
+// capture, a write that skipped it, a bug), which it heals within about
+// Recheck of sampling them.
+//
 // # Pooled deployment
 //
 // Behind a pooler in transaction mode (pgbouncer's pool_mode =

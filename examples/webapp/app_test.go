@@ -35,6 +35,13 @@ type testApp struct {
 // the app's bus link is proven, so that reads are served as in production.
 func newTestApp(t testing.TB, redisAddr string) *testApp {
 	t.Helper()
+	return newTestAppWith(t, redisAddr, nil)
+}
+
+// newTestAppWith is newTestApp with the configuration changed by edit, if
+// not nil.
+func newTestAppWith(t testing.TB, redisAddr string, edit func(*config)) *testApp {
+	t.Helper()
 	admin := testenv.Pool(t, testenv.PoolConfig(t, "coherent-webapp-test", ""))
 	schema := testenv.Schema(t, admin)
 	pool := testenv.Pool(t, testenv.PoolConfig(t, "coherent-webapp-test", schema))
@@ -50,6 +57,9 @@ func newTestApp(t testing.TB, redisAddr string) *testApp {
 	logs := &syncBuffer{}
 	log := slog.New(slog.NewTextHandler(logs, nil))
 	cfg := config{node: "test", schema: schema, redisPrefix: prefix, lockTTL: 2 * time.Second, maxStaleness: time.Second}
+	if edit != nil {
+		edit(&cfg)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	a, err := newApp(ctx, cfg, pool, nil, rdb, log)

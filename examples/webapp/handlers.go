@@ -343,7 +343,30 @@ func (a *app) stats(w http.ResponseWriter, r *http.Request) {
 	if a.reads != nil {
 		st["replica"] = a.reads.Stats()
 	}
+	if a.audit != nil {
+		st["audit"] = newAuditFigures(a.audit.Stats())
+	}
 	writeJSON(w, http.StatusOK, st)
+}
+
+// auditFigures is the "audit" object of /stats: store.AuditStats, with its
+// consistency ratio and nines.
+type auditFigures struct {
+	Checked         uint64  `json:"checked"`
+	Rechecks        uint64  `json:"rechecks"`
+	Resolved        uint64  `json:"resolved"`
+	Inconsistencies uint64  `json:"inconsistencies"`
+	SourceErrors    uint64  `json:"source_errors"`
+	Skipped         uint64  `json:"skipped"`
+	Consistency     float64 `json:"consistency"`
+	Nines           float64 `json:"nines"`
+}
+
+func newAuditFigures(s store.AuditStats) auditFigures {
+	return auditFigures{
+		Checked: s.Checked, Rechecks: s.Rechecks, Resolved: s.Resolved, Inconsistencies: s.Inconsistencies,
+		SourceErrors: s.SourceErrors, Skipped: s.Skipped, Consistency: s.Consistency(), Nines: s.Nines(),
+	}
 }
 
 func (a *app) healthz(w http.ResponseWriter, r *http.Request) {

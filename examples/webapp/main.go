@@ -11,7 +11,7 @@
 //	PUT    /items/{id}        {"value":"…"} → 200 with the stored item (version 1, 2, …)
 //	DELETE /items/{id}        204
 //	POST   /items/{id}/add    {"delta":N} → 200 with value = old value + N (a missing item counts as 0)
-//	GET    /stats             the cache's, bus's and store's counters
+//	GET    /stats             the cache's, bus's and store's counters (and the auditor's, with -audit-rate)
 //	GET    /metrics           the same, and load and write durations, for Prometheus
 //	GET    /healthz           200 when Postgres, Redis, a proven bus link and a relayed outbox are there, else 503
 //
@@ -28,6 +28,12 @@
 // to the table from any other client are captured and relayed. With
 // -replica-url, loads read a streaming replica once it has replayed what
 // they must see, and the primary otherwise.
+//
+// With -audit-rate N, the instance audits its cache: N times a second it
+// compares a cached item with the primary, and invalidates, on every
+// instance, an item still different after the staleness bound
+// (store.Auditor). /stats reports the figures under "audit", /metrics as
+// coherent_audit_*.
 //
 // Behind a pooler in transaction mode (pgbouncer's pool_mode =
 // transaction), put default_query_exec_mode=exec in -database-url, and
@@ -78,6 +84,7 @@ type config struct {
 	redisPrefix  string        // the bus channel and lock keys
 	lockTTL      time.Duration // lease of the write locks
 	maxStaleness time.Duration
+	auditRate    float64 // samples per second of the consistency auditor; 0: off
 }
 
 func main() {
@@ -121,7 +128,13 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	fs.StringVar(&cfg.redisPrefix, "redis-prefix", "coherent:", "prefix of the bus channel and the lock keys")
 	fs.DurationVar(&cfg.lockTTL, "lock-ttl", lockguard.DefaultTTL, "lease of a write's lock")
 	fs.DurationVar(&cfg.maxStaleness, "max-staleness", time.Second, "serve from memory only while the bus link was proven this recently")
+	fs.Float64Var(&cfg.auditRate, "audit-rate", 0, "cached items per second the consistency auditor compares with the primary, healing those still stale after the staleness bound (0: no auditor)")
 	if err := fs.Parse(args); err != nil {
+		return cfg, err
+	}
+	if cfg.auditRate < 0 || cfg.auditRate > 10_000 || math.IsNaN(cfg.auditRate) {
+		err := fmt.Errorf("-audit-rate must be between 0 and 10000, got %v", cfg.auditRate)
+		fmt.Fprintln(out, err)
 		return cfg, err
 	}
 	cfg.dbURL = cmp.Or(cfg.dbURL, getenv("DATABASE_URL"), defaultDatabaseURL)
@@ -287,10 +300,12 @@ type app struct {
 	store   *store.Store
 	metrics *prometheus.Registry
 	items   *store.Table[string, Item]
-	reads   *store.Replica // nil without -replica-url
+	reads   *store.Replica               // nil without -replica-url
+	audit   *store.Auditor[string, Item] // nil without -audit-rate
 	log     *slog.Logger
 	cancel  context.CancelFunc
 	relay   chan error
+	audited chan error // Run's result; nil without -audit-rate
 }
 
 // newApp wires the app: writes go to pool, the primary; loads go to
@@ -381,21 +396,43 @@ func newApp(ctx context.Context, cfg config, pool, replica *pgxpool.Pool, rdb *r
 		bus.Close()
 		return nil, err
 	}
+	var audit *store.Auditor[string, Item]
+	if cfg.auditRate > 0 {
+		// The auditor reads the primary, whatever the loads read: a
+		// lagging replica would pass for a stale cache.
+		audit, err = store.NewAuditor(itemsCache, store.Loader[string](pool, selectItem, pgx.RowToStructByName[Item]),
+			&store.AuditOptions[Item]{Rate: cfg.auditRate, Version: func(it Item) int64 { return it.Version }, Logger: log})
+		if err != nil {
+			itemsCache.Close()
+			bus.Close()
+			return nil, err
+		}
+	}
 	sc := statsCollector{cache: itemsCache.Stats, bus: bus.Stats, store: s.Stats}
 	if reads != nil {
 		sc.replica = reads.Stats
 	}
+	if audit != nil {
+		sc.audit = audit.Stats
+	}
 	reg.MustRegister(sc,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	a := &app{pool: pool, rdb: rdb, bus: bus, locks: locks, store: s, items: items, reads: reads, metrics: reg, log: log, cancel: cancel, relay: make(chan error, 1)}
+	a := &app{pool: pool, rdb: rdb, bus: bus, locks: locks, store: s, items: items, reads: reads, audit: audit, metrics: reg, log: log, cancel: cancel, relay: make(chan error, 1)}
 	go func() { a.relay <- s.RunRelay(rctx) }()
+	if audit != nil {
+		a.audited = make(chan error, 1)
+		go func() { a.audited <- audit.Run(rctx) }()
+	}
 	return a, nil
 }
 
 func (a *app) close() {
 	a.cancel()
 	<-a.relay
+	if a.audited != nil {
+		<-a.audited
+	}
 	a.items.Cache().Close()
 	a.bus.Close()
 	a.locks.Close()

@@ -23,6 +23,8 @@ type statsCollector struct {
 	store func() store.Stats
 	// replica is nil without -replica-url.
 	replica func() store.ReplicaStats
+	// audit is nil without -audit-rate.
+	audit func() store.AuditStats
 }
 
 var (
@@ -35,10 +37,20 @@ var (
 		"primary_reads":  prometheus.NewDesc("coherent_replica_primary_reads_total", "Loads the primary served: replica behind, failing, or the position unknown.", nil, nil),
 		"replica_errors": prometheus.NewDesc("coherent_replica_errors_total", "Failed reads of the replica.", nil, nil),
 	}
-	descFlush  = prometheus.NewDesc("coherent_bus_flushes_total", "Flushes of every local subscription, by cause.", []string{"cause"}, nil)
-	descSize   = prometheus.NewDesc("coherent_cache_entries", "Entries held by the cache.", nil, nil)
-	descWeight = prometheus.NewDesc("coherent_cache_weight_bytes", "Weight of the entries held by the cache (Options.Weigher).", nil, nil)
-	descListen = prometheus.NewDesc("coherent_store_relay_listening", "1 while notifications wake the relay, 0 while it polls (a pooler in transaction mode without -listen-url?).", nil, nil)
+	descAudit = map[string]*prometheus.Desc{
+		"checked":         prometheus.NewDesc("coherent_audit_checked_total", "Cached items the auditor compared with the primary.", nil, nil),
+		"rechecks":        prometheus.NewDesc("coherent_audit_rechecks_total", "Items that differed from the primary and were read again after the staleness bound.", nil, nil),
+		"resolved":        prometheus.NewDesc("coherent_audit_resolved_total", "Re-checks that found the difference gone (a write in flight).", nil, nil),
+		"inconsistencies": prometheus.NewDesc("coherent_audit_inconsistencies_total", "Cached items still different from the primary after the staleness bound; each was invalidated.", nil, nil),
+		"source_errors":   prometheus.NewDesc("coherent_audit_source_errors_total", "Failed reads of the primary by the auditor.", nil, nil),
+		"skipped":         prometheus.NewDesc("coherent_audit_skipped_total", "Samples and re-checks dropped while the cache was not serving from memory.", nil, nil),
+	}
+	descAuditConsistency = prometheus.NewDesc("coherent_audit_consistency_ratio", "Share of the checked items that were consistent with the primary (1 before any check).", nil, nil)
+	descAuditNines       = prometheus.NewDesc("coherent_audit_nines", "The consistency ratio as nines, -log10(1 - ratio); log10(checked) while no inconsistency was found.", nil, nil)
+	descFlush            = prometheus.NewDesc("coherent_bus_flushes_total", "Flushes of every local subscription, by cause.", []string{"cause"}, nil)
+	descSize             = prometheus.NewDesc("coherent_cache_entries", "Entries held by the cache.", nil, nil)
+	descWeight           = prometheus.NewDesc("coherent_cache_weight_bytes", "Weight of the entries held by the cache (Options.Weigher).", nil, nil)
+	descListen           = prometheus.NewDesc("coherent_store_relay_listening", "1 while notifications wake the relay, 0 while it polls (a pooler in transaction mode without -listen-url?).", nil, nil)
 )
 
 func init() {
@@ -125,6 +137,17 @@ func (c statsCollector) Collect(ch chan<- prometheus.Metric) {
 		} {
 			counter(descReplica[name], v)
 		}
+	}
+	if c.audit != nil {
+		as := c.audit()
+		for name, v := range map[string]uint64{
+			"checked": as.Checked, "rechecks": as.Rechecks, "resolved": as.Resolved,
+			"inconsistencies": as.Inconsistencies, "source_errors": as.SourceErrors, "skipped": as.Skipped,
+		} {
+			counter(descAudit[name], v)
+		}
+		ch <- prometheus.MustNewConstMetric(descAuditConsistency, prometheus.GaugeValue, as.Consistency())
+		ch <- prometheus.MustNewConstMetric(descAuditNines, prometheus.GaugeValue, as.Nines())
 	}
 }
 
