@@ -53,6 +53,8 @@ type Cache[K comparable, V any] struct {
 type counters struct {
 	bypassed, loads, loadErrors, coalesced, skipped atomic.Uint64
 	sent, received, publishErrors, flushes          atomic.Uint64
+	// Value broadcast; see Options.Codec.
+	valuesSent, valuesInstalled, valuesRejected, oversizeValues, codecErrors atomic.Uint64
 }
 
 // New returns a Cache of at most capacity entries of namespace, filled by
@@ -538,7 +540,9 @@ func (c *Cache[K, V]) fill(h uint64, key K, e entry[V], tok token) {
 //
 //	writer A: commit v5 ........................... install v5?
 //	writer B:           commit v6; invalidation v6 arrives, key dropped
-func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token, pos uint64) {
+//
+// install reports whether it installed e.
+func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token, pos uint64) bool {
 	now := c.now()
 	s := c.shard(h)
 	s.mu.Lock()
@@ -554,7 +558,7 @@ func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token, pos uint6
 	var install bool
 	switch {
 	case ok && old.version != 0 && e.version != 0 && old.version > e.version:
-		return // race 7: the cached value is newer; keep it
+		return false // race 7: the cached value is newer; keep it
 	case untouched:
 		install = true
 	case e.version == 0:
@@ -573,10 +577,11 @@ func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token, pos uint6
 	}
 	if !install {
 		s.remove(key)
-		return
+		return false
 	}
 	e.expires = now + c.lifetime(e.missing())
 	s.add(key, h, e)
+	return true
 }
 
 // drop removes key from this node unless it holds version or newer, and
@@ -615,6 +620,11 @@ func (c *Cache[K, V]) publish(ctx context.Context, invs []Invalidation) error {
 		return fmt.Errorf("cache: publish to %q: %w", c.cfg.namespace, err)
 	}
 	c.stats.sent.Add(uint64(max(len(invs), 1)))
+	for _, inv := range invs {
+		if inv.Value != nil || inv.Deleted {
+			c.stats.valuesSent.Add(1)
+		}
+	}
 	return nil
 }
 
@@ -683,10 +693,12 @@ func (c *Cache[K, V]) Update(ctx context.Context, key K, write func(ctx context.
 			return err
 		}
 		c.install(h, key, e, &tok, ch.Position)
+		c.attach(&inv[0], ch.Value, false)
 	case c.cfg.DisableNegative:
 		c.drop(h, key, ch.Version, ch.Position)
 	default:
 		c.install(h, key, absence[V](ch.Version), &tok, ch.Position)
+		c.attach(&inv[0], ch.Value, true)
 	}
 	return c.publish(ctx, inv)
 }
@@ -757,6 +769,7 @@ func (c *Cache[K, V]) write(ctx context.Context, key K, e entry[V]) error {
 		}
 	}
 	c.install(h, key, e, nil, 0)
+	c.attach(&inv[0], e.value, e.missing())
 	return c.publish(ctx, inv)
 }
 
@@ -850,7 +863,11 @@ func (h handler[K, V]) Invalidate(invs []Invalidation) {
 			applied = true
 			return
 		}
-		c.drop(c.hash(key), key, inv.Version, inv.Position)
+		if h := c.hash(key); c.carries(inv) {
+			c.receive(h, key, inv)
+		} else {
+			c.drop(h, key, inv.Version, inv.Position)
+		}
 	}
 	applied = true
 	c.stats.received.Add(uint64(len(invs)))
