@@ -88,18 +88,8 @@ func (c *Cache[K, V]) carries(inv Invalidation) bool {
 }
 
 // receive applies inv, a value broadcast of key (hashed to h) from another
-// node, as a write-through of the same value on this node would: the
-// value is installed only if this node can tell that it is the newest
-// version of key it knows of, and otherwise key is dropped, as for a plain
-// invalidation of inv.Version. Either way the guard records the change
-// first, so a load of key in flight, which may have read the row this
-// write replaced, does not store it (race 1):
-//
-//	load:  token=g0 ... reads v5 ................................. store v5?
-//	bus:                broadcast v6 arrives: gen=g1, install v6
-//
-// the load's store finds g1 and skips; v6 stays. See install for the
-// rules, and [Options.Codec] for what they mean without Options.Version.
+// node. See installRemote for when the value is installed; otherwise key
+// is dropped, as for a plain invalidation of inv.Version.
 func (c *Cache[K, V]) receive(h uint64, key K, inv Invalidation) {
 	var e entry[V]
 	switch {
@@ -122,9 +112,59 @@ func (c *Cache[K, V]) receive(h uint64, key K, inv Invalidation) {
 			e.setWeight(c.cfg.Weigher(key, v))
 		}
 	}
-	if c.install(h, key, e, nil, inv.Position) {
+	if c.installRemote(h, key, e, inv.Position) {
 		c.stats.valuesInstalled.Add(1)
 	} else {
 		c.stats.valuesRejected.Add(1)
 	}
+}
+
+// installRemote installs e, a value of key at e.version (not 0) that
+// another node wrote, if this node can tell that it is the newest version
+// of key it knows of; otherwise it drops key. It reports whether it
+// installed e.
+//
+// The reference is a live entry of key with a known version no higher
+// than e's. Such an entry was stored after every change of key announced
+// here before it (a change announced while it was loaded would have made
+// its load skip the store), and every change announced since named an
+// older version, or it would have been dropped. So nothing newer than e
+// has reached this node, and whatever is newer and still on its way will
+// replace e when it arrives.
+//
+// Without such an entry there is no reference: the guard's high marks do
+// not cover the changes made before this cache existed or while a gap
+// flushed it, and a slow publisher's value can arrive after a newer write
+// whose message went past this node in that time:
+//
+//	writer A: commit v6 ............................................ publish v6
+//	writer B:          commit v7; publish v7 (before B's cache subscribed)
+//	this node:                                    subscribes; ......... v6 arrives
+//
+// Installing v6 there would keep it until TTL. So key is dropped, and the
+// next Get loads it: what a plain invalidation costs.
+//
+// The guard is bumped first either way, under the shard lock, so that a
+// load of key in flight, which may have read the row this write replaced,
+// does not store it (race 1):
+//
+//	load:  token=g0 ... reads v5 ................................. store v5?
+//	bus:                value v6 arrives: gen=g1, key dropped
+func (c *Cache[K, V]) installRemote(h uint64, key K, e entry[V], pos uint64) bool {
+	now := c.now()
+	s := c.shard(h)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c.guard.bump(h, e.version, pos)
+	old, ok := s.peek(key, now)
+	switch {
+	case !ok || old.version == 0:
+		s.remove(key) // no reference: a plain invalidation
+		return false
+	case old.version > e.version:
+		return false // race 7: the cached value is newer; keep it
+	}
+	e.expires = now + c.lifetime(e.missing())
+	s.add(key, h, e)
+	return true
 }

@@ -540,9 +540,7 @@ func (c *Cache[K, V]) fill(h uint64, key K, e entry[V], tok token) {
 //
 //	writer A: commit v5 ........................... install v5?
 //	writer B:           commit v6; invalidation v6 arrives, key dropped
-//
-// install reports whether it installed e.
-func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token, pos uint64) bool {
+func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token, pos uint64) {
 	now := c.now()
 	s := c.shard(h)
 	s.mu.Lock()
@@ -558,7 +556,7 @@ func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token, pos uint6
 	var install bool
 	switch {
 	case ok && old.version != 0 && e.version != 0 && old.version > e.version:
-		return false // race 7: the cached value is newer; keep it
+		return // race 7: the cached value is newer; keep it
 	case untouched:
 		install = true
 	case e.version == 0:
@@ -577,11 +575,10 @@ func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token, pos uint6
 	}
 	if !install {
 		s.remove(key)
-		return false
+		return
 	}
 	e.expires = now + c.lifetime(e.missing())
 	s.add(key, h, e)
-	return true
 }
 
 // drop removes key from this node unless it holds version or newer, and

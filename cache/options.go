@@ -117,14 +117,12 @@ type Options[K comparable, V any] struct {
 	// the other nodes.
 	//
 	// A received value is installed only if this node can tell it is the
-	// newest version of its key it knows of: a cached entry of that key
-	// with a lower or equal version, or, with none, no change of a higher
-	// or unknown version announced for the key's guard slot and no flush
-	// since the Cache was made. Otherwise the key is dropped, as for a
-	// plain invalidation. Loaded values have a version only with
-	// [Options.Version]: without it, a received value replaces a loaded
-	// one only in a Cache that was never flushed, which with the Redis
-	// buses (they flush on subscribing) is never; set Version.
+	// newest version of its key it knows of: when it holds a live entry of
+	// that key whose version is no higher. Otherwise the key is dropped,
+	// as for a plain invalidation: a key this node does not hold is
+	// loaded by its next Get, as without broadcast. Codec needs
+	// [Options.Version], by which loaded values are ordered against
+	// received ones.
 	//
 	// What goes out as a plain invalidation: a write of unknown version
 	// (0); a value whose encoding fails (counted in [Stats].CodecErrors)
@@ -231,6 +229,8 @@ func (c *config[K, V]) validate() error {
 		return bad("MaxBroadcastSize (%d) exceeds MaxValueLen (%d)", c.MaxBroadcastSize, MaxValueLen)
 	case c.MaxBroadcastSize != 0 && c.Codec == nil:
 		return bad("MaxBroadcastSize is set without a Codec")
+	case c.Codec != nil && c.Version == nil:
+		return bad("Codec is set without Version")
 	case c.MaxWeight != 0 && uint64(c.Shards) > c.MaxWeight:
 		return bad("Shards (%d) exceeds MaxWeight (%d)", c.Shards, c.MaxWeight)
 	}
