@@ -78,6 +78,7 @@ type config struct {
 	redisPrefix  string        // the bus channel and lock keys
 	lockTTL      time.Duration // lease of the write locks
 	maxStaleness time.Duration
+	broadcast    bool // send written values, not only keys (cache.Options.Codec)
 }
 
 func main() {
@@ -121,6 +122,7 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	fs.StringVar(&cfg.redisPrefix, "redis-prefix", "coherent:", "prefix of the bus channel and the lock keys")
 	fs.DurationVar(&cfg.lockTTL, "lock-ttl", lockguard.DefaultTTL, "lease of a write's lock")
 	fs.DurationVar(&cfg.maxStaleness, "max-staleness", time.Second, "serve from memory only while the bus link was proven this recently")
+	fs.BoolVar(&cfg.broadcast, "broadcast", false, "value broadcast: a write sends the item (JSON, up to 8 KiB) to the other instances, which install it instead of loading it again")
 	if err := fs.Parse(args); err != nil {
 		return cfg, err
 	}
@@ -354,6 +356,12 @@ func newApp(ctx context.Context, cfg config, pool, replica *pgxpool.Pool, rdb *r
 		}
 		load = store.ReplicaLoader[string](reads, selectItem, pgx.RowToStructByName[Item])
 	}
+	var codec cache.Codec[Item]
+	if cfg.broadcast {
+		// Writes through the store send the committed item; captured
+		// writes from other clients stay plain invalidations.
+		codec = cache.JSONCodec[Item]{}
+	}
 	itemsCache, err := cache.New("items", 100_000,
 		load,
 		&cache.Options[string, Item]{
@@ -370,6 +378,7 @@ func newApp(ctx context.Context, cfg config, pool, replica *pgxpool.Pool, rdb *r
 			Shards:    16,
 			Tracer:    tr,
 			Logger:    log,
+			Codec:     codec,
 		})
 	if err != nil {
 		bus.Close()
