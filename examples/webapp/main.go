@@ -27,7 +27,12 @@
 // Writes go through the lock guard and the outbox (package store); writes
 // to the table from any other client are captured and relayed. With
 // -replica-url, loads read a streaming replica once it has replayed what
-// they must see, and the primary otherwise.
+// they must see, and the primary otherwise. With -broadcast, a write sends
+// the item it committed (JSON, up to 8 KiB) to the other instances, which
+// serve it without reloading it when they hold the item at an older
+// version (cache.Options.Codec); captured writes from other clients stay
+// plain invalidations. /stats reports the cache's loads (Loads) and the
+// values sent, installed and rejected.
 //
 // Behind a pooler in transaction mode (pgbouncer's pool_mode =
 // transaction), put default_query_exec_mode=exec in -database-url, and
