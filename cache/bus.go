@@ -106,7 +106,10 @@ type Subscription interface {
 // They must not retain keys after they return.
 type Handler interface {
 	// Invalidate drops keys, unless the cache already holds a version at
-	// least as new as the one named.
+	// least as new as the one named. A key that carries a value or a
+	// tombstone ([Invalidation.Value], [Invalidation.Deleted]) is installed
+	// instead when the cache has a Codec and can tell it is the newest
+	// version it knows of (see [Options.Codec]).
 	Invalidate(keys []Invalidation)
 	// Flush drops every entry of the namespace. A bus calls it when it may
 	// have missed an invalidation (a resubscription, an out-of-sequence or
