@@ -48,10 +48,10 @@ func (c *Cache[K, V]) attach(inv *Invalidation, v V, deleted bool) {
 	b, err := c.encodeValue(v)
 	switch {
 	case err != nil:
-		c.stats.codecErrors.Add(1)
+		c.bstats.codecErrors.Add(1)
 		c.log.Warn("cache: Options.Codec cannot encode a written value; publishing a plain invalidation", "err", err)
 	case len(b) > c.cfg.MaxBroadcastSize:
-		c.stats.oversizeValues.Add(1)
+		c.bstats.oversizeValues.Add(1)
 	default:
 		if b == nil {
 			b = []byte{} // nil would mean no value
@@ -101,7 +101,7 @@ func (c *Cache[K, V]) receive(h uint64, key K, inv Invalidation) {
 	default:
 		v, err := c.decodeValue(inv.Value)
 		if err != nil {
-			c.stats.codecErrors.Add(1)
+			c.bstats.codecErrors.Add(1)
 			c.log.Debug("cache: Options.Codec cannot decode a broadcast value; dropping the key", "err", err)
 			c.drop(h, key, inv.Version, inv.Position)
 			return
@@ -113,9 +113,9 @@ func (c *Cache[K, V]) receive(h uint64, key K, inv Invalidation) {
 		}
 	}
 	if c.installRemote(h, key, e, inv.Position) {
-		c.stats.valuesInstalled.Add(1)
+		c.bstats.valuesInstalled.Add(1)
 	} else {
-		c.stats.valuesRejected.Add(1)
+		c.bstats.valuesRejected.Add(1)
 	}
 }
 

@@ -47,13 +47,20 @@ type Cache[K comparable, V any] struct {
 	closed    atomic.Bool
 	closeOnce sync.Once
 	closeErr  error
+
+	bstats broadcastCounters
 }
 
 // counters are the Stats not kept per shard.
 type counters struct {
 	bypassed, loads, loadErrors, coalesced, skipped atomic.Uint64
 	sent, received, publishErrors, flushes          atomic.Uint64
-	// Value broadcast; see Options.Codec.
+}
+
+// broadcastCounters are the Stats of value broadcast (see Options.Codec).
+// They live at the end of Cache, so that the fields the hit path reads
+// keep their places.
+type broadcastCounters struct {
 	valuesSent, valuesInstalled, valuesRejected, oversizeValues, codecErrors atomic.Uint64
 }
 
@@ -619,7 +626,7 @@ func (c *Cache[K, V]) publish(ctx context.Context, invs []Invalidation) error {
 	c.stats.sent.Add(uint64(max(len(invs), 1)))
 	for _, inv := range invs {
 		if inv.Value != nil || inv.Deleted {
-			c.stats.valuesSent.Add(1)
+			c.bstats.valuesSent.Add(1)
 		}
 	}
 	return nil

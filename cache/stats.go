@@ -93,11 +93,11 @@ func (c *Cache[K, V]) Stats() Stats {
 		InvalidationsReceived: c.stats.received.Load(),
 		PublishErrors:         c.stats.publishErrors.Load(),
 		Flushes:               c.stats.flushes.Load(),
-		ValuesSent:            c.stats.valuesSent.Load(),
-		ValuesInstalled:       c.stats.valuesInstalled.Load(),
-		ValuesRejected:        c.stats.valuesRejected.Load(),
-		OversizeValues:        c.stats.oversizeValues.Load(),
-		CodecErrors:           c.stats.codecErrors.Load(),
+		ValuesSent:            c.bstats.valuesSent.Load(),
+		ValuesInstalled:       c.bstats.valuesInstalled.Load(),
+		ValuesRejected:        c.bstats.valuesRejected.Load(),
+		OversizeValues:        c.bstats.oversizeValues.Load(),
+		CodecErrors:           c.bstats.codecErrors.Load(),
 		GuardBytes:            c.guard.bytes(),
 	}
 	for i := range c.shards {
