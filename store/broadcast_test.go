@@ -69,8 +69,8 @@ func newBcastNode(t *testing.T, e *env) *bcastNode {
 }
 
 // TestBroadcastServesWithoutLoads writes a key on node A that node B has
-// cached: B serves each new value, and the deletion, from the broadcast,
-// with no load.
+// cached, through Update and UpdateOptimistic: B serves each new value,
+// and the deletion, from the broadcast, with no load.
 func TestBroadcastServesWithoutLoads(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t)
@@ -82,7 +82,11 @@ func TestBroadcastServesWithoutLoads(t *testing.T) {
 	loads := b.loads.Load()
 	const writes = 20
 	for i := 2; i <= writes; i++ {
-		ch, err := a.table.Update(ctx, "k", e.put("k", "v"))
+		update := a.table.Update
+		if i%2 == 0 {
+			update = a.table.UpdateOptimistic
+		}
+		ch, err := update(ctx, "k", e.put("k", "v"))
 		if err != nil {
 			t.Fatal(err)
 		}
