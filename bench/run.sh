@@ -12,7 +12,7 @@
 #             full run, the -out directory for -quick, so that a quick run
 #             leaves the committed charts alone)
 #   -only S   run only these steps (comma-separated: readpath, readpath-c8,
-#             readpath-rate, readpath-procs1, hitpath, fanout, size,
+#             readpath-rate, readpath-procs1, hitpath, fanout, hotkeys, size,
 #             writepath, stampede, replica)
 #             into an -out DIR of an earlier run, and regenerate its tables
 #             and charts from what the DIR then holds
@@ -94,6 +94,7 @@ if [ "$quick" = 1 ]; then
 	step readpath go run ./bench/readpath -quick -json "$out/readpath.json"
 	step hitpath go test -run '^$' -bench . "${bt[@]}" ./bench/hitpath
 	step fanout go run ./bench/fanout -quick -json "$out/fanout.json"
+	step hotkeys go run ./bench/hotkeys -quick -json "$out/hotkeys.json"
 	step size go run ./bench/size -quick -json "$out/size.json"
 	step writepath go test -run '^$' -bench WritePathVsRaw "${bt[@]}" ./store
 	step stampede go test -run '^$' -bench Stampede "${bt[@]}" ./bench/stampede
@@ -107,6 +108,7 @@ else
 	step readpath-procs1 env GOMAXPROCS=1 go run ./bench/readpath -json "$out/readpath-procs1.json"
 	step hitpath go test -run '^$' -bench . -count 6 ./bench/hitpath
 	step fanout go run ./bench/fanout -json "$out/fanout.json"
+	step hotkeys go run ./bench/hotkeys -json "$out/hotkeys.json"
 	step size go run ./bench/size -json "$out/size.json"
 	step writepath go test -run '^$' -bench WritePathVsRaw -benchtime=2000x -count=6 ./store
 	step stampede go test -run '^$' -bench Stampede -benchtime=20x -count=3 ./bench/stampede
@@ -136,7 +138,7 @@ go run ./bench/chart "${charts[@]}" -dir "$svg"
 	fi
 	echo "- kernel $(uname -r); clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>/dev/null || echo '?')"
 	echo
-	for name in readpath readpath-c8 readpath-rate readpath-procs1 hitpath fanout size writepath stampede replica; do
+	for name in readpath readpath-c8 readpath-rate readpath-procs1 hitpath fanout hotkeys size writepath stampede replica; do
 		line=$(grep "^$name	" "$out/steps.tsv" || true)
 		[ -n "$line" ] || continue
 		IFS=$'\t' read -r name before after cmd <<<"$line"

@@ -19,7 +19,23 @@ type Invalidation struct {
 	// visible, or 0 if unknown; a load of Key that follows must read a
 	// source that has reached it (see RequiredPosition).
 	Position uint64
+	// Value, if not nil, is the value the write committed at Version,
+	// encoded by the publishing cache's [Options.Codec]: a value
+	// broadcast. A receiver with a Codec may install it instead of
+	// dropping Key, if it can tell it is the newest it knows of; one
+	// without a Codec treats it as a plain invalidation. It is at most
+	// [MaxValueLen] bytes. Nil: a plain invalidation.
+	Value []byte
+	// Deleted reports that the write deleted Key at Version: a tombstone,
+	// which a receiver with a Codec may install as a cached absence. Value
+	// is ignored when Deleted is set.
+	Deleted bool
 }
+
+// MaxValueLen is the largest encoded value, in bytes, that a value
+// broadcast carries (see [Options.MaxBroadcastSize]); buses reject
+// messages with larger values.
+const MaxValueLen = 64 << 10
 
 // Bus carries invalidations between the nodes of a service. A Cache
 // subscribes to its namespace when it is created and publishes through the
@@ -90,7 +106,10 @@ type Subscription interface {
 // They must not retain keys after they return.
 type Handler interface {
 	// Invalidate drops keys, unless the cache already holds a version at
-	// least as new as the one named.
+	// least as new as the one named. A key that carries a value or a
+	// tombstone ([Invalidation.Value], [Invalidation.Deleted]) is installed
+	// instead when the cache has a Codec and can tell it is the newest
+	// version it knows of (see [Options.Codec]).
 	Invalidate(keys []Invalidation)
 	// Flush drops every entry of the namespace. A bus calls it when it may
 	// have missed an invalidation (a resubscription, an out-of-sequence or

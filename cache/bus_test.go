@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 	"runtime"
 	"strconv"
 	"strings"
@@ -346,7 +347,7 @@ func TestWritesPublish(t *testing.T) {
 			t.Fatalf("publication %d = %v; want %v", i, bus.published[i], want[i])
 		}
 		for j := range want[i] {
-			if bus.published[i][j] != want[i][j] {
+			if !reflect.DeepEqual(bus.published[i][j], want[i][j]) {
 				t.Errorf("publication %d = %v; want %v", i, bus.published[i], want[i])
 			}
 		}

@@ -47,12 +47,21 @@ type Cache[K comparable, V any] struct {
 	closed    atomic.Bool
 	closeOnce sync.Once
 	closeErr  error
+
+	bstats broadcastCounters
 }
 
 // counters are the Stats not kept per shard.
 type counters struct {
 	bypassed, loads, loadErrors, coalesced, skipped atomic.Uint64
 	sent, received, publishErrors, flushes          atomic.Uint64
+}
+
+// broadcastCounters are the Stats of value broadcast (see Options.Codec).
+// They live at the end of Cache, so that the fields the hit path reads
+// keep their places.
+type broadcastCounters struct {
+	valuesSent, valuesInstalled, valuesRejected, oversizeValues, codecErrors atomic.Uint64
 }
 
 // New returns a Cache of at most capacity entries of namespace, filled by
@@ -615,6 +624,11 @@ func (c *Cache[K, V]) publish(ctx context.Context, invs []Invalidation) error {
 		return fmt.Errorf("cache: publish to %q: %w", c.cfg.namespace, err)
 	}
 	c.stats.sent.Add(uint64(max(len(invs), 1)))
+	for _, inv := range invs {
+		if inv.Value != nil || inv.Deleted {
+			c.bstats.valuesSent.Add(1)
+		}
+	}
 	return nil
 }
 
@@ -683,10 +697,12 @@ func (c *Cache[K, V]) Update(ctx context.Context, key K, write func(ctx context.
 			return err
 		}
 		c.install(h, key, e, &tok, ch.Position)
+		c.attach(&inv[0], ch.Value, false)
 	case c.cfg.DisableNegative:
 		c.drop(h, key, ch.Version, ch.Position)
 	default:
 		c.install(h, key, absence[V](ch.Version), &tok, ch.Position)
+		c.attach(&inv[0], ch.Value, true)
 	}
 	return c.publish(ctx, inv)
 }
@@ -757,6 +773,7 @@ func (c *Cache[K, V]) write(ctx context.Context, key K, e entry[V]) error {
 		}
 	}
 	c.install(h, key, e, nil, 0)
+	c.attach(&inv[0], e.value, e.missing())
 	return c.publish(ctx, inv)
 }
 
@@ -850,7 +867,11 @@ func (h handler[K, V]) Invalidate(invs []Invalidation) {
 			applied = true
 			return
 		}
-		c.drop(c.hash(key), key, inv.Version, inv.Position)
+		if h := c.hash(key); c.carries(inv) {
+			c.receive(h, key, inv)
+		} else {
+			c.drop(h, key, inv.Version, inv.Position)
+		}
 	}
 	applied = true
 	c.stats.received.Add(uint64(len(invs)))

@@ -78,6 +78,24 @@
 // and a write-through of a version older than one already seen for the key
 // is dropped rather than installed.
 //
+// # Value broadcast
+//
+// With [Options.Codec] (and [Options.Version], which it requires), a write
+// through the cache at a known version publishes the committed value, or a
+// tombstone for a deletion, instead of only its key, and a cache that
+// receives it installs it instead of dropping the key, so that a key every
+// node reads costs no load per write on the other nodes. A received value
+// is installed only over a live entry of its key whose version is no
+// higher: that entry was stored after every change of the key announced
+// to this node, so nothing newer has reached it. In every other case (no
+// entry, a newer or unversioned invalidation since, a flush) the value is
+// a plain invalidation of its version, so G1–G3 rest on the same rules as
+// without it. Like every invalidation it bumps the key's guard slot, so a
+// load in flight does not store the row it replaced. Values that cannot be
+// encoded, or are larger than [Options.MaxBroadcastSize], go out as plain
+// invalidations; a value a receiver cannot decode drops its key there.
+// [Stats] counts each case. [JSONCodec] is a ready Codec.
+//
 // # Cost
 //
 // A hit takes no lock and makes no allocation: it reads the monotonic clock

@@ -91,6 +91,14 @@ func (d *db) load(ctx context.Context, key string) (versioned, error) {
 // as the newest write to its key that completed before the read began (G1,
 // G2), and at the end every node must agree with the source (G3).
 func TestRandomizedNodesStayConsistent(t *testing.T) {
+	t.Run("invalidations", func(t *testing.T) { randomizedNodes(t, nil) })
+	// With value broadcast, Set, Update and Delete send their values and
+	// tombstones, which the other nodes install when they can tell they
+	// are the newest: G1–G3 hold all the same.
+	t.Run("value broadcast", func(t *testing.T) { randomizedNodes(t, cache.JSONCodec[versioned]{}) })
+}
+
+func randomizedNodes(t *testing.T, codec cache.Codec[versioned]) {
 	const (
 		nodes   = 4
 		workers = 3 // per node
@@ -108,6 +116,7 @@ func TestRandomizedNodesStayConsistent(t *testing.T) {
 			Bus:     bus,
 			Version: func(r versioned) int64 { return r.Version },
 			Shards:  2,
+			Codec:   codec,
 		})
 		if err != nil {
 			t.Fatal(err)

@@ -106,6 +106,47 @@ type Options[K comparable, V any] struct {
 	// version 0.
 	Version func(V) int64
 
+	// Codec, if set, turns value broadcast on. A write through this Cache
+	// ([Cache.Update], [Cache.Set], [Cache.Delete], and so package store's
+	// Table.Update) at a known version then publishes the committed value,
+	// encoded by Codec, with its version and source position (a deletion
+	// as a tombstone), instead of only its key; and a value that reaches
+	// this Cache from the bus is installed under the rules of a
+	// write-through, instead of the key being dropped and loaded again by
+	// the next Get. So a write of a key every node reads costs no load on
+	// the other nodes.
+	//
+	// A received value is installed only if this node can tell it is the
+	// newest version of its key it knows of: when it holds a live entry of
+	// that key whose version is no higher. Otherwise the key is dropped,
+	// as for a plain invalidation: a key this node does not hold is
+	// loaded by its next Get, as without broadcast. Codec needs
+	// [Options.Version], by which loaded values are ordered against
+	// received ones.
+	//
+	// What goes out as a plain invalidation: a write of unknown version
+	// (0); a value whose encoding fails (counted in [Stats].CodecErrors)
+	// or is larger than MaxBroadcastSize ([Stats].OversizeValues); a
+	// deletion with DisableNegative; [Cache.Invalidate]; and everything
+	// the outbox relay publishes for a writer that crashed or could not
+	// publish, and captured outside writes, which have no codec. A value
+	// that a receiver's Codec cannot decode is a plain invalidation there
+	// (counted in CodecErrors). Every node of a namespace must use
+	// compatible Codecs; nodes without one treat values as plain
+	// invalidations.
+	//
+	// A value broadcast is trusted like the value a loader returns: a
+	// client that may PUBLISH on the bus's channels could make nodes serve
+	// a value of its choosing. Confine the channels to the application's
+	// Redis user (see the README's Trust section). Default nil: plain
+	// invalidations only.
+	Codec Codec[V]
+
+	// MaxBroadcastSize is the largest encoded value, in bytes, that a
+	// write broadcasts; a larger one goes out as a plain invalidation. It
+	// must not exceed [MaxValueLen], and needs Codec. Default 8 KiB.
+	MaxBroadcastSize int
+
 	// LoadTimeout bounds one shared load. A load runs on behalf of every
 	// caller waiting for it, so no caller's context cancels it. Default 10s.
 	LoadTimeout time.Duration
@@ -182,6 +223,14 @@ func (c *config[K, V]) validate() error {
 		return bad("MaxWeight is set without a Weigher")
 	case c.MaxWeight == 0 && c.Weigher != nil:
 		return bad("Weigher is set without a MaxWeight")
+	case c.MaxBroadcastSize < 0:
+		return bad("MaxBroadcastSize must not be negative, got %d", c.MaxBroadcastSize)
+	case c.MaxBroadcastSize > MaxValueLen:
+		return bad("MaxBroadcastSize (%d) exceeds MaxValueLen (%d)", c.MaxBroadcastSize, MaxValueLen)
+	case c.MaxBroadcastSize != 0 && c.Codec == nil:
+		return bad("MaxBroadcastSize is set without a Codec")
+	case c.Codec != nil && c.Version == nil:
+		return bad("Codec is set without Version")
 	case c.MaxWeight != 0 && uint64(c.Shards) > c.MaxWeight:
 		return bad("Shards (%d) exceeds MaxWeight (%d)", c.Shards, c.MaxWeight)
 	}
@@ -200,6 +249,9 @@ func (c *config[K, V]) setDefaults() {
 	}
 	if c.Jitter == 0 {
 		c.Jitter = 0.1
+	}
+	if c.MaxBroadcastSize == 0 {
+		c.MaxBroadcastSize = 8 << 10
 	}
 	if c.LoadTimeout == 0 {
 		c.LoadTimeout = 10 * time.Second

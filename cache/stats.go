@@ -38,6 +38,24 @@ type Stats struct {
 	// Flushes counts times every entry was dropped: InvalidateAll, and
 	// flushes asked for by the bus (gaps, malformed messages).
 	Flushes uint64
+	// ValuesSent counts values and tombstones this Cache broadcast
+	// (see [Options.Codec]); they count in InvalidationsSent too.
+	ValuesSent uint64
+	// ValuesInstalled counts values and tombstones received from other
+	// nodes and installed: each saved the load a plain invalidation would
+	// have cost the next Get.
+	ValuesInstalled uint64
+	// ValuesRejected counts values and tombstones received that this node
+	// could not tell were the newest it knows of: it kept a newer cached
+	// value, or dropped the key as for a plain invalidation.
+	ValuesRejected uint64
+	// OversizeValues counts written values whose encoding was larger than
+	// [Options.MaxBroadcastSize], published as plain invalidations.
+	OversizeValues uint64
+	// CodecErrors counts values that [Options.Codec] failed to encode
+	// (published as plain invalidations) or to decode (received as plain
+	// invalidations), panics included.
+	CodecErrors uint64
 	// Evictions counts entries removed to respect the capacity or
 	// [Options.MaxWeight].
 	Evictions uint64
@@ -75,6 +93,11 @@ func (c *Cache[K, V]) Stats() Stats {
 		InvalidationsReceived: c.stats.received.Load(),
 		PublishErrors:         c.stats.publishErrors.Load(),
 		Flushes:               c.stats.flushes.Load(),
+		ValuesSent:            c.bstats.valuesSent.Load(),
+		ValuesInstalled:       c.bstats.valuesInstalled.Load(),
+		ValuesRejected:        c.bstats.valuesRejected.Load(),
+		OversizeValues:        c.bstats.oversizeValues.Load(),
+		CodecErrors:           c.bstats.codecErrors.Load(),
 		GuardBytes:            c.guard.bytes(),
 	}
 	for i := range c.shards {

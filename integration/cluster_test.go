@@ -958,7 +958,8 @@ func (c *cluster) check(t testing.TB, keys, addKeys []string, b Bounds) CheckRes
 // nodeStats is the part of the webapp's /stats the tests look at.
 type nodeStats struct {
 	Cache struct {
-		Hits, Misses, Bypassed, Flushes, SkippedStores uint64
+		Hits, Misses, Bypassed, Flushes, SkippedStores, Loads uint64
+		ValuesSent, ValuesInstalled, ValuesRejected           uint64
 	}
 	Bus struct {
 		Reconnects, FlushesResubscribe, FlushesGap, FlushesProofTimeout, ProofTimeouts, PublishErrors uint64

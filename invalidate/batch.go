@@ -111,9 +111,8 @@ func (b *batcher) publish(ctx context.Context, namespace string, keys []cache.In
 	}
 }
 
-// add merges keys into the batch and returns how many keys it added. Two
-// invalidations of one key merge into the stronger: version 0 (drop
-// whatever is cached) or else the higher version.
+// add merges keys into the batch and returns how many keys it added; see
+// merge.
 func (nb *nsBatch) add(keys []cache.Invalidation) int {
 	const indexAt = 16 // below this, a linear scan is cheaper than a map
 	added := 0
@@ -132,9 +131,7 @@ func (nb *nsBatch) add(keys []cache.Invalidation) int {
 			}
 		}
 		if i >= 0 {
-			if old := nb.keys[i].Version; old != 0 && (k.Version == 0 || k.Version > old) {
-				nb.keys[i].Version = k.Version
-			}
+			nb.keys[i] = merge(nb.keys[i], k)
 			continue
 		}
 		nb.keys = append(nb.keys, k)
@@ -149,6 +146,25 @@ func (nb *nsBatch) add(keys []cache.Invalidation) int {
 		}
 	}
 	return added
+}
+
+// merge returns the invalidation that stands for two of one key: the
+// stronger, version 0 (drop whatever is cached) or else the higher
+// version, with that version's value or tombstone (none with version 0,
+// which no receiver can install), at the higher of their positions, so
+// that a load that follows reads a source that has both.
+func merge(old, k cache.Invalidation) cache.Invalidation {
+	pos := max(old.Position, k.Position)
+	switch {
+	case old.Version == 0:
+	case k.Version == 0 || k.Version > old.Version:
+		old = k
+	}
+	if old.Version == 0 {
+		old.Value, old.Deleted = nil, false
+	}
+	old.Position = pos
+	return old
 }
 
 // run sends rounds until ctx ends, then fails what is pending with

@@ -2,11 +2,11 @@
 // decodes.
 //
 // Every message (a pub/sub payload, or the value of a stream entry's field
-// "m") is, in version 2:
+// "m") is, in version 3:
 //
 //	offset  size      field
 //	0       1         magic, 0xC0
-//	1       1         format version, 2
+//	1       1         format version, 3 (or 2, 1: see below)
 //	2       1         kind: 1 keys, 2 flush the namespace
 //	3       uvarint   namespace length n, 1 ≤ n ≤ cache.MaxKeyLen
 //	        n         namespace
@@ -21,9 +21,18 @@
 //	                  AppendVarint); 0 means unknown
 //	                  uvarint source position (a WAL position, opaque
 //	                  here); 0 means unknown
+//	                  1 byte payload: 0 none (a plain invalidation),
+//	                  1 a value, 2 a tombstone (the write deleted the key)
+//	                  payload 1 only: uvarint value length v,
+//	                  0 ≤ v ≤ cache.MaxValueLen, then v bytes of value
+//	                  (the publishing cache's Options.Codec encoding)
 //
-// Version 1 is version 2 without the positions; receivers still decode it
-// (its keys have position 0), and publishers send version 2.
+// Version 2 is version 3 without the payload byte and value (every key a
+// plain invalidation), and version 1 is version 2 without the positions
+// (its keys have position 0). Receivers decode all three. Publishers send
+// version 3 only for a message that carries a value or a tombstone, and
+// version 2 otherwise, so that nodes that speak only version 2 keep their
+// caches during a rolling upgrade while value broadcast is off.
 //
 // Varints are those of encoding/binary, in their shortest form. Nothing
 // follows the last field, and a message is at most MaxMessageSize bytes.
@@ -53,9 +62,14 @@ const (
 	// messages; a receiver treats a larger message as malformed.
 	MaxMessageSize = 1 << 20
 
-	magic         = 0xC0 // first byte of every message
-	formatVersion = 2    // second byte: the version this package sends
-	formatV1      = 1    // the version before positions, still decoded
+	magic    = 0xC0 // first byte of every message
+	formatV3 = 3    // second byte of a message that carries values
+	formatV2 = 2    // second byte of a message of plain invalidations
+	formatV1 = 1    // the version before positions, still decoded
+
+	payloadNone      = 0 // a plain invalidation
+	payloadValue     = 1 // a value follows
+	payloadTombstone = 2 // the write deleted the key
 
 	kindKeys  = 1 // a batch of invalidated keys of one namespace
 	kindFlush = 2 // every key of one namespace
@@ -86,20 +100,55 @@ func headerSize(namespace string, seq uint64, nkeys int) int {
 		uvarintLen(seq) + uvarintLen(uint64(nkeys))
 }
 
-// keySize returns the encoded size of one key.
+// keySize returns the encoded size of one key in version 3 (one byte more
+// than in version 2).
 func keySize(inv cache.Invalidation) int {
-	return uvarintLen(uint64(len(inv.Key))) + len(inv.Key) + varintLen(inv.Version) + uvarintLen(inv.Position)
+	n := uvarintLen(uint64(len(inv.Key))) + len(inv.Key) + varintLen(inv.Version) + uvarintLen(inv.Position) + 1
+	if payloadOf(inv) == payloadValue {
+		n += uvarintLen(uint64(len(inv.Value))) + len(inv.Value)
+	}
+	return n
 }
 
-// appendMessage appends the encoding of m to dst. The caller keeps m within
-// the limits that decode enforces (see validKey, MaxMessageSize); the batcher
+// payloadOf returns the payload kind of inv: a tombstone if Deleted, else a
+// value if Value is not nil.
+func payloadOf(inv cache.Invalidation) byte {
+	switch {
+	case inv.Deleted:
+		return payloadTombstone
+	case inv.Value != nil:
+		return payloadValue
+	}
+	return payloadNone
+}
+
+// formatOf returns the format version a publisher sends m in: version 3
+// if a key carries a payload, else version 2.
+func formatOf(m *message) byte {
+	for _, k := range m.keys {
+		if payloadOf(k) != payloadNone {
+			return formatV3
+		}
+	}
+	return formatV2
+}
+
+// appendMessage appends the encoding of m to dst, in the format version
+// formatOf chooses. The caller keeps m within the limits that decode
+// enforces (see validLen, MaxMessageSize, cache.MaxValueLen); the batcher
 // splits batches so that it does.
 func appendMessage(dst []byte, m *message) []byte {
+	return appendMessageAt(dst, m, formatOf(m))
+}
+
+// appendMessageAt appends the encoding of m in format version 2 or 3;
+// version 2 drops the payloads.
+func appendMessageAt(dst []byte, m *message, version byte) []byte {
 	kind := byte(kindKeys)
 	if m.flush {
 		kind = kindFlush
 	}
-	dst = append(dst, magic, formatVersion, kind)
+	dst = append(dst, magic, version, kind)
 	dst = binary.AppendUvarint(dst, uint64(len(m.namespace)))
 	dst = append(dst, m.namespace...)
 	dst = append(dst, m.origin[:]...)
@@ -113,12 +162,21 @@ func appendMessage(dst []byte, m *message) []byte {
 		dst = append(dst, k.Key...)
 		dst = binary.AppendVarint(dst, k.Version)
 		dst = binary.AppendUvarint(dst, k.Position)
+		if version < formatV3 {
+			continue
+		}
+		p := payloadOf(k)
+		dst = append(dst, p)
+		if p == payloadValue {
+			dst = binary.AppendUvarint(dst, uint64(len(k.Value)))
+			dst = append(dst, k.Value...)
+		}
 	}
 	return dst
 }
 
 // decode parses one message. The namespace and keys of the result are
-// substrings of data, which is not copied. decode returns an error wrapping
+// substrings of data, which is not copied; values are copied. decode returns an error wrapping
 // errVersion for a message of an unknown format version and errMalformed
 // for anything else it cannot accept; it never panics and allocates no more
 // than the input justifies.
@@ -138,8 +196,8 @@ func decode(data string) (message, error) {
 		return m, fmt.Errorf("%w: bad magic byte %#x", errMalformed, data[0])
 	}
 	version := data[1]
-	if version != formatVersion && version != formatV1 {
-		return m, fmt.Errorf("%w: version %d (this node speaks %d and %d)", errVersion, version, formatV1, formatVersion)
+	if version < formatV1 || version > formatV3 {
+		return m, fmt.Errorf("%w: version %d (this node speaks %d to %d)", errVersion, version, formatV1, formatV3)
 	}
 	kind := data[2]
 	if kind != kindKeys && kind != kindFlush {
@@ -167,13 +225,11 @@ func decode(data string) (message, error) {
 		return m, nil
 	}
 	n, ok := r.uvarint()
-	// Each key takes at least three bytes (length, one byte, version), and
-	// one more for its position in version 2, so a count the remaining
-	// bytes cannot hold is rejected before anything is allocated for it.
-	minKey := uint64(4)
-	if version == formatV1 {
-		minKey = 3
-	}
+	// Each key takes at least three bytes (length, one byte, version), one
+	// more for its position from version 2 on and one more for its payload
+	// kind in version 3, so a count the remaining bytes cannot hold is
+	// rejected before anything is allocated for it.
+	minKey := uint64(2 + version)
 	if !ok || n == 0 || n > uint64(len(r.s)-r.off)/minKey {
 		return m, fmt.Errorf("%w: bad key count", errMalformed)
 	}
@@ -193,7 +249,28 @@ func decode(data string) (message, error) {
 				return m, fmt.Errorf("%w: bad position of key %d", errMalformed, i)
 			}
 		}
-		m.keys[i] = cache.Invalidation{Key: k, Version: v, Position: pos}
+		inv := cache.Invalidation{Key: k, Version: v, Position: pos}
+		if version == formatV3 {
+			if r.off >= len(r.s) {
+				return m, fmt.Errorf("%w: truncated payload of key %d", errMalformed, i)
+			}
+			p := r.s[r.off]
+			r.off++
+			switch p {
+			case payloadNone:
+			case payloadTombstone:
+				inv.Deleted = true
+			case payloadValue:
+				val, ok := r.str()
+				if !ok || len(val) > cache.MaxValueLen {
+					return m, fmt.Errorf("%w: bad value of key %d", errMalformed, i)
+				}
+				inv.Value = append(make([]byte, 0, len(val)), val...)
+			default:
+				return m, fmt.Errorf("%w: unknown payload %d of key %d", errMalformed, p, i)
+			}
+		}
+		m.keys[i] = inv
 	}
 	if r.off != len(r.s) {
 		return m, fmt.Errorf("%w: %d trailing bytes", errMalformed, len(r.s)-r.off)

@@ -174,7 +174,10 @@
 // before the nodes read them, by deleting the stream and adding back the
 // rest: keep the stream's key, like the channels, to the application's
 // user with a Redis ACL. The README gives one, with the commands the buses
-// send.
+// send. With value broadcast on ([cache.Options.Codec]) the stakes are
+// higher: a message can carry a value, which a node installs as it would
+// a value it loaded, so such a client could make nodes serve values of its
+// choosing.
 //
 // # Redis deployments
 //
@@ -219,7 +222,19 @@
 // BatchKeys keys or [MaxMessageSize] bytes). A bus sends one round of
 // messages at a time and waits for Redis to acknowledge it before the
 // next, so its messages reach Redis in sequence. BatchWindow adds a wait
-// for more publications under a burst. BENCHMARKS.md has the figures.
+// for more publications under a burst. Two publications of one key in a
+// round merge into the stronger (version 0, else the higher version, with
+// that version's value or tombstone, at the higher position).
+// BENCHMARKS.md has the figures.
+//
+// # Values
+//
+// An [cache.Invalidation] may carry the value its write committed, or a
+// tombstone (value broadcast, [cache.Options.Codec]). The buses carry them
+// as opaque bytes, at most [cache.MaxValueLen] per key, in format version
+// 3 of their messages; a message without one is sent in version 2, which
+// nodes of the previous release read. The wire format is described in
+// codec.go.
 //
 // # Observability
 //

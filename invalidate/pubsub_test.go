@@ -172,11 +172,11 @@ func TestPubSubGarbage(t *testing.T) {
 	_, _ = rand.Read(origin[:])
 	valid := hostile(message{namespace: "ns", origin: origin, seq: 1, keys: []cache.Invalidation{{Key: "k"}}})
 	garbage = append(garbage,
-		nil, // empty payload
-		[]byte{magic, formatVersion + 1, kindKeys},                       // a future version
-		append(valid[:len(valid):len(valid)], 0),                         // trailing byte
-		valid[:len(valid)-2],                                             // truncated
-		append([]byte{magic, formatVersion, kindKeys}, 0xff, 0xff, 0xff), // huge namespace length
+		nil,                                      // empty payload
+		[]byte{magic, formatV3 + 1, kindKeys},    // a future version
+		append(valid[:len(valid):len(valid)], 0), // trailing byte
+		valid[:len(valid)-2],                     // truncated
+		append([]byte{magic, formatV2, kindKeys}, 0xff, 0xff, 0xff), // huge namespace length
 		hostile(message{namespace: "ns", origin: origin, seq: 0, flush: true}),
 		[]byte(strings.Repeat("\xc0\x01\x01", 1000)),
 		make([]byte, MaxMessageSize+1), // oversized

@@ -70,6 +70,10 @@
 // A write through this package records its own versioned row for its
 // key, which the trigger skips; every other row its function changes is
 // captured. Keys are the key column's text form (see [Store.Capture]).
+// Captured writes, and everything else the relay publishes from the
+// outbox, are plain invalidations even when the cache broadcasts values
+// (cache.Options.Codec): the trigger has no codec, so the caches drop
+// those keys and load them again.
 //
 // # Read replicas
 //

@@ -96,8 +96,9 @@ func (t *Table[K, V]) Capture(ctx context.Context) error {
 //     token not greater than the stored one rolls back with a [*FenceError]);
 //  3. run fn; record the change in the outbox; commit;
 //  4. install the committed row in the cache on this node (G1);
-//  5. publish the invalidation through the cache's bus (G2); delete the
-//     outbox row;
+//  5. publish the invalidation (with cache.Options.Codec, the committed
+//     value) through the cache's bus (G2), only now that the commit
+//     returned; delete the outbox row;
 //  6. release the lock.
 //
 // Writers of one key are serialised across nodes, and one whose lock

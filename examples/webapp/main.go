@@ -27,7 +27,12 @@
 // Writes go through the lock guard and the outbox (package store); writes
 // to the table from any other client are captured and relayed. With
 // -replica-url, loads read a streaming replica once it has replayed what
-// they must see, and the primary otherwise.
+// they must see, and the primary otherwise. With -broadcast, a write sends
+// the item it committed (JSON, up to 8 KiB) to the other instances, which
+// serve it without reloading it when they hold the item at an older
+// version (cache.Options.Codec); captured writes from other clients stay
+// plain invalidations. /stats reports the cache's loads (Loads) and the
+// values sent, installed and rejected.
 //
 // With -audit-rate N, the instance audits its cache: N times a second it
 // compares a cached item with the primary, and invalidates, on every
@@ -85,6 +90,7 @@ type config struct {
 	lockTTL      time.Duration // lease of the write locks
 	maxStaleness time.Duration
 	auditRate    float64 // samples per second of the consistency auditor; 0: off
+	broadcast    bool    // send written values, not only keys (cache.Options.Codec)
 }
 
 func main() {
@@ -129,6 +135,7 @@ func parseFlags(args []string, getenv func(string) string, out io.Writer) (confi
 	fs.DurationVar(&cfg.lockTTL, "lock-ttl", lockguard.DefaultTTL, "lease of a write's lock")
 	fs.DurationVar(&cfg.maxStaleness, "max-staleness", time.Second, "serve from memory only while the bus link was proven this recently")
 	fs.Float64Var(&cfg.auditRate, "audit-rate", 0, "cached items per second the consistency auditor compares with the primary, healing those still stale after the staleness bound (0: no auditor)")
+	fs.BoolVar(&cfg.broadcast, "broadcast", false, "value broadcast: a write sends the item (JSON, up to 8 KiB) to the other instances, which install it instead of loading it again")
 	if err := fs.Parse(args); err != nil {
 		return cfg, err
 	}
@@ -369,6 +376,12 @@ func newApp(ctx context.Context, cfg config, pool, replica *pgxpool.Pool, rdb *r
 		}
 		load = store.ReplicaLoader[string](reads, selectItem, pgx.RowToStructByName[Item])
 	}
+	var codec cache.Codec[Item]
+	if cfg.broadcast {
+		// Writes through the store send the committed item; captured
+		// writes from other clients stay plain invalidations.
+		codec = cache.JSONCodec[Item]{}
+	}
 	itemsCache, err := cache.New("items", 100_000,
 		load,
 		&cache.Options[string, Item]{
@@ -385,6 +398,7 @@ func newApp(ctx context.Context, cfg config, pool, replica *pgxpool.Pool, rdb *r
 			Shards:    16,
 			Tracer:    tr,
 			Logger:    log,
+			Codec:     codec,
 		})
 	if err != nil {
 		bus.Close()

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net/url"
 	"strings"
@@ -134,5 +135,18 @@ func TestHideSecret(t *testing.T) {
 	err := errors.New("connection refused")
 	if got := hideSecret(err, pw); got != err {
 		t.Errorf("hideSecret(%v) = %v; want the error itself", err, got)
+	}
+}
+
+func TestBroadcastFlag(t *testing.T) {
+	getenv := func(string) string { return "" }
+	for _, tt := range []struct {
+		args []string
+		want bool
+	}{{nil, false}, {[]string{"-broadcast"}, true}} {
+		cfg, err := parseFlags(tt.args, getenv, io.Discard)
+		if err != nil || cfg.broadcast != tt.want {
+			t.Errorf("parseFlags(%q): broadcast = %v, %v; want %v", tt.args, cfg.broadcast, err, tt.want)
+		}
 	}
 }

@@ -64,6 +64,11 @@ func init() {
 		"evictions":        "Entries evicted for capacity or for the byte budget.",
 		"weight_evictions": "Entries evicted for the byte budget (part of evictions).",
 		"oversized":        "Values larger than a shard's share of the byte budget, served but not cached.",
+		"values_sent":      "Values and tombstones broadcast (-broadcast).",
+		"values_installed": "Values and tombstones received and installed, each saving a load.",
+		"values_rejected":  "Values and tombstones received but not provably newest: dropped as plain invalidations.",
+		"oversize_values":  "Written values larger than the broadcast limit, sent as plain invalidations.",
+		"codec_errors":     "Values that failed to encode or decode, sent or received as plain invalidations.",
 	} {
 		descCache[name] = prometheus.NewDesc("coherent_cache_"+name+"_total", help, nil, nil)
 	}
@@ -98,6 +103,8 @@ func (c statsCollector) Collect(ch chan<- prometheus.Metric) {
 		"invalidations_sent": cs.InvalidationsSent, "invalidations_received": cs.InvalidationsReceived,
 		"publish_errors": cs.PublishErrors, "flushes": cs.Flushes, "evictions": cs.Evictions,
 		"weight_evictions": cs.WeightEvictions, "oversized": cs.Oversized,
+		"values_sent": cs.ValuesSent, "values_installed": cs.ValuesInstalled, "values_rejected": cs.ValuesRejected,
+		"oversize_values": cs.OversizeValues, "codec_errors": cs.CodecErrors,
 	} {
 		counter(descCache[name], v)
 	}

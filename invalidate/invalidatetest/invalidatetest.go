@@ -27,6 +27,7 @@
 package invalidatetest
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -280,7 +281,10 @@ func testVersions(t *testing.T, newNodes NewNodes) {
 	// Versions and source positions (DESIGN race 10) travel with their
 	// keys.
 	want := []cache.Invalidation{{Key: "v0"}, {Key: "v7", Version: 7}, {Key: "neg", Version: -3}, {Key: "max", Version: 1<<63 - 1},
-		{Key: "p", Version: 2, Position: 0x16B374D8}, {Key: "pmax", Position: 1<<64 - 1}}
+		{Key: "p", Version: 2, Position: 0x16B374D8}, {Key: "pmax", Position: 1<<64 - 1},
+		// Value broadcasts: a value, an empty one, a tombstone.
+		{Key: "val", Version: 9, Position: 5, Value: []byte(`{"name":"Ada"}`)}, {Key: "vempty", Version: 10, Value: []byte{}},
+		{Key: "tomb", Version: 11, Deleted: true}}
 	publish(t, a, want...)
 	WaitFor(t, "the versioned keys", func() bool { return len(rb.Keys()) >= len(want) })
 	var got []cache.Invalidation
@@ -289,9 +293,16 @@ func testVersions(t *testing.T, newNodes NewNodes) {
 	}
 	slices.SortFunc(got, func(x, y cache.Invalidation) int { return strings.Compare(x.Key, y.Key) })
 	slices.SortFunc(want, func(x, y cache.Invalidation) int { return strings.Compare(x.Key, y.Key) })
-	if !slices.Equal(got, want) {
+	if !slices.EqualFunc(got, want, sameInvalidation) {
 		t.Errorf("received %v; want %v", got, want)
 	}
+}
+
+// sameInvalidation reports whether a and b are equal, a nil Value being
+// unlike an empty one.
+func sameInvalidation(a, b cache.Invalidation) bool {
+	return a.Key == b.Key && a.Version == b.Version && a.Position == b.Position && a.Deleted == b.Deleted &&
+		(a.Value == nil) == (b.Value == nil) && bytes.Equal(a.Value, b.Value)
 }
 
 func testFlush(t *testing.T, newNodes NewNodes) {
