@@ -37,9 +37,14 @@ type node struct {
 	load  cache.LoaderFunc[int64, row] // the counted loader
 	loads atomic.Int64
 	naive *lru.Cache[int64, row]
+	table string // quoted
 }
 
-func setup(b *testing.B) []*node {
+func setup(b *testing.B) []*node { return setupWith(b, nil) }
+
+// setupWith is setup with codec as the caches' Options.Codec: nil for
+// plain invalidations, a codec for value broadcast.
+func setupWith(b *testing.B, codec cache.Codec[row]) []*node {
 	b.Helper()
 	admin := testenv.Pool(b, testenv.PoolConfig(b, "coherent-bench-stampede", ""))
 	schema := testenv.Schema(b, admin)
@@ -68,12 +73,14 @@ func setup(b *testing.B) []*node {
 		n.items, err = cache.New("items", rows, n.load, &cache.Options[int64, row]{
 			Bus:     bus,
 			Version: func(r row) int64 { return r.Version },
+			Codec:   codec,
 		})
 		if err != nil {
 			b.Fatal(err)
 		}
 		b.Cleanup(func() { n.items.Close() })
 		n.naive, _ = lru.New[int64, row](rows)
+		n.table = table
 		ns[i] = n
 	}
 	deadline := time.Now().Add(10 * time.Second)
@@ -183,4 +190,66 @@ func BenchmarkStampede(b *testing.B) {
 	b.ReportMetric(float64(naiveTotal)/n/nodes, "naive-loads/node")
 	b.ReportMetric(float64(naiveTotal)/n, "naive-loads/burst")
 	b.ReportMetric(float64(total)/float64(max(naiveTotal, 1)), "loads/naive")
+}
+
+// BenchmarkStampedeAfterWrite is the stampede a write to a hot key causes
+// across the nodes: every node holds the key; node 0 writes it through its
+// cache (cache.Update around the UPDATE, as a store.Table would), and once
+// the write's message has had time to reach the others (20ms, far above
+// the bus's delay on loopback), 1,000 readers per node read the key at
+// once. With plain invalidations each other node loads the key once (G5);
+// with value broadcast it installs the written row and loads nothing. It
+// reports loads per write per node other than the writer, and reads that
+// returned an older version than the write's. One op is one write and its
+// burst.
+func BenchmarkStampedeAfterWrite(b *testing.B) {
+	for _, bc := range []struct {
+		name  string
+		codec cache.Codec[row]
+	}{{"broadcast=off", nil}, {"broadcast=on", cache.JSONCodec[row]{}}} {
+		b.Run(bc.name, func(b *testing.B) {
+			ns := setupWith(b, bc.codec)
+			ctx := context.Background()
+			const key = 42
+			for _, n := range ns {
+				if _, err := n.items.Get(ctx, key); err != nil {
+					b.Fatal(err)
+				}
+			}
+			var written atomic.Int64
+			var stale atomic.Int64
+			get := func(n *node, key int64) error {
+				r, err := n.items.Get(ctx, key)
+				if err == nil && r.Version < written.Load() {
+					stale.Add(1)
+				}
+				return err
+			}
+			var others, writes int64
+			for b.Loop() {
+				w := ns[0]
+				err := w.items.Update(ctx, key, func(ctx context.Context) (cache.Change[row], error) {
+					rows, _ := w.pool.Query(ctx, `UPDATE `+w.table+` SET value = value + 1, version = version + 1 WHERE id = $1 RETURNING id, value, version`, key)
+					r, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[row])
+					return cache.Change[row]{Value: r, Version: r.Version}, err
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+				r, err := w.items.Get(ctx, key)
+				if err != nil {
+					b.Fatal(err)
+				}
+				written.Store(r.Version)
+				time.Sleep(20 * time.Millisecond)
+				loads := burst(b, ns, key, get)
+				for _, l := range loads[1:] {
+					others += l
+				}
+				writes++
+			}
+			b.ReportMetric(float64(others)/float64(writes)/float64(nodes-1), "loads/write/other-node")
+			b.ReportMetric(float64(stale.Load()), "stale-reads")
+		})
+	}
 }
