@@ -27,8 +27,6 @@ import (
 	"os"
 	"os/signal"
 	"runtime/pprof"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -57,11 +55,11 @@ func main() {
 		cfg.duration, cfg.warmup = 500*time.Millisecond, 200*time.Millisecond
 	}
 	var err error
-	if cfg.nodes, err = ints(*nodes); err != nil {
+	if cfg.nodes, err = benchenv.Ints(*nodes); err != nil {
 		fmt.Fprintf(os.Stderr, "fanout: -nodes: %v\n", err)
 		os.Exit(2)
 	}
-	if cfg.sweepRates, err = ints(*rates); err != nil {
+	if cfg.sweepRates, err = benchenv.Ints(*rates); err != nil {
 		fmt.Fprintf(os.Stderr, "fanout: -sweep-rates: %v\n", err)
 		os.Exit(2)
 	}
@@ -94,16 +92,4 @@ func main() {
 		fmt.Fprintf(os.Stderr, "fanout: %v\n", err)
 		exit = 1
 	}
-}
-
-func ints(s string) ([]int, error) {
-	var out []int
-	for f := range strings.SplitSeq(s, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(f))
-		if err != nil || n < 1 {
-			return nil, fmt.Errorf("%q is not a positive integer", f)
-		}
-		out = append(out, n)
-	}
-	return out, nil
 }

@@ -70,15 +70,11 @@ func run(ctx context.Context, cfg config, log io.Writer) (*Result, error) {
 	if cfg.rate < 1 || cfg.duration <= 0 {
 		return nil, errors.New("rate and duration must be positive")
 	}
-	ropts, err := redis.ParseURL(cfg.services.RedisURL)
+	admin, ropts, err := cfg.services.Redis(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("redis: %w", err)
+		return nil, err
 	}
-	admin := redis.NewClient(ropts)
 	defer admin.Close()
-	if err := admin.Ping(ctx).Err(); err != nil {
-		return nil, fmt.Errorf("redis: %w", err)
-	}
 	res := &Result{DurationS: cfg.duration.Seconds()}
 	for _, n := range cfg.nodes {
 		row, err := measure(ctx, cfg, ropts, admin, n, cfg.rate)

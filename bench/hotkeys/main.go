@@ -28,8 +28,6 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -56,7 +54,7 @@ func main() {
 		cfg.duration, cfg.warmup = time.Second, 300*time.Millisecond
 	}
 	var err error
-	if cfg.nodes, err = ints(*nodes); err != nil {
+	if cfg.nodes, err = benchenv.Ints(*nodes); err != nil {
 		fmt.Fprintf(os.Stderr, "hotkeys: -nodes: %v\n", err)
 		os.Exit(2)
 	}
@@ -73,16 +71,4 @@ func main() {
 		fmt.Fprintf(os.Stderr, "hotkeys: %v\n", err)
 		exit = 1
 	}
-}
-
-func ints(s string) ([]int, error) {
-	var out []int
-	for f := range strings.SplitSeq(s, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(f))
-		if err != nil || n < 1 {
-			return nil, fmt.Errorf("%q is not a positive integer", f)
-		}
-		out = append(out, n)
-	}
-	return out, nil
 }

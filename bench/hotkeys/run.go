@@ -82,15 +82,11 @@ func run(ctx context.Context, cfg config, log io.Writer) (*Result, error) {
 	if cfg.rate < 1 || cfg.keys < 1 || cfg.reads < 1 || cfg.duration <= 0 {
 		return nil, errors.New("rate, keys, reads and duration must be positive")
 	}
-	ropts, err := redis.ParseURL(cfg.services.RedisURL)
+	admin, ropts, err := cfg.services.Redis(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("redis: %w", err)
+		return nil, err
 	}
-	admin := redis.NewClient(ropts)
 	defer admin.Close()
-	if err := admin.Ping(ctx).Err(); err != nil {
-		return nil, fmt.Errorf("redis: %w", err)
-	}
 	pool, err := pgxpool.New(ctx, cfg.services.DatabaseURL)
 	if err != nil {
 		return nil, fmt.Errorf("postgres: %w", err)

@@ -131,18 +131,15 @@ func run(ctx context.Context, cfg config, log io.Writer) (*Result, error) {
 	if err := pool.Ping(ctx); err != nil {
 		return nil, fmt.Errorf("postgres: %w", err)
 	}
-	ropts, err := redis.ParseURL(cfg.services.RedisURL)
-	if err != nil {
-		return nil, fmt.Errorf("redis: %w", err)
-	}
 	// One client for the cache-aside variant, one for the bus, as two
 	// services would have.
-	rdb, busRDB := redis.NewClient(ropts), redis.NewClient(ropts)
-	defer rdb.Close()
-	defer busRDB.Close()
-	if err := rdb.Ping(ctx).Err(); err != nil {
-		return nil, fmt.Errorf("redis: %w", err)
+	rdb, ropts, err := cfg.services.Redis(ctx)
+	if err != nil {
+		return nil, err
 	}
+	defer rdb.Close()
+	busRDB := redis.NewClient(ropts)
+	defer busRDB.Close()
 
 	schema := benchenv.Name("bench_readpath_")
 	prefix := benchenv.Name("bench:readpath:") + ":"

@@ -15,6 +15,7 @@ import (
 	"os"
 	"runtime/metrics"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -33,6 +34,36 @@ type Services struct {
 func (s *Services) Register(fs *flag.FlagSet) {
 	fs.StringVar(&s.DatabaseURL, "database-url", Env("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"), "Postgres URL")
 	fs.StringVar(&s.RedisURL, "redis-url", Env("REDIS_URL", "redis://127.0.0.1:6379/0"), "Redis URL")
+}
+
+// Redis opens a client of the Services' Redis and checks that it answers.
+// It returns the client's options too, for clients of the program's own
+// nodes.
+func (s *Services) Redis(ctx context.Context) (*redis.Client, *redis.Options, error) {
+	opts, err := redis.ParseURL(s.RedisURL)
+	if err != nil {
+		return nil, nil, fmt.Errorf("redis: %w", err)
+	}
+	c := redis.NewClient(opts)
+	if err := c.Ping(ctx).Err(); err != nil {
+		c.Close()
+		return nil, nil, fmt.Errorf("redis: %w", err)
+	}
+	return c, opts, nil
+}
+
+// Ints parses a comma-separated list of positive integers (a flag such as
+// -nodes 1,4,8,16).
+func Ints(s string) ([]int, error) {
+	var out []int
+	for f := range strings.SplitSeq(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			return nil, fmt.Errorf("%q is not a positive integer", f)
+		}
+		out = append(out, n)
+	}
+	return out, nil
 }
 
 // Env returns the environment variable name, or def if it is unset or empty.
