@@ -40,12 +40,7 @@ var testURLs sync.Map
 // useURL makes t and its subtests connect to the Postgres of the URL u
 // (a primary with a replica, or a pooler) wherever they would connect to
 // DATABASE_URL: newEnv, newPool and the env's stores.
-func useURL(t testing.TB, u string) {
-	t.Helper()
-	key := t.Name() + "/"
-	testURLs.Store(key, u)
-	t.Cleanup(func() { testURLs.Delete(key) })
-}
+func useURL(t testing.TB, u string) { setFor(t, &testURLs, u) }
 
 // testURL returns the Postgres URL of t: the one [useURL] set for t or a
 // test it is a subtest of, else DATABASE_URL.
@@ -60,11 +55,13 @@ var listenURLs sync.Map
 // useListenURL gives the stores [env.store] makes for t and its subtests
 // an Options.ListenConfig for the Postgres URL u, unless the test sets
 // one itself.
-func useListenURL(t testing.TB, u string) {
-	t.Helper()
+func useListenURL(t testing.TB, u string) { setFor(t, &listenURLs, u) }
+
+// setFor makes m hold u for t and its subtests until t ends (see urlFor).
+func setFor(t testing.TB, m *sync.Map, u string) {
 	key := t.Name() + "/"
-	listenURLs.Store(key, u)
-	t.Cleanup(func() { listenURLs.Delete(key) })
+	m.Store(key, u)
+	t.Cleanup(func() { m.Delete(key) })
 }
 
 // urlFor returns the URL m holds for t or the nearest test it is a

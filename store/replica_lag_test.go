@@ -38,6 +38,17 @@ func newReplicaEnv(t testing.TB) *replicaEnv {
 	return e
 }
 
+// replicaOf returns a Replica reading e's replica for s's node, with a
+// short MaxWait so that the tests do not wait long for a paused replay.
+func (e *replicaEnv) replicaOf(t testing.TB, s *Store) *Replica {
+	t.Helper()
+	r, err := NewReplica(s.pool, e.replica, &ReplicaOptions{MaxWait: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
 // replicaNode returns a cache of the items table on the env's bus that
 // loads through r, and r's Store-side twin: a Table writing through s.
 func (e *replicaEnv) replicaNode(t testing.TB, s *Store, r *Replica, capacity, shards int) *Table[string, item] {
@@ -69,10 +80,7 @@ func TestReplicaLag(t *testing.T) {
 	ctx := context.Background()
 	sA, sB := e.store(nil), e.store(nil)
 	a := NewTable(sA, e.node(sA), nil)
-	r, err := NewReplica(sB.pool, e.replica, &ReplicaOptions{MaxWait: 20 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := e.replicaOf(t, sB)
 	b := e.replicaNode(t, sB, r, 1000, 0)
 	get := func(node *Table[string, item], id string) item {
 		t.Helper()
@@ -150,10 +158,7 @@ func TestReplicaLagOwnWrite(t *testing.T) {
 	e := newReplicaEnv(t)
 	ctx := context.Background()
 	s := e.store(nil)
-	r, err := NewReplica(s.pool, e.replica, &ReplicaOptions{MaxWait: 20 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := e.replicaOf(t, s)
 	b := e.replicaNode(t, s, r, 1, 1) // room for one entry
 	if _, err := b.Update(ctx, "k", e.put("k", "v1")); err != nil {
 		t.Fatal(err)
@@ -186,10 +191,7 @@ func TestReplicaLagCapture(t *testing.T) {
 		t.Fatal(err)
 	}
 	runRelay(t, s)
-	r, err := NewReplica(s.pool, e.replica, &ReplicaOptions{MaxWait: 20 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := e.replicaOf(t, s)
 	b := e.replicaNode(t, s, r, 1000, 0)
 	e.outsideWrite(t, `INSERT INTO `+e.table+` VALUES ('k', 'v1', 1)`)
 	waitFor(t, "the outside insert to be relayed", func() bool { n, err := s.Pending(ctx); return err == nil && n == 0 })
@@ -221,10 +223,7 @@ func TestReplicaLagMany(t *testing.T) {
 	ctx := context.Background()
 	sA, sB := e.store(nil), e.store(nil)
 	a := NewTable(sA, e.node(sA), nil)
-	r, err := NewReplica(sB.pool, e.replica, &ReplicaOptions{MaxWait: 20 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := e.replicaOf(t, sB)
 	query := `SELECT id, value, version FROM ` + e.table + ` WHERE id = ANY($1)`
 	b, err := cache.New("items", 1000, ReplicaLoader[string](r, `SELECT id, value, version FROM `+e.table+` WHERE id = $1`, pgx.RowToStructByName[item]),
 		&cache.Options[string, item]{
@@ -333,10 +332,7 @@ func TestReplicaLagNewNode(t *testing.T) {
 	if _, err := a.Update(ctx, "k", e.put("k", "v2")); err != nil {
 		t.Fatal(err)
 	}
-	r, err := NewReplica(sB.pool, e.replica, &ReplicaOptions{MaxWait: 20 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := e.replicaOf(t, sB)
 	b := e.replicaNode(t, sB, r, 1000, 0) // starts now
 	for range 3 {
 		if it, err := b.Get(ctx, "k"); err != nil || it.Value != "v2" {
