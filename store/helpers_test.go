@@ -178,6 +178,15 @@ func (e *env) node(s *Store) *cache.Cache[string, item] {
 	return c
 }
 
+// captureItems installs capture on the items table through s, with its
+// version column, as the "items" namespace.
+func (e *env) captureItems(t testing.TB, s *Store) {
+	t.Helper()
+	if err := s.Capture(context.Background(), "items", &TableOptions{Table: e.table, KeyColumn: "id", VersionColumn: "version"}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // read returns the row of id as Postgres holds it.
 func (e *env) read(id string) (item, bool) {
 	e.t.Helper()

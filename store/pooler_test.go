@@ -117,9 +117,7 @@ func TestRelayBehindAPoolerPolls(t *testing.T) {
 	logs := &logRecorder{}
 	s := e.store(&Options{RelayPoll: 200 * time.Millisecond, Logger: slog.New(logs)})
 	s.probeWait, s.listenRecheck = 500*time.Millisecond, 50*time.Millisecond
-	if err := s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id", VersionColumn: "version"}); err != nil {
-		t.Fatal(err)
-	}
+	e.captureItems(t, s)
 	reader := e.node(s)
 	if _, err := reader.Get(ctx, "k"); !errors.Is(err, cache.ErrNotFound) {
 		t.Fatalf("Get(k) = %v; want a cached ErrNotFound", err)
@@ -161,9 +159,7 @@ func TestRelayBehindAPoolerListensWithListenConfig(t *testing.T) {
 	}
 	logs := &logRecorder{}
 	s := e.store(&Options{RelayPoll: time.Minute, ListenConfig: cfg, Logger: slog.New(logs)})
-	if err := s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id", VersionColumn: "version"}); err != nil {
-		t.Fatal(err)
-	}
+	e.captureItems(t, s)
 	reader := e.node(s)
 	if _, err := reader.Get(ctx, "k"); !errors.Is(err, cache.ErrNotFound) {
 		t.Fatalf("Get(k) = %v; want a cached ErrNotFound", err)

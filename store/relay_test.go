@@ -142,9 +142,7 @@ func TestPoisonRowsDoNotWedgeTheRelay(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
 	s := e.store(&Options{RelayPoll: time.Hour})
-	if err := s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id", VersionColumn: "version"}); err != nil {
-		t.Fatal(err)
-	}
+	e.captureItems(t, s)
 	reader := e.node(e.store(nil))
 	e.outsideWrite(t, `INSERT INTO `+e.table+` VALUES ('k', 'old', 1)`)
 	if err := relayAll(ctx, s); err != nil {
@@ -299,9 +297,7 @@ func TestWritesCarryTheirPosition(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
 	s := e.store(&Options{RelayPoll: time.Hour})
-	if err := s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id", VersionColumn: "version"}); err != nil {
-		t.Fatal(err)
-	}
+	e.captureItems(t, s)
 	runRelay(t, s)
 	writer := NewTable(s, e.node(s), nil)
 	var mu sync.Mutex

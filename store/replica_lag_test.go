@@ -187,9 +187,7 @@ func TestReplicaLagCapture(t *testing.T) {
 	e := newReplicaEnv(t)
 	ctx := context.Background()
 	s := e.store(&Options{RelayPoll: 50 * time.Millisecond})
-	if err := s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id", VersionColumn: "version"}); err != nil {
-		t.Fatal(err)
-	}
+	e.captureItems(t, s)
 	runRelay(t, s)
 	r := e.replicaOf(t, s)
 	b := e.replicaNode(t, s, r, 1000, 0)

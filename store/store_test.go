@@ -542,9 +542,7 @@ func TestRelayPublishesCapturedWrites(t *testing.T) {
 	e := newEnv(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	s := e.store(&Options{RelayPoll: time.Hour}) // only the notification may wake the relay
-	if err := s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id", VersionColumn: "version"}); err != nil {
-		t.Fatal(err)
-	}
+	e.captureItems(t, s)
 	relayDone := make(chan error)
 	go func() { relayDone <- s.RunRelay(ctx) }()
 	defer func() {
@@ -941,9 +939,7 @@ func TestCaptureInsideStoreTransactions(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := e.store(&Options{RelayPoll: time.Hour}) // only the notification may wake the relay
-	if err := s.Capture(ctx, "items", &TableOptions{Table: e.table, KeyColumn: "id", VersionColumn: "version"}); err != nil {
-		t.Fatal(err)
-	}
+	e.captureItems(t, s)
 	if err := s.Capture(ctx, "orders", &TableOptions{Table: orders, KeyColumn: "id", VersionColumn: "version"}); err != nil {
 		t.Fatal(err)
 	}
