@@ -95,11 +95,11 @@ func (c *Cache[K, V]) Holds(s Sample[K, V]) bool {
 	if s.n == nil || c.closed.Load() {
 		return false
 	}
-	sh := c.shard(s.n.hash)
+	sh := c.shard(c.hash(s.Key))
 	sh.mu.Lock()
-	cur, ok := sh.lru.Peek(s.Key)
+	ok := sh.index.Load().holds(s.n)
 	sh.mu.Unlock()
-	return ok && cur == s.n && c.now() < cur.e.expires
+	return ok && c.now() < s.n.e.expires
 }
 
 // MaxStaleness returns [Options.MaxStaleness] as in effect (the default

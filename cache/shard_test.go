@@ -9,38 +9,59 @@ import (
 	"testing"
 )
 
-// checkShards fails t unless every shard's lock-free index holds exactly
-// the nodes of its LRU, and its length is the LRU's. A hit reads only the
-// index, so a node left in it after the LRU dropped it (an eviction, an
-// invalidation, a replaced value) would be served again: a stale read.
-// It also checks that each shard's weight is the sum of its entries'
-// weights, and within its budget: a removal that missed the weight would
-// let a shard's count drift up until it evicted everything, or down until
-// it bounded nothing.
+// checkShards fails t unless every shard's LRU list is well formed and
+// its lock-free index holds exactly the list's nodes, each under its
+// key's bucket, and its length is their number. A hit reads only the
+// index, so a node left in it after leaving the list (an eviction, an
+// invalidation, a replaced value) would be served again: a stale read;
+// and a node in the list but not in the index would be evicted in its
+// turn while no lookup could find it. It checks that the nodes went to
+// the front in list order (touch's window rule rests on it: a node is no
+// further back than the number of moves since its own), and that each
+// shard's weight is the sum of its entries' weights, and within its
+// budget: a removal that missed the weight would let a shard's count
+// drift up until it evicted everything, or down until it bounded nothing.
 func checkShards[K comparable, V any](t *testing.T, c *Cache[K, V]) {
 	t.Helper()
 	for i := range c.shards {
 		s := &c.shards[i]
 		s.mu.Lock()
 		idx := s.index.Load()
+		inList := make(map[*node[K, V]]bool)
+		var weight uint64
+		newer, age := s.root, uint32(0)
+		for n := s.root.older; n != s.root; n = n.older {
+			if n == nil || n.newer != newer || inList[n] || len(inList) > s.size {
+				t.Errorf("shard %d: list broken after %d nodes", i, len(inList))
+				break
+			}
+			inList[n] = true
+			weight += uint64(n.e.weight())
+			h := c.hash(n.key)
+			if n.hb != uint32(h>>16) || idx.find(n.key, h) != n {
+				t.Errorf("shard %d: key %v is in the list but not in the index, or under the wrong bucket", i, n.key)
+			}
+			if a := s.tick.Load() - n.front.Load(); newer != s.root && a <= age {
+				t.Errorf("shard %d: key %v went to the front %d ticks ago, behind a node that went %d ago", i, n.key, a, age)
+			} else {
+				age = a
+			}
+			newer = n
+		}
+		if s.root.newer != newer {
+			t.Errorf("shard %d: the list's back is %p; want %p, the last node from the front", i, s.root.newer, newer)
+		}
 		linked := 0
 		for b := range idx.buckets {
 			for n := idx.buckets[b].Load(); n != nil; n = n.next.Load() {
 				linked++
-				if cur, ok := s.lru.Peek(n.key); !ok || cur != n {
-					t.Errorf("shard %d: key %v is in the index but the LRU holds %p (present %v), not %p", i, n.key, cur, ok, n)
-				}
-				if idx.find(n.key, n.hash) != n {
-					t.Errorf("shard %d: key %v is linked under the wrong bucket or twice", i, n.key)
+				if !inList[n] {
+					t.Errorf("shard %d: key %v is in the index but not in the list", i, n.key)
 				}
 			}
 		}
-		if l := s.lru.Len(); linked != l || s.length.Load() != uint64(l) {
-			t.Errorf("shard %d: index holds %d nodes, length says %d, the LRU %d", i, linked, s.length.Load(), l)
-		}
-		var weight uint64
-		for _, n := range s.lru.Values() {
-			weight += uint64(n.e.weight())
+		if l := len(inList); linked != l || s.length.Load() != uint64(l) || l > s.size {
+			t.Errorf("shard %d: index holds %d nodes, length says %d, the list %d, capacity %d", i, linked, s.length.Load(), l, s.size)
 		}
 		if weight != s.weight {
 			t.Errorf("shard %d: weight = %d; its entries weigh %d", i, s.weight, weight)
@@ -51,7 +72,7 @@ func checkShards[K comparable, V any](t *testing.T, c *Cache[K, V]) {
 		// The index grows with the entries: at most half full until it
 		// has a bucket per entry the shard can hold, and never larger.
 		nb := len(idx.buckets)
-		switch l := s.lru.Len(); {
+		switch l := len(inList); {
 		case nb&(nb-1) != 0 || idx.mask != uint64(nb-1):
 			t.Errorf("shard %d: index of %d buckets, mask %#x; want a power of two", i, nb, idx.mask)
 		case l > nb/2 && nb < s.size:
@@ -63,10 +84,22 @@ func checkShards[K comparable, V any](t *testing.T, c *Cache[K, V]) {
 	}
 }
 
+// keys returns the keys of s from the back of its list to the front: in
+// the order they would be evicted. It takes mu.
+func (s *shard[K, V]) keys() []K {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var ks []K
+	for n := s.root.newer; n != s.root; n = n.newer {
+		ks = append(ks, n.key)
+	}
+	return ks
+}
+
 // TestIndexMatchesLRU runs every kind of change (fills, evictions,
 // write-through, deletions, invalidations, flushes) against a small cache,
 // with readers hitting it concurrently, and checks after every round that
-// the index and the LRU hold the same nodes, and that each shard's weight
+// the index and the LRU list hold the same nodes, and that each shard's weight
 // is its entries' and within its budget. With a weight bound, evictions for
 // the budget, values too heavy to cache, and replacements by heavier or
 // lighter values join the changes.
@@ -156,7 +189,7 @@ func testIndexMatchesLRU(t *testing.T, weigher func(string, row) uint32) Stats {
 // a write of its key returned must see that write or a newer one (neither a
 // growth nor a removal after one may leave a replaced or dropped node where
 // a reader finds it), no Get may hang (a cycle in a chain), and after every
-// round the index must hold exactly the LRU's nodes (a growth must not lose
+// round the index must hold exactly the list's nodes (a growth must not lose
 // or duplicate one).
 func TestIndexGrowsUnderHits(t *testing.T) {
 	ctx := context.Background()
