@@ -40,9 +40,9 @@ func (e *entry[V]) setWeight(w uint32) { e.meta = e.meta&absentBit | uint64(w) }
 // node is one cached key, linked both into its shard's index, which hits
 // read without the lock, and into its shard's LRU list. Its key, hash
 // bits, entry and stored time never change once it is linked; a new value
-// of the key is a new node. front changes when the node moves to the front
-// of the list, next when the index is changed around it, newer and older
-// under the shard's lock only.
+// of the key is a new node. read is set by hits and cleared under the
+// shard's lock, next changes when the index is changed around the node,
+// newer and older under the shard's lock only.
 type node[K comparable, V any] struct {
 	key K
 	// hb is bits 16–47 of the key's hash: the bits that pick its bucket
@@ -51,11 +51,11 @@ type node[K comparable, V any] struct {
 	// first test in find before the keys are compared. 32 bits pick among
 	// up to 2^32 buckets per shard.
 	hb uint32
-	// front is the low 32 bits of the shard's tick when the node last went
-	// to the front of the list (see touch).
-	front atomic.Uint32
-	next  atomic.Pointer[node[K, V]] // the index's bucket chain
-	e     entry[V]
+	// read is 1 if the node was hit since it went to the front of the
+	// list, else 0 (see shard.evict).
+	read atomic.Uint32
+	next atomic.Pointer[node[K, V]] // the index's bucket chain
+	e    entry[V]
 	// newer and older are the node's neighbours in the shard's LRU list,
 	// towards its front and its back; guarded by the shard's lock, and
 	// never read by hits. Both are nil once the node has left the list
@@ -75,17 +75,16 @@ type node[K comparable, V any] struct {
 // writes the lock's cache line, and a move to the front writes the entry,
 // its neighbours and the list root; with more than one core those lines
 // move between cores on nearly every hit, and parallel hits were no faster
-// than serial ones. Here a hit reads the index and writes nothing shared,
-// unless its entry has drifted back far enough that the eviction order
-// needs it moved (see touch).
+// than serial ones. Here a hit reads the index, and writes at most its
+// node's read flag, once until the node next reaches the back of the list
+// (see evict).
 //
 // Why one structure. The list is intrusive, as golang-lru's is (a ring
 // through a sentinel root: push to the front, move to the front, remove
 // the oldest), but its links live in the index's nodes rather than in
 // elements of their own, and the index doubles as the map from keys to
 // list positions. So an entry costs one allocation and one bucket, with
-// no second map or list element beside it, and a hit that must move its
-// entry moves the node it already holds, with no second lookup.
+// no second map or list element beside it.
 //
 // Every change to either is made under mu, to both at once (add, unlink,
 // evict), so that the index holds exactly the list's nodes whenever mu is
@@ -118,23 +117,15 @@ type shard[K comparable, V any] struct {
 	// index is replaced (by a flush, or to grow it) and changed only under
 	// mu; read without it.
 	index atomic.Pointer[table[K, V]]
-	// tick counts the nodes that went to the front, modulo 2^32; length
-	// is the number of nodes. Both are written under mu and read without
-	// it.
-	tick   atomic.Uint32
-	window uint32 // immutable; see touch
+	// length is the number of nodes: written under mu, read without it
+	// (by Sample).
 	length atomic.Uint64
-	_      [104]byte
+	_      [112]byte
 }
-
-// maxWindow bounds shard.window, so that tick differences, taken modulo
-// 2^32, compare with it correctly (see touch).
-const maxWindow = 1 << 30
 
 func (s *shard[K, V]) init(size int, budget uint64) {
 	s.size = size
 	s.budget = budget
-	s.window = uint32(min(max(size/3, 1), maxWindow))
 	s.reset(size)
 }
 
@@ -148,7 +139,8 @@ func (s *shard[K, V]) init(size int, budget uint64) {
 // The old nodes keep their list links, to one another and to the old
 // root, so that one of them still referenced (by a hit in flight, or a
 // Sample) keeps the others reachable until it is dropped. They are never
-// written again: touch and Holds act only on nodes of the current index.
+// written again but for read, which only hits read: Holds acts only on
+// nodes of the current index.
 func (s *shard[K, V]) reset(size int) {
 	s.index.Store(newTable[K, V](min(size, minBuckets)))
 	s.root = new(node[K, V])
@@ -160,15 +152,25 @@ func (s *shard[K, V]) reset(size int) {
 // lookup returns the live entry of key, of hash h, and whether it is a hit.
 // A miss is counted, and so is a hit that took the lock (counted reports
 // which hits it counted); an expired entry is removed and counts as a miss.
+//
+// A hit marks its node read, for evict, and writes nothing else: it does
+// not move the node. It stores the mark only if it is not set yet, so
+// that hits on a node whose mark is set write nothing at all, and parallel
+// hits on different cores move no cache line between them. A hit that
+// races with evict clearing the mark may be lost, and its node evicted
+// one round early; nothing else depends on it.
 func (s *shard[K, V]) lookup(key K, h uint64, now int64) (e entry[V], hit, counted bool) {
-	t := s.index.Load()
-	if n := t.find(key, h); n != nil && now < n.e.expires {
-		return n.e, true, s.touch(t, n)
+	if n := s.index.Load().find(key, h); n != nil && now < n.e.expires {
+		if n.read.Load() == 0 {
+			n.read.Store(1)
+		}
+		return n.e, true, false
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if n := s.index.Load().find(key, h); n != nil {
 		if now < n.e.expires {
+			n.read.Store(1)
 			s.hits++
 			return n.e, true, true // stored since find
 		}
@@ -176,47 +178,6 @@ func (s *shard[K, V]) lookup(key K, h uint64, now int64) (e entry[V], hit, count
 	}
 	s.misses++
 	return entry[V]{}, false, false
-}
-
-// touch moves n, found in t, to the front of the list if it may have
-// drifted back beyond the front third of the shard's capacity: if window
-// or more nodes went to the front since n did, and the shard holds more
-// than window entries (n's position is below both). Nearer the front, a
-// move changes no eviction until the entry has drifted that far anyway; so
-// the eviction order is exact for the back two-thirds, from which entries
-// are evicted, and a hot entry moves once per window of other moves rather
-// than on every hit. A third trades a little hit ratio against an exact
-// LRU for fewer moves; BENCHMARKS.md has the hit ratios of the windows
-// tried.
-//
-// Ticks are counted modulo 2^32, and window is below 2^31, so the
-// difference is exact unless n has not moved for 2^32 ticks; then, with a
-// chance of window in 2^32, a hit takes n for recent and leaves it where
-// it is, and a later hit moves it.
-//
-// touch does not wait for the lock: if another goroutine holds it, the
-// move is left to a later hit. It reports whether it took the lock and
-// counted the hit.
-func (s *shard[K, V]) touch(t *table[K, V], n *node[K, V]) bool {
-	if s.tick.Load()-n.front.Load() < s.window || s.length.Load() <= uint64(s.window) {
-		return false
-	}
-	if !s.mu.TryLock() {
-		return false
-	}
-	// n may have left the list since it was found. If it was replaced,
-	// its replacement went to the front when it was stored, after this
-	// hit found n: it is as recent as the hit. A node that has left the
-	// list has no links; one of a flushed list still has them, but is
-	// not in the current index (t is no longer current, and a node is
-	// never linked into another index than the one it was stored in, or
-	// one grown from it).
-	if n.newer != nil && (s.index.Load() == t || s.index.Load().holds(n)) {
-		s.toFront(n)
-	}
-	s.hits++
-	s.mu.Unlock()
-	return true
 }
 
 // peek returns the live entry of key, of hash h, without touching recency,
@@ -230,11 +191,10 @@ func (s *shard[K, V]) peek(key K, h uint64, now int64) (entry[V], bool) {
 }
 
 // add stores e for key, of hash h, at the front of the list, under mu, at
-// time now, and evicts from the back until the shard is within its
-// capacity and its budget. An entry heavier than the whole budget is not
-// stored (it would evict every other entry and still not fit), and the
-// entry of key it would have replaced is removed all the same: it is
-// older.
+// time now, and evicts (see evict) until the shard is within its capacity
+// and its budget. An entry heavier than the whole budget is not stored (it
+// would evict every other entry and still not fit), and the entry of key
+// it would have replaced is removed all the same: it is older.
 func (s *shard[K, V]) add(key K, h uint64, e entry[V], now int64) {
 	if s.budget != 0 && uint64(e.weight()) > s.budget {
 		s.oversized++
@@ -252,15 +212,16 @@ func (s *shard[K, V]) add(key K, h uint64, e entry[V], now int64) {
 		s.unlist(old)
 		l--
 	} else if l > uint64(s.size) {
-		// The back is not n: the shard held size >= 1 nodes before.
-		s.unlink(s.root.newer)
+		// The shard held size >= 1 nodes before n.
+		s.evict(n)
 		s.evictions++
 		l--
 	}
-	// n is at the front and weighs at most the budget, so the shard is
-	// within it before the loop reaches n (l only makes sure).
+	// n weighs at most the budget and is never evicted, so the shard is
+	// within it once the other nodes weigh no more than the rest (l only
+	// makes sure).
 	for s.budget != 0 && s.weight > s.budget && l > 1 {
-		s.unlink(s.root.newer)
+		s.evict(n)
 		s.evictions++
 		s.weightEvictions++
 		l--
@@ -273,6 +234,45 @@ func (s *shard[K, V]) add(key K, h uint64, e entry[V], now int64) {
 		s.index.Store(idx.grow())
 	}
 }
+
+// evict removes a node other than keep from the shard, under mu, leaving
+// length to the caller; the shard holds another node than keep. It is the
+// second-chance (CLOCK) approximation of LRU: the node at the back of the
+// list is evicted unless it was read since it went to the front; if it
+// was, it goes to the front again with its mark cleared, and the next
+// node at the back is considered. So an entry is evicted once it has gone
+// the length of the list without a hit, and a hit never has to move its
+// entry: evict does the moves, on the path that stores, which takes the
+// lock anyway. On Zipf-distributed keys this keeps more hits than an
+// exact LRU (BENCHMARKS.md §4), as an entry read once in a round survives
+// the next.
+//
+// A call moves at most maxSecondChances nodes, and then evicts the node at
+// the back whether read or not: the lock is held for a bounded time even
+// when every node was read since it went to the front, and each such call
+// still clears that many marks, so that the calls after it find unread
+// nodes.
+func (s *shard[K, V]) evict(keep *node[K, V]) {
+	for chances := 0; ; {
+		b := s.root.newer
+		switch {
+		case b == keep:
+			// New, or stored since the caller began: not this
+			// store's victim.
+			s.toFront(b)
+		case b.read.Load() != 0 && chances < maxSecondChances:
+			b.read.Store(0)
+			s.toFront(b)
+			chances++
+		default:
+			s.unlink(b)
+			return
+		}
+	}
+}
+
+// maxSecondChances bounds the nodes one eviction moves (see evict).
+const maxSecondChances = 64
 
 // remove drops key, of hash h, under mu.
 func (s *shard[K, V]) remove(key K, h uint64) {
@@ -310,19 +310,16 @@ func (s *shard[K, V]) pushFront(n *node[K, V]) {
 	n.newer, n.older = s.root, s.root.older
 	n.older.newer = n
 	s.root.older = n
-	n.front.Store(s.tick.Add(1))
 }
 
 // toFront moves n, in the list, to its front, under mu.
 func (s *shard[K, V]) toFront(n *node[K, V]) {
-	if s.root.older != n {
-		n.newer.older = n.older
-		n.older.newer = n.newer
-		n.newer, n.older = s.root, s.root.older
-		n.older.newer = n
-		s.root.older = n
+	if s.root.older == n {
+		return
 	}
-	n.front.Store(s.tick.Add(1))
+	n.newer.older = n.older
+	n.older.newer = n.newer
+	s.pushFront(n)
 }
 
 // table is a hash table of nodes that one writer (the holder of the
