@@ -99,16 +99,15 @@ type shard[K comparable, V any] struct {
 	misses uint64 // guarded by mu
 	// budget is the shard's share of Options.MaxWeight, or 0 for no weight
 	// bound; immutable. weight is the sum of the weights of the shard's
-	// entries, guarded by mu, kept by add and unlink, through which every
+	// entries, guarded by mu, kept by add and unlist, through which every
 	// removal goes.
 	budget, weight uint64
 	// evictions counts the entries evicted for the capacity or the budget,
 	// weightEvictions those for the budget, and oversized the entries not
 	// stored because they weigh more than the budget. Guarded by mu.
 	evictions, weightEvictions, oversized uint64
-	// hits counts the hits that took mu anyway (to move their entry, or
-	// after missing the index); the others are in Cache.hits. Guarded by
-	// mu.
+	// hits counts the hits that took mu anyway, after missing the index
+	// (see lookup); the others are in Cache.hits. Guarded by mu.
 	hits uint64
 	// Keep the fields above, which only mu's holder writes, off the lines
 	// the hit path reads: 80 bytes, padded to 128 (two lines, for the
@@ -139,8 +138,9 @@ func (s *shard[K, V]) init(size int, budget uint64) {
 // The old nodes keep their list links, to one another and to the old
 // root, so that one of them still referenced (by a hit in flight, or a
 // Sample) keeps the others reachable until it is dropped. They are never
-// written again but for read, which only hits read: Holds acts only on
-// nodes of the current index.
+// written again but for read, which hits may still set and nothing reads
+// any more: evict and Holds act only on nodes of the current list and
+// index.
 func (s *shard[K, V]) reset(size int) {
 	s.index.Store(newTable[K, V](min(size, minBuckets)))
 	s.root = new(node[K, V])
@@ -338,8 +338,9 @@ func (s *shard[K, V]) toFront(n *node[K, V]) {
 //   - A node's next is only ever set to a node that is in the shard at
 //     that moment, and a node unlinked from the index (evicted, removed,
 //     replaced) is never written again but for its list links, which
-//     readers do not read, so that a reader standing on it still reaches
-//     the rest of the chain as it was. With the first
+//     readers do not read, and its read flag, which hits may still set
+//     and nothing reads once the node has left, so that a reader standing
+//     on it still reaches the rest of the chain as it was. With the first
 //     property, every node a reader reaches was in the shard at some
 //     instant after the reader loaded the index: a hit returns a value
 //     that was current during the lookup, never one dropped before it
