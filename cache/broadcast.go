@@ -156,10 +156,10 @@ func (c *Cache[K, V]) installRemote(h uint64, key K, e entry[V], pos uint64) boo
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c.guard.bump(h, e.version, pos)
-	old, ok := s.peek(key, now)
+	old, ok := s.peek(key, h, now)
 	switch {
 	case !ok || old.version == 0:
-		s.remove(key) // no reference: a plain invalidation
+		s.remove(key, h) // no reference: a plain invalidation
 		return false
 	case old.version > e.version:
 		return false // race 7: the cached value is newer; keep it

@@ -433,7 +433,7 @@ func TestVersionRules(t *testing.T) {
 					c.Get(ctx, "k")
 				case "evict":
 					c.shards[0].mu.Lock()
-					c.shards[0].remove("k")
+					c.shards[0].remove("k", c.hash("k"))
 					c.shards[0].mu.Unlock()
 				}
 			}

@@ -371,7 +371,7 @@ func (c *Cache[K, V]) runLoad(ctx context.Context, key K, skey string, h uint64,
 		// since it was stored would have dropped it.
 		s := c.shard(h)
 		s.mu.Lock()
-		e, ok := s.peek(key, c.now())
+		e, ok := s.peek(key, h, c.now())
 		s.mu.Unlock()
 		if ok {
 			if e.missing() {
@@ -526,7 +526,7 @@ func (c *Cache[K, V]) fill(h uint64, key K, e entry[V], tok token) {
 		c.stats.skipped.Add(1)
 		return
 	}
-	if old, ok := s.peek(key, now); ok && old.version > e.version {
+	if old, ok := s.peek(key, h, now); ok && old.version > e.version {
 		s.mu.Unlock() // race 7: never replace a newer version
 		return
 	}
@@ -559,7 +559,7 @@ func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token, pos uint6
 	// Bumping under the shard lock is enough to stop loads that read the
 	// row before this write: they check the guard under the same lock.
 	c.guard.bump(h, e.version, pos)
-	old, ok := s.peek(key, now)
+	old, ok := s.peek(key, h, now)
 	var install bool
 	switch {
 	case ok && old.version != 0 && e.version != 0 && old.version > e.version:
@@ -581,7 +581,7 @@ func (c *Cache[K, V]) install(h uint64, key K, e entry[V], tok *token, pos uint6
 		install = !c.guard.everFlushed() && high <= e.version
 	}
 	if !install {
-		s.remove(key)
+		s.remove(key, h)
 		return
 	}
 	e.expires = now + c.lifetime(e.missing())
@@ -594,8 +594,8 @@ func (c *Cache[K, V]) drop(h uint64, key K, version int64, pos uint64) {
 	c.guard.bump(h, version, pos)
 	s := c.shard(h)
 	s.mu.Lock()
-	if old, ok := s.lru.Peek(key); ok && !keeps(old.e.version, version) {
-		s.remove(key)
+	if n := s.index.Load().find(key, h); n != nil && !keeps(n.e.version, version) {
+		s.drop(n)
 	}
 	s.mu.Unlock()
 }

@@ -58,10 +58,11 @@ func (f *faults) TraceLoadEnd(ctx context.Context, _ TraceLoadEndData) {
 
 // cached reports whether c holds an entry for key.
 func cached[V any](c *Cache[string, V], key string) bool {
-	s := c.shard(c.hash(key))
+	h := c.hash(key)
+	s := c.shard(h)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.lru.Contains(key)
+	return s.index.Load().find(key, h) != nil
 }
 
 // waitErr receives one waiter's error. In a synctest bubble the timeout

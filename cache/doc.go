@@ -98,18 +98,22 @@
 //
 // # Cost
 //
-// A hit takes no lock and makes no allocation: it reads the monotonic clock
-// and a lock-free index of the shard's entries, and adds to a counter
-// striped across cores. Only an entry that has drifted out of the front
-// third of its shard's LRU is moved back to the front, under the shard's
-// lock if it is free; so parallel hits on different cores write no shared
-// cache line, and the LRU's eviction order is exact for the back
-// two-thirds, from which entries are evicted. The clock is read on every
+// A hit takes no lock, moves nothing and makes no allocation: it reads the
+// monotonic clock and a lock-free index of the shard's entries, marks its
+// entry read unless it is marked already, and adds to a counter striped
+// across cores; so parallel hits on different cores write no shared cache
+// line. Eviction approximates LRU by second chance (CLOCK): the entry at the
+// back of its shard's list is evicted unless it was read since it last went
+// to the front, and then goes to the front again, unmarked, instead; an
+// entry is evicted once it has gone the length of the list without a hit.
+// The moves are made by stores, under the shard's lock they take anyway,
+// a bounded number per store. The clock is read on every
 // lookup, not cached by a ticking goroutine, so that the staleness bound
 // holds for reads that start right after the process was stalled.
 //
-// An entry costs the LRU's node, the index's node and its bucket beside the
-// key and value (BENCHMARKS.md has the bytes per entry against golang-lru).
+// An entry costs one node, which holds the key and the value and links the
+// entry into both the shard's index and its LRU list, and a bucket of the
+// index (BENCHMARKS.md has the bytes per entry against golang-lru).
 // Memory follows the entries, not the capacity: each shard's index starts
 // small and doubles as the shard fills, and a flush shrinks it again, so
 // a capacity far above what will ever be held (math.MaxInt, say) costs

@@ -37,9 +37,9 @@ const (
 // Sample calls fn, on the calling goroutine, with up to n live entries
 // picked at random (the same entry may come twice). It is for audits and
 // diagnostics: it reads the shards' lock-free indexes, so it takes no
-// lock, moves no entry in the LRU order, counts no hit or miss and changes
-// nothing [Cache.Get] reads; each pick costs an atomic load per shard
-// and a few dozen more. Entries are picked about uniformly among those
+// lock, moves no entry in the LRU order nor marks one read, counts no hit
+// or miss and changes nothing [Cache.Get] reads; each pick costs an atomic
+// load per shard and a few dozen more. Entries are picked about uniformly among those
 // held, not by how often they are read. It finds nothing in an empty or closed Cache, and may
 // find fewer than n entries in a nearly empty one.
 //
@@ -95,11 +95,11 @@ func (c *Cache[K, V]) Holds(s Sample[K, V]) bool {
 	if s.n == nil || c.closed.Load() {
 		return false
 	}
-	sh := c.shard(s.n.hash)
+	sh := c.shard(c.hash(s.Key))
 	sh.mu.Lock()
-	cur, ok := sh.lru.Peek(s.Key)
+	ok := sh.index.Load().holds(s.n)
 	sh.mu.Unlock()
-	return ok && cur == s.n && c.now() < cur.e.expires
+	return ok && c.now() < s.n.e.expires
 }
 
 // MaxStaleness returns [Options.MaxStaleness] as in effect (the default

@@ -22,7 +22,7 @@ func TestSampleLeavesTheCacheAlone(t *testing.T) {
 	for i := range 8 {
 		mustGet(t, c, "k"+strconv.Itoa(i))
 	}
-	before, stats, loads := c.shards[0].lru.Keys(), c.Stats(), src.loads.Load()
+	before, stats, loads := c.shards[0].keys(), c.Stats(), src.loads.Load()
 	n := 0
 	for range 1000 {
 		c.Sample(3, func(Sample[string, row]) { n++ })
@@ -30,7 +30,7 @@ func TestSampleLeavesTheCacheAlone(t *testing.T) {
 	if n != 3000 {
 		t.Errorf("Sample(3, fn) 1000 times called fn %d times; want 3000", n)
 	}
-	if after := c.shards[0].lru.Keys(); !slices.Equal(after, before) {
+	if after := c.shards[0].keys(); !slices.Equal(after, before) {
 		t.Errorf("LRU order after sampling = %v; want %v", after, before)
 	}
 	if got := c.Stats(); got != stats {
@@ -42,7 +42,7 @@ func TestSampleLeavesTheCacheAlone(t *testing.T) {
 	// The oldest entry is still the one evicted.
 	src.write("k-new", "v")
 	mustGet(t, c, "k-new")
-	if _, ok := c.shards[0].lru.Peek("k0"); ok {
+	if cached(c, "k0") {
 		t.Errorf("k0, the least recently used entry, survived an eviction")
 	}
 }

@@ -3,44 +3,59 @@ package cache
 import (
 	"context"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
 )
 
-// checkShards fails t unless every shard's lock-free index holds exactly
-// the nodes of its LRU, and its length is the LRU's. A hit reads only the
-// index, so a node left in it after the LRU dropped it (an eviction, an
-// invalidation, a replaced value) would be served again: a stale read.
-// It also checks that each shard's weight is the sum of its entries'
-// weights, and within its budget: a removal that missed the weight would
-// let a shard's count drift up until it evicted everything, or down until
-// it bounded nothing.
+// checkShards fails t unless every shard's LRU list is well formed and
+// its lock-free index holds exactly the list's nodes, each under its
+// key's bucket, and its length is their number. A hit reads only the
+// index, so a node left in it after leaving the list (an eviction, an
+// invalidation, a replaced value) would be served again: a stale read;
+// and a node in the list but not in the index would be evicted in its
+// turn while no lookup could find it. It also checks that each shard's
+// weight is the sum of its entries' weights, and within its budget: a
+// removal that missed the weight would let a shard's count drift up until
+// it evicted everything, or down until it bounded nothing.
 func checkShards[K comparable, V any](t *testing.T, c *Cache[K, V]) {
 	t.Helper()
 	for i := range c.shards {
 		s := &c.shards[i]
 		s.mu.Lock()
 		idx := s.index.Load()
+		inList := make(map[*node[K, V]]bool)
+		var weight uint64
+		newer := s.root
+		for n := s.root.older; n != s.root; n = n.older {
+			if n == nil || n.newer != newer || inList[n] || len(inList) > s.size {
+				t.Errorf("shard %d: list broken after %d nodes", i, len(inList))
+				break
+			}
+			inList[n] = true
+			weight += uint64(n.e.weight())
+			h := c.hash(n.key)
+			if n.hb != uint32(h>>16) || idx.find(n.key, h) != n {
+				t.Errorf("shard %d: key %v is in the list but not in the index, or under the wrong bucket", i, n.key)
+			}
+			newer = n
+		}
+		if s.root.newer != newer {
+			t.Errorf("shard %d: the list's back is %p; want %p, the last node from the front", i, s.root.newer, newer)
+		}
 		linked := 0
 		for b := range idx.buckets {
 			for n := idx.buckets[b].Load(); n != nil; n = n.next.Load() {
 				linked++
-				if cur, ok := s.lru.Peek(n.key); !ok || cur != n {
-					t.Errorf("shard %d: key %v is in the index but the LRU holds %p (present %v), not %p", i, n.key, cur, ok, n)
-				}
-				if idx.find(n.key, n.hash) != n {
-					t.Errorf("shard %d: key %v is linked under the wrong bucket or twice", i, n.key)
+				if !inList[n] {
+					t.Errorf("shard %d: key %v is in the index but not in the list", i, n.key)
 				}
 			}
 		}
-		if l := s.lru.Len(); linked != l || s.length.Load() != uint64(l) {
-			t.Errorf("shard %d: index holds %d nodes, length says %d, the LRU %d", i, linked, s.length.Load(), l)
-		}
-		var weight uint64
-		for _, n := range s.lru.Values() {
-			weight += uint64(n.e.weight())
+		if l := len(inList); linked != l || s.length.Load() != uint64(l) || l > s.size {
+			t.Errorf("shard %d: index holds %d nodes, length says %d, the list %d, capacity %d", i, linked, s.length.Load(), l, s.size)
 		}
 		if weight != s.weight {
 			t.Errorf("shard %d: weight = %d; its entries weigh %d", i, s.weight, weight)
@@ -51,7 +66,7 @@ func checkShards[K comparable, V any](t *testing.T, c *Cache[K, V]) {
 		// The index grows with the entries: at most half full until it
 		// has a bucket per entry the shard can hold, and never larger.
 		nb := len(idx.buckets)
-		switch l := s.lru.Len(); {
+		switch l := len(inList); {
 		case nb&(nb-1) != 0 || idx.mask != uint64(nb-1):
 			t.Errorf("shard %d: index of %d buckets, mask %#x; want a power of two", i, nb, idx.mask)
 		case l > nb/2 && nb < s.size:
@@ -63,10 +78,22 @@ func checkShards[K comparable, V any](t *testing.T, c *Cache[K, V]) {
 	}
 }
 
+// keys returns the keys of s from the back of its list to the front: in
+// the order they would be evicted. It takes mu.
+func (s *shard[K, V]) keys() []K {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var ks []K
+	for n := s.root.newer; n != s.root; n = n.newer {
+		ks = append(ks, n.key)
+	}
+	return ks
+}
+
 // TestIndexMatchesLRU runs every kind of change (fills, evictions,
 // write-through, deletions, invalidations, flushes) against a small cache,
 // with readers hitting it concurrently, and checks after every round that
-// the index and the LRU hold the same nodes, and that each shard's weight
+// the index and the LRU list hold the same nodes, and that each shard's weight
 // is its entries' and within its budget. With a weight bound, evictions for
 // the budget, values too heavy to cache, and replacements by heavier or
 // lighter values join the changes.
@@ -156,7 +183,7 @@ func testIndexMatchesLRU(t *testing.T, weigher func(string, row) uint32) Stats {
 // a write of its key returned must see that write or a newer one (neither a
 // growth nor a removal after one may leave a replaced or dropped node where
 // a reader finds it), no Get may hang (a cycle in a chain), and after every
-// round the index must hold exactly the LRU's nodes (a growth must not lose
+// round the index must hold exactly the list's nodes (a growth must not lose
 // or duplicate one).
 func TestIndexGrowsUnderHits(t *testing.T) {
 	ctx := context.Background()
@@ -282,9 +309,9 @@ func TestHitsSeeCompletedWrites(t *testing.T) {
 
 // TestHotEntrySurvivesScan reads one key between inserts of ever new keys,
 // many times the capacity: the hot key must stay cached throughout. Hits
-// near the front of the LRU do not move their entry (see shard.touch); this
-// checks that an entry read often still moves before it drifts to the back
-// and is evicted.
+// do not move their entry (see shard.evict); this checks that an entry
+// read often goes to the front again when it reaches the back, rather than
+// being evicted.
 func TestHotEntrySurvivesScan(t *testing.T) {
 	var loads sync.Map
 	load := func(_ context.Context, k string) (string, error) {
@@ -306,4 +333,81 @@ func TestHotEntrySurvivesScan(t *testing.T) {
 	if st := c.Stats(); st.Entries != 100 {
 		t.Errorf("Entries = %d; want 100", st.Entries)
 	}
+}
+
+// TestEvictGivesSecondChance pins the eviction order (see shard.evict): the
+// entry at the back goes unless it was read since it went to the front; a
+// read entry goes to the front instead, with its mark cleared, so that it
+// survives one more round, and no more, without another hit. The entry a
+// store adds is never its own victim, even in a shard of one entry whose
+// other entry was read.
+func TestEvictGivesSecondChance(t *testing.T) {
+	load := func(_ context.Context, k string) (string, error) { return k, nil }
+	get := func(c *Cache[string, string], keys ...string) {
+		for _, k := range keys {
+			mustGet(t, c, k)
+		}
+	}
+	tests := []struct {
+		name     string
+		capacity int
+		gets     []string
+		want     []string // keys held, from the back of the list to the front
+	}{
+		{"unread entries go in the order stored", 3, []string{"a", "b", "c", "d", "e"}, []string{"c", "d", "e"}},
+		{"a read entry skips a round", 3, []string{"a", "b", "c", "a", "d"}, []string{"c", "d", "a"}},
+		{"then goes a round later unless read again", 3, []string{"a", "b", "c", "a", "d", "e", "f", "g"}, []string{"e", "f", "g"}},
+		{"read again, it skips another", 3, []string{"a", "b", "c", "a", "d", "e", "f", "a", "g"}, []string{"f", "g", "a"}},
+		{"every entry read: the oldest goes", 3, []string{"a", "b", "c", "a", "b", "c", "d"}, []string{"b", "c", "d"}},
+		{"a store never evicts its own entry", 1, []string{"a", "a", "b"}, []string{"b"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newTestCache(t, tt.capacity, load, &Options[string, string]{Shards: 1})
+			get(c, tt.gets...)
+			if got := c.shards[0].keys(); !slices.Equal(got, tt.want) {
+				t.Errorf("after Get of %v, the shard holds %v; want %v", tt.gets, got, tt.want)
+			}
+			checkShards(t, c)
+		})
+	}
+}
+
+// TestEvictBoundsSecondChances fills a shard with entries that were all
+// read, and stores one more: the eviction moves maxSecondChances entries
+// to the front, clearing their marks, and then evicts the next one although
+// it was read, so that one store holds the lock for a bounded time.
+func TestEvictBoundsSecondChances(t *testing.T) {
+	const size = 2 * maxSecondChances
+	load := func(_ context.Context, k string) (string, error) { return k, nil }
+	c := newTestCache(t, size, load, &Options[string, string]{Shards: 1})
+	key := func(i int) string { return "k" + strconv.Itoa(i) }
+	for range 2 { // stored, then read
+		for i := range size {
+			mustGet(t, c, key(i))
+		}
+	}
+	mustGet(t, c, "new")
+	var want []string
+	for i := maxSecondChances + 1; i < size; i++ {
+		want = append(want, key(i))
+	}
+	want = append(want, "new")
+	for i := range maxSecondChances {
+		want = append(want, key(i))
+	}
+	if got := c.shards[0].keys(); !slices.Equal(got, want) {
+		t.Fatalf("after a store into a full shard of read entries, it holds %v; want %v (%s evicted)", got, want, key(maxSecondChances))
+	}
+	for i := range size {
+		n := c.shards[0].index.Load().find(key(i), c.hash(key(i)))
+		switch {
+		case i == maxSecondChances:
+		case n == nil:
+			t.Errorf("%s is not held", key(i))
+		case (n.read.Load() == 0) != (i < maxSecondChances):
+			t.Errorf("%s is marked read: %d; want 1 for an entry the store left at the back, 0 for one it moved", key(i), n.read.Load())
+		}
+	}
+	checkShards(t, c)
 }

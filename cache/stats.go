@@ -109,7 +109,7 @@ func (c *Cache[K, V]) Stats() Stats {
 		st.Evictions += s.evictions
 		st.WeightEvictions += s.weightEvictions
 		st.Oversized += s.oversized
-		st.Entries += s.lru.Len()
+		st.Entries += int(s.length.Load())
 		st.Weight += s.weight
 		s.mu.Unlock()
 	}
