@@ -3,6 +3,7 @@ package cache
 import (
 	"math/rand/v2"
 	"time"
+	"weak"
 )
 
 // Sample is a cached entry as [Cache.Sample] found it. It refers to that
@@ -22,7 +23,11 @@ type Sample[K comparable, V any] struct {
 	// Age is how long the entry had been cached when Sample found it.
 	Age time.Duration
 
-	n *node[K, V]
+	// n is weak so that a Sample kept for a later Holds (as the auditor
+	// keeps them) does not keep its node in memory, nor through the
+	// node's list links the rest of the shard's nodes after a flush,
+	// which drops them all at once without unlinking them.
+	n weak.Pointer[node[K, V]]
 }
 
 // Limits of a pick in one shard: pickTries draws of a bucket and a slot
@@ -77,7 +82,7 @@ func (c *Cache[K, V]) Sample(n int, fn func(Sample[K, V])) {
 					Version: nd.e.version,
 					Found:   !nd.e.missing(),
 					Age:     time.Duration(max(now-nd.stored, 0)),
-					n:       nd,
+					n:       weak.Make(nd),
 				})
 				break
 			}
@@ -92,14 +97,15 @@ func (c *Cache[K, V]) Sample(n int, fn func(Sample[K, V])) {
 // value, replaced it. Holds takes the lock of the entry's shard for a
 // lookup, which does not move the entry either.
 func (c *Cache[K, V]) Holds(s Sample[K, V]) bool {
-	if s.n == nil || c.closed.Load() {
-		return false
+	n := s.n.Value()
+	if n == nil || c.closed.Load() {
+		return false // a zero Sample, or its node was collected: not held
 	}
 	sh := c.shard(c.hash(s.Key))
 	sh.mu.Lock()
-	ok := sh.index.Load().holds(s.n)
+	ok := sh.index.Load().holds(n)
 	sh.mu.Unlock()
-	return ok && c.now() < s.n.e.expires
+	return ok && c.now() < n.e.expires
 }
 
 // MaxStaleness returns [Options.MaxStaleness] as in effect (the default

@@ -3,11 +3,13 @@ package cache
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync"
 	"testing"
 	"time"
+	"weak"
 )
 
 // TestSampleLeavesTheCacheAlone guards the auditor's promise that sampling
@@ -178,4 +180,50 @@ func TestSampleDuringWrites(t *testing.T) {
 	if picked == 0 {
 		t.Errorf("Sample picked nothing in 300ms of writes")
 	}
+}
+
+// TestSampleKeepsNoFlushedEntries guards against a kept Sample (the
+// auditor keeps them for a later Holds) holding a flushed shard in memory:
+// a flush drops the shard's nodes without unlinking them from one another,
+// so a strong reference to one node would keep every node of the flushed
+// list reachable through the list links.
+func TestSampleKeepsNoFlushedEntries(t *testing.T) {
+	ctx := context.Background()
+	src := newSource()
+	c := newTestCache(t, 1000, src.load, &Options[string, row]{Shards: 1})
+	for i := range 100 {
+		k := fmt.Sprintf("k%d", i)
+		src.write(k, "v")
+		mustGet(t, c, k)
+	}
+	var s Sample[string, row]
+	c.Sample(1, func(x Sample[string, row]) { s = x })
+	var nodes []weak.Pointer[node[string, row]]
+	sh := &c.shards[0]
+	sh.mu.Lock()
+	for n := sh.root.older; n != sh.root; n = n.older {
+		nodes = append(nodes, weak.Make(n))
+	}
+	sh.mu.Unlock()
+	if len(nodes) != 100 {
+		t.Fatalf("the shard's list holds %d nodes; want 100", len(nodes))
+	}
+	if err := c.InvalidateAll(ctx); err != nil {
+		t.Fatal(err)
+	}
+	runtime.GC()
+	runtime.GC()
+	alive := 0
+	for _, w := range nodes {
+		if w.Value() != nil {
+			alive++
+		}
+	}
+	if alive != 0 {
+		t.Errorf("%d of the 100 flushed nodes are still in memory while a Sample of one is kept; want 0", alive)
+	}
+	if c.Holds(s) {
+		t.Errorf("Holds(a sample of a flushed entry) = true; want false")
+	}
+	runtime.KeepAlive(s)
 }

@@ -136,8 +136,10 @@ func (s *shard[K, V]) init(size int, budget uint64) {
 // the lock first.
 //
 // The old nodes keep their list links, to one another and to the old
-// root, so that one of them still referenced (by a hit in flight, or a
-// Sample) keeps the others reachable until it is dropped. They are never
+// root, so that one of them still referenced keeps the others reachable
+// until it is dropped: only a hit in flight holds one, for the length of
+// a lookup (a Sample refers to its node by a weak pointer, for this
+// reason: TestSampleKeepsNoFlushedEntries). They are never
 // written again but for read, which hits may still set and nothing reads
 // any more: evict and Holds act only on nodes of the current list and
 // index.
