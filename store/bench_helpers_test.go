@@ -381,8 +381,10 @@ func pgLabel(sql string) string {
 	switch {
 	case s == "begin" || s == "commit" || s == "rollback":
 		return "pg-" + s
-	case strings.HasPrefix(s, "BEGIN;"):
+	case strings.HasPrefix(s, "BEGIN;") && strings.Contains(s, ".fence("):
 		return "pg-begin+fence"
+	case strings.HasPrefix(s, "BEGIN;"):
+		return "pg-begin+skip"
 	case strings.HasPrefix(s, "PREPARE"):
 		return "pg-prepare"
 	case strings.Contains(s, "WITH f AS"):
@@ -404,7 +406,8 @@ func pgLabel(sql string) string {
 // rtNames describe the labels in the logged sequence of a write.
 var rtNames = map[string]string{
 	"pg-begin":         "BEGIN",
-	"pg-begin+fence":   "BEGIN; EXECUTE fence (one simple query)",
+	"pg-begin+fence":   "BEGIN; SET LOCAL skip; SELECT fence(…) (one simple query)",
+	"pg-begin+skip":    "BEGIN; SET LOCAL skip (one simple query)",
 	"pg-fence":         "fence + set_config (one SELECT)",
 	"pg-set_config":    "set_config (SELECT)",
 	"pg-fn":            "the user function's statement",
