@@ -11,6 +11,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/internal/piggyback"
 )
 
 // Streams is a [cache.Bus] over a Redis stream: publications are XADDed
@@ -142,7 +143,9 @@ func (b *Streams) xadd(ctx context.Context, p redis.Cmdable, field string, value
 
 // send implements transport: it adds msgs to the stream in order, with one
 // XADD, or a pipeline on one connection, which Redis executes in order.
-func (b *Streams) send(ctx context.Context, msgs [][]byte) error {
+//
+// It boards no rider: they stay with their owners.
+func (b *Streams) send(ctx context.Context, msgs [][]byte, _ []*piggyback.Rider) error {
 	if len(msgs) == 1 {
 		return b.xadd(ctx, b.client, fieldMessage, msgs[0]).Err()
 	}
