@@ -75,7 +75,7 @@ type redisNode struct {
 	locks *lockguard.Guard
 }
 
-func (e *env) redisNode(t *testing.T, busClient, lockClient *redis.Client) *redisNode {
+func (e *env) redisNode(t *testing.T, busClient, lockClient redis.UniversalClient) *redisNode {
 	t.Helper()
 	n := &redisNode{}
 	var err error
@@ -198,4 +198,26 @@ func TestWriteReleasesAfterAScriptFlush(t *testing.T) {
 	if st := a.s.Stats(); st.PublishFailures != 0 {
 		t.Errorf("PublishFailures = %d; want 0", st.PublishFailures)
 	}
+}
+
+// TestWriteOnRedisCluster: on a Redis Cluster the lock and the channel live
+// in different slots, so the bus does not take the release: it goes in a
+// round trip of its own, and the write works as before.
+func TestWriteOnRedisCluster(t *testing.T) {
+	e := newEnv(t)
+	rc := testenv.ClusterClient(t)
+	testenv.DeleteClusterKeys(t, rc, e.prefix)
+	trips := &rdTrips{}
+	rc.AddHook(trips)
+	a := e.redisNode(t, rc, rc)
+	b := e.redisNode(t, testenv.ClusterClient(t), testenv.ClusterClient(t))
+	nop := func(string) {}
+	writeBoth(t, e, a, b, "k", nop, nop) // loads the scripts where they run
+	writeBoth(t, e, a, b, "k", func(string) { trips.take() }, func(what string) {
+		got := trips.take()
+		want := []string{"rd-acquire", "rd-publish", "rd-release"}
+		if !slices.Equal(got, want) {
+			t.Errorf("%s: round trips to Redis = %q; want %q", what, got, want)
+		}
+	})
 }
