@@ -43,9 +43,10 @@ type Lock struct {
 	releasedOK bool        // the release script ran: the key is not ours any more
 	lostClosed bool
 
-	ride         *piggyback.Rider // set by ReleaseOnPublish
-	rideErr      error            // the outcome of a release a bus sent
-	rideReported bool             // Release has returned rideErr
+	onLose       func(cause error) // WithLock's cancellation of its function's context; see lostNow
+	ride         *piggyback.Rider  // set by ReleaseOnPublish
+	rideErr      error             // the outcome of a release a bus sent
+	rideReported bool              // Release has returned rideErr
 }
 
 func (g *Guard) newLock(name string, keys lockKeys, value string, token int64, begin time.Time) *Lock {
@@ -171,7 +172,7 @@ func (l *Lock) extend(ctx context.Context, ttl time.Duration) error {
 	}
 	l.mu.Unlock()
 	if lostNow {
-		l.logLost()
+		l.lostNow()
 	}
 	return err
 }
@@ -361,7 +362,7 @@ func (l *Lock) leaseRanOut() {
 	}
 	l.mu.Unlock()
 	if lostNow {
-		l.logLost()
+		l.lostNow()
 	}
 }
 
@@ -401,10 +402,28 @@ func (l *Lock) setDeadlineLocked(end time.Time) {
 	l.lease.Reset(time.Until(end))
 }
 
-// logLost logs the loss; it runs without l.mu held, because the Logger's
-// handler is user code.
-func (l *Lock) logLost() {
-	l.g.log.Warn("lockguard: lock lost", "lock", l.name, "token", l.token, "cause", l.lossCause())
+// lostNow reports a loss that just happened: it cancels the context of
+// WithLock's function (see onLose), then logs the loss. It runs without
+// l.mu held, because the Logger's handler is user code.
+func (l *Lock) lostNow() {
+	l.mu.Lock()
+	onLose, cause := l.onLose, l.cause
+	l.mu.Unlock()
+	if onLose != nil {
+		onLose(cause)
+	}
+	l.g.log.Warn("lockguard: lock lost", "lock", l.name, "token", l.token, "cause", cause)
+}
+
+// setOnLose makes f be called with the cause when the lock is lost from
+// now on (nil: nothing is called), and reports whether the lock is still
+// held; if it was lost already, f is not called and the caller acts on
+// the loss itself.
+func (l *Lock) setOnLose(f func(cause error)) (held bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.onLose = f
+	return l.cause == nil
 }
 
 // lossCause returns why the lock was lost, or nil if it was not lost

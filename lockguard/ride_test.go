@@ -3,6 +3,8 @@ package lockguard
 import (
 	"context"
 	"errors"
+	"runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -182,4 +184,24 @@ func (h *releaseHook) reset() {
 	h.mu.Lock()
 	h.alone, h.piped = 0, 0
 	h.mu.Unlock()
+}
+
+// TestWithLockStartsNoGoroutine: WithLock's function runs with no
+// goroutine of WithLock's beside it (it used to start one per call to
+// wait for Lost); a lock lost during fn still cancels fn's context (see
+// TestWithLock), from the lease timer or the watchdog.
+func TestWithLockStartsNoGoroutine(t *testing.T) {
+	c := newClient(t, nil)
+	g := newGuard(t, c, testPrefix(t, c), nil)
+	err := g.WithLock(t.Context(), "a", func(context.Context, *Lock) error {
+		buf := make([]byte, 1<<20)
+		stacks := string(buf[:runtime.Stack(buf, true)])
+		if strings.Contains(stacks, "created by github.com/coherentcache/coherent/lockguard.(*Guard).WithLock") {
+			t.Errorf("a goroutine of WithLock runs beside fn:\n%s", stacks)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
