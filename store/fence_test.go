@@ -223,3 +223,23 @@ func TestFenceLocksBeforeTheBody(t *testing.T) {
 		t.Errorf("row = %+v; want 11: B's read-modify-write after A's", it)
 	}
 }
+
+// TestFenceWithoutMigration: a lock-guarded write against a schema that
+// predates the fence function (migration 0003 not run) fails, before fn
+// runs, with an error that names the fix.
+func TestFenceWithoutMigration(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	if _, err := e.pool.Exec(ctx, `DROP FUNCTION `+pgx.Identifier{e.schema}.Sanitize()+`.fence(bytea, bigint)`); err != nil {
+		t.Fatal(err)
+	}
+	s := e.store(nil)
+	ran := false
+	_, err := NewTable(s, e.node(s), nil).Update(ctx, "k", func(ctx context.Context, tx pgx.Tx) (cache.Change[item], error) {
+		ran = true
+		return e.put("k", "v")(ctx, tx)
+	})
+	if err == nil || !strings.Contains(err.Error(), "run store.Migrate") || ran {
+		t.Errorf("Update without the fence function = %v (fn ran: %v); want an error naming Migrate, before fn", err, ran)
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -49,6 +50,10 @@ func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, d
 			// ends the aborted transaction.
 			stored, _ := strconv.ParseInt(pgErr.Detail, 10, 64)
 			return 0, 0, &FenceError{Lock: l.Name(), Token: l.Token(), Stored: stored}
+		}
+		if l != nil && errors.As(err, &pgErr) && pgErr.Code == "42883" && strings.Contains(pgErr.Message, ".fence(") {
+			// undefined_function: the schema predates migration 0003.
+			return 0, 0, fmt.Errorf("store: begin: the schema %q lacks the fence function; run store.Migrate: %w", s.schema, err)
 		}
 		return 0, 0, fmt.Errorf("store: begin: %w", translate(err))
 	}
