@@ -66,23 +66,46 @@ func (h *rdTrips) take() []string {
 	return t
 }
 
-// redisNode is a node of the env on a real Redis: a pub/sub bus on busClient
-// (the env's prefix), a lock guard on lockClient, a Store and a cache.
+// redisBus is what a test needs of a Redis bus of package invalidate.
+type redisBus interface {
+	cache.Bus
+	Publisher
+	Stats() invalidate.Stats
+	Close() error
+}
+
+// redisNode is a node of the env on a real Redis: a bus on busClient (the
+// env's prefix; pub/sub unless streams), a lock guard on lockClient, a
+// Store and a cache.
 type redisNode struct {
 	s     *Store
 	c     *cache.Cache[string, item]
-	bus   *invalidate.PubSub
+	bus   redisBus
 	locks *lockguard.Guard
 }
 
 func (e *env) redisNode(t *testing.T, busClient, lockClient redis.UniversalClient) *redisNode {
 	t.Helper()
-	n := &redisNode{}
-	var err error
-	n.bus, err = invalidate.NewPubSub(busClient, &invalidate.PubSubOptions{Channel: e.prefix + "invalidations"})
+	bus, err := invalidate.NewPubSub(busClient, &invalidate.PubSubOptions{Channel: e.prefix + "invalidations"})
 	if err != nil {
 		t.Fatal(err)
 	}
+	return e.redisNodeOn(t, bus, lockClient)
+}
+
+func (e *env) streamsNode(t *testing.T, busClient, lockClient redis.UniversalClient) *redisNode {
+	t.Helper()
+	bus, err := invalidate.NewStreams(busClient, &invalidate.StreamsOptions{Stream: e.prefix + "stream"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e.redisNodeOn(t, bus, lockClient)
+}
+
+func (e *env) redisNodeOn(t *testing.T, bus redisBus, lockClient redis.UniversalClient) *redisNode {
+	t.Helper()
+	n := &redisNode{bus: bus}
+	var err error
 	t.Cleanup(func() { n.bus.Close() })
 	n.locks, err = lockguard.New(lockClient, &lockguard.Options{Prefix: e.prefix + "lock:", TTL: 5 * time.Second})
 	if err != nil {
@@ -142,10 +165,11 @@ func writeBoth(t *testing.T, e *env, a, b *redisNode, key string, before, check 
 	}
 }
 
-// TestWriteReleasesWithItsPublication: when the bus and the lock guard
-// share a client on one Redis server, a lock-guarded write makes two round
-// trips to Redis: the acquisition, and the publication with the release in
-// one pipeline. (It made three, the release alone after the publication.)
+// TestWriteReleasesWithItsPublication: when the bus (pub/sub or Streams)
+// and the lock guard share a client on one Redis server, a lock-guarded
+// write makes two round trips to Redis: the acquisition, and the
+// publication with the release in one pipeline. (It made three, the
+// release alone after the publication.)
 // With the guard on a client of its own the release goes alone, as
 // before. Either way the lock is free afterwards and the other node sees
 // the write.
@@ -161,6 +185,17 @@ func TestWriteReleasesWithItsPublication(t *testing.T) {
 		writeBoth(t, e, a, b, "k1", func(string) { trips.take() }, func(what string) {
 			got := trips.take()
 			want := []string{"rd-acquire", "rd-publish+rd-release"}
+			if !slices.Equal(got, want) {
+				t.Errorf("%s: round trips to Redis = %q; want %q", what, got, want)
+			}
+		})
+	})
+	t.Run("streams", func(t *testing.T) {
+		a := e.streamsNode(t, rdb, rdb)
+		b := e.streamsNode(t, testenv.Redis(t), testenv.Redis(t))
+		writeBoth(t, e, a, b, "k3", func(string) { trips.take() }, func(what string) {
+			got := trips.take()
+			want := []string{"rd-acquire", "rd-xadd+rd-release"}
 			if !slices.Equal(got, want) {
 				t.Errorf("%s: round trips to Redis = %q; want %q", what, got, want)
 			}
