@@ -249,9 +249,10 @@ func (l *Lock) Release(ctx context.Context) error {
 }
 
 // ReleaseOnPublish returns a copy of ctx with which the next publication
-// through a pub/sub bus of package invalidate (invalidate.PubSub, or a
-// cache on it) also releases l, in the same round trip: the bus sends the
-// release in the pipeline of its publication, right after it. Package
+// through a Redis bus of package invalidate (invalidate.PubSub or
+// invalidate.Streams, directly or through a cache on it) also releases l,
+// in the same round trip: the bus sends the release in the pipeline of its
+// publication, right after it. Package
 // store uses it after a write's commit, so that the write's invalidation
 // and the lock's release cost one round trip instead of two.
 //

@@ -44,8 +44,8 @@
 // simple query (so it works behind poolers in transaction mode, in every
 // pgx QueryExecMode); the statement; the outbox upsert pipelined with
 // COMMIT; and the publication, with the lock's release in the same
-// pipeline when the bus is an invalidate.PubSub on the lock guard's own
-// client to one Redis server (lockguard's Lock.ReleaseOnPublish; on a
+// pipeline when the bus is a Redis bus of package invalidate (PubSub or
+// Streams) on the lock guard's own client to one Redis server (lockguard's Lock.ReleaseOnPublish; on a
 // Cluster, or with separate clients, the release is a sixth). An
 // optimistic write makes the Postgres three and the publication.
 //

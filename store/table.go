@@ -100,8 +100,8 @@ func (t *Table[K, V]) Capture(ctx context.Context) error {
 //     value) through the cache's bus (G2), only now that the commit
 //     returned; delete the outbox row;
 //  6. release the lock (in the round trip of step 5's publication when the
-//     cache's bus is an invalidate.PubSub on the lock guard's client to
-//     one Redis server; see the package documentation).
+//     cache's bus is a Redis bus of package invalidate on the lock
+//     guard's client to one Redis server; see the package documentation).
 //
 // Writers of one key are serialised across nodes, and one whose lock
 // expired while it stalled cannot commit (G6). If the bus does not take the

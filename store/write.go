@@ -84,7 +84,7 @@ func (s *Store) guarded(ctx context.Context, ns, key string, locked bool, body f
 // releaseOnPublish returns a copy of ctx, the context of a write's
 // publication, with which the publication also releases l, in the same
 // round trip, where the bus can send both together (lockguard's
-// Lock.ReleaseOnPublish: a pub/sub bus of package invalidate on the lock
+// Lock.ReleaseOnPublish: a Redis bus of package invalidate on the lock
 // guard's own client, one server). The lock guard's release after the
 // publication (Guard.WithLock) then only collects the outcome. Nothing
 // else is published with ctx, and the publication comes after the commit,

@@ -2,7 +2,7 @@
 // publication, so that the two cost one round trip. Package lockguard
 // makes a lock's release a [Rider] ([lockguard.Lock.ReleaseOnPublish]),
 // package store puts it in the context of the publication that follows a
-// commit, and the pub/sub bus of package invalidate sends it right after
+// commit, and the Redis buses of package invalidate send it right after
 // the publication, in the same pipeline, when both go through the same
 // client to one server.
 //
