@@ -61,10 +61,15 @@ func (r *Rider) Done() <-chan struct{} { return r.done }
 
 // Board queues r's commands in p if r was still free and must go through
 // client, and returns the function to call after p was executed; otherwise
-// it returns nil and leaves r alone. A bus calls it only for a pipeline
-// that it executes right after, on one server, after its publication.
+// it returns nil and leaves r alone. A bus calls it only for a pipeline of
+// client that it executes right after its publication. Only a
+// *redis.Client (one server, or Sentinel's master) qualifies: a pipeline
+// of a ClusterClient may go to several nodes at once, in no order, and a
+// client of another type may not even be comparable.
 func (r *Rider) Board(ctx context.Context, client redis.UniversalClient, p redis.Pipeliner) (finish func()) {
-	if r.client != client || !r.taken.CompareAndSwap(false, true) {
+	mine, ok1 := r.client.(*redis.Client)
+	theirs, ok2 := client.(*redis.Client)
+	if !ok1 || !ok2 || mine != theirs || !r.taken.CompareAndSwap(false, true) {
 		return nil
 	}
 	f := r.queue(ctx, p)
