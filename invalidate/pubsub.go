@@ -133,6 +133,11 @@ func (b *PubSub) Subscribe(namespace string, h cache.Handler, maxStaleness time.
 // through its [cache.Subscription]. ctx bounds the wait. Publish returns
 // the error of sending, ctx.Err(), an error for which errors.Is(err,
 // cache.ErrInvalidKey) is true for an empty or too long key, or ErrClosed.
+//
+// If ctx carries a lock's release (lockguard's Lock.ReleaseOnPublish) of a
+// lock guard on this bus's own *redis.Client, the bus sends the release
+// in the same pipeline as the publication, right after it; so does a
+// cache's publication through its Subscription.
 func (b *PubSub) Publish(ctx context.Context, namespace string, keys []cache.Invalidation) error {
 	return b.hub.publish(ctx, nil, namespace, keys)
 }

@@ -252,9 +252,9 @@ func (l *Lock) Release(ctx context.Context) error {
 // through a Redis bus of package invalidate (invalidate.PubSub or
 // invalidate.Streams, directly or through a cache on it) also releases l,
 // in the same round trip: the bus sends the release in the pipeline of its
-// publication, right after it. Package
-// store uses it after a write's commit, so that the write's invalidation
-// and the lock's release cost one round trip instead of two.
+// publication, right after it. Package store uses it after a write's
+// commit, so that the write's invalidation and the lock's release cost one
+// round trip instead of two.
 //
 // The bus takes the release only when it publishes through the Guard's
 // own client (the same *redis.Client value, so one server); on a Redis
