@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/internal/piggyback"
 )
 
 // batcher gathers publications into batches, one per namespace, and hands
@@ -25,11 +26,12 @@ import (
 type batcher struct {
 	window  time.Duration
 	maxKeys int
-	send    func(ctx context.Context, batches []*nsBatch) error
+	send    func(ctx context.Context, batches []*nsBatch, riders []*piggyback.Rider) error
 	wake    chan struct{} // capacity 1: a call arrived
 
-	mu       sync.Mutex // guards the fields below
-	pending  []*nsBatch // in order of first publication
+	mu       sync.Mutex         // guards the fields below
+	pending  []*nsBatch         // in order of first publication
+	riders   []*piggyback.Rider // of the calls in pending, sent after them if the transport can
 	byNS     map[string]*nsBatch
 	nkeys    int       // keys in pending, a flush counting as one
 	calls    int       // Publish calls waiting for round
@@ -55,14 +57,15 @@ type nsBatch struct {
 	index     map[string]int       // key → index in keys, once keys is long
 }
 
-func newBatcher(window time.Duration, maxKeys int, send func(context.Context, []*nsBatch) error) *batcher {
+func newBatcher(window time.Duration, maxKeys int, send func(context.Context, []*nsBatch, []*piggyback.Rider) error) *batcher {
 	return &batcher{window: window, maxKeys: maxKeys, send: send, wake: make(chan struct{}, 1), byNS: make(map[string]*nsBatch)}
 }
 
 // publish adds keys (nil: a flush) of namespace to the next round and waits
 // for it to be sent. If ctx ends first it returns ctx.Err(); the keys are
-// sent with their round all the same.
-func (b *batcher) publish(ctx context.Context, namespace string, keys []cache.Invalidation) error {
+// sent with their round all the same. A Rider r (nil: none) goes with the
+// round, after its messages, if the transport can send it so.
+func (b *batcher) publish(ctx context.Context, namespace string, keys []cache.Invalidation, r *piggyback.Rider) error {
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
@@ -84,11 +87,14 @@ func (b *batcher) publish(ctx context.Context, namespace string, keys []cache.In
 	case !nb.flush:
 		b.nkeys += nb.add(keys)
 	}
+	if r != nil {
+		b.riders = append(b.riders, r)
+	}
 	if b.round == nil {
 		b.round = &round{done: make(chan struct{})}
 		b.oldest = time.Now()
 	}
-	r := b.round
+	rd := b.round
 	b.calls++
 	// While a round is being sent, run looks for the next one when the
 	// send returns; only an idle (or lingering) batcher needs waking.
@@ -104,8 +110,8 @@ func (b *batcher) publish(ctx context.Context, namespace string, keys []cache.In
 		}
 	}
 	select {
-	case <-r.done:
-		return r.err
+	case <-rd.done:
+		return rd.err
 	case <-ctx.Done():
 		return ctx.Err()
 	}
@@ -203,14 +209,14 @@ func (b *batcher) run(ctx context.Context) {
 				continue
 			}
 		}
-		batches, r := b.pending, b.round
+		batches, riders, r := b.pending, b.riders, b.round
 		b.burst = b.calls > 1
-		b.pending, b.round, b.nkeys, b.calls = nil, nil, 0, 0
+		b.pending, b.riders, b.round, b.nkeys, b.calls = nil, nil, nil, 0, 0
 		clear(b.byNS)
 		b.sending = true
 		b.mu.Unlock()
 
-		err := b.send(ctx, batches)
+		err := b.send(ctx, batches, riders)
 
 		b.mu.Lock()
 		b.sending = false
@@ -226,7 +232,7 @@ func (b *batcher) close() {
 	b.mu.Lock()
 	b.closed = true
 	r := b.round
-	b.pending, b.round = nil, nil
+	b.pending, b.riders, b.round = nil, nil, nil
 	b.mu.Unlock()
 	if r != nil {
 		r.err = ErrClosed

@@ -14,14 +14,18 @@ import (
 
 	"github.com/coherentcache/coherent/cache"
 	"github.com/coherentcache/coherent/internal/backoff"
+	"github.com/coherentcache/coherent/internal/piggyback"
 )
 
 // transport is what a Redis bus does through Redis; the hub does the rest.
 // PubSub and Streams implement it.
 type transport interface {
 	// send sends one round of messages, in order, and returns once Redis
-	// has acknowledged them. It runs on the batcher goroutine only.
-	send(ctx context.Context, msgs [][]byte) error
+	// has acknowledged them. It may send riders after them, in the same
+	// pipeline (see package piggyback), boarding each, and must then finish
+	// them before it returns; those it does not board stay with their
+	// owners. It runs on the batcher goroutine only.
+	send(ctx context.Context, msgs [][]byte, riders []*piggyback.Rider) error
 	// run is the reader: it receives what the other nodes publish and
 	// hands it to the hub (receive, reject), proves the link (prove) and
 	// reports its losses (linkLost, retry) until ctx ends. It returns once
@@ -245,12 +249,12 @@ func (h *hub) publish(ctx context.Context, from *subscription, namespace string,
 			s.deliver(keys, len(keys) == 0)
 		}
 	}
-	return h.batch.publish(ctx, namespace, keys)
+	return h.batch.publish(ctx, namespace, keys, piggyback.From(ctx))
 }
 
 // sendBatches encodes batches into messages and has the transport send
 // them, in order. It runs on the batcher goroutine only.
-func (h *hub) sendBatches(ctx context.Context, batches []*nsBatch) error {
+func (h *hub) sendBatches(ctx context.Context, batches []*nsBatch, riders []*piggyback.Rider) error {
 	buf := h.buf[:0]
 	var ends []int
 	var nkeys int
@@ -283,7 +287,7 @@ func (h *hub) sendBatches(ctx context.Context, batches []*nsBatch) error {
 		msgs[i] = buf[start:end:end]
 		start = end
 	}
-	err := h.t.send(ctx, msgs)
+	err := h.t.send(ctx, msgs, riders)
 	if cap(buf) <= 4*MaxMessageSize {
 		h.buf = buf
 	}

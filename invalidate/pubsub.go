@@ -12,6 +12,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/internal/piggyback"
 )
 
 // How go-redis's PubSub reconnects, reads and routes, which the code below
@@ -132,6 +133,11 @@ func (b *PubSub) Subscribe(namespace string, h cache.Handler, maxStaleness time.
 // through its [cache.Subscription]. ctx bounds the wait. Publish returns
 // the error of sending, ctx.Err(), an error for which errors.Is(err,
 // cache.ErrInvalidKey) is true for an empty or too long key, or ErrClosed.
+//
+// If ctx carries a lock's release (lockguard's Lock.ReleaseOnPublish) of a
+// lock guard on this bus's own *redis.Client, the bus sends the release
+// in the same pipeline as the publication, right after it; so does a
+// cache's publication through its Subscription.
 func (b *PubSub) Publish(ctx context.Context, namespace string, keys []cache.Invalidation) error {
 	return b.hub.publish(ctx, nil, namespace, keys)
 }
@@ -200,21 +206,68 @@ func (b *PubSub) runScript(ctx context.Context, channel string, payloads ...any)
 const scriptBytes = 4 * MaxMessageSize
 
 // send implements transport: it publishes a round's messages, in order, in
-// one script call, or a few in a row for a large round.
-func (b *PubSub) send(ctx context.Context, msgs [][]byte) error {
+// one script call, or a few in a row for a large round. On a single server
+// (not a cluster), riders whose client is the bus's own go in the
+// pipeline of the last call, after it: one round trip for both.
+//
+// Publication first, riders after: Redis runs a pipeline's commands in
+// order, so a lock released this way is free only once the invalidation of
+// the write it guarded has been published, as with two round trips in a
+// row; the next holder's invalidations follow it on the channel. Should
+// Redis answer NOSCRIPT to the publication (it lost its scripts), the
+// riders have run before it, and the publication follows one round trip
+// later: the release then precedes the invalidation, which costs nothing
+// either. The writer returns only after both; an invalidation is
+// idempotent and the caches order values by version (DESIGN race 7),
+// whatever order two writers' messages arrive in; and the fence in
+// Postgres, not the lock, decides which writer commits (race 6).
+func (b *PubSub) send(ctx context.Context, msgs [][]byte, riders []*piggyback.Rider) error {
 	payloads := make([]any, 0, len(msgs))
 	size := 0
 	for i, m := range msgs {
 		payloads = append(payloads, m)
 		size += len(m)
 		if i == len(msgs)-1 || size+len(msgs[i+1]) > scriptBytes {
-			if err := b.runScript(ctx, b.channel, payloads...); err != nil {
+			var err error
+			if i == len(msgs)-1 && len(riders) > 0 && b.cluster == nil {
+				err = b.runScriptWith(ctx, b.channel, payloads, riders)
+			} else {
+				err = b.runScript(ctx, b.channel, payloads...)
+			}
+			if err != nil {
 				return err
 			}
 			payloads, size = payloads[:0], 0
 		}
 	}
 	return nil
+}
+
+// runScriptWith is runScript in a pipeline with the riders it can board
+// after it.
+func (b *PubSub) runScriptWith(ctx context.Context, channel string, payloads []any, riders []*piggyback.Rider) error {
+	pipe := b.client.Pipeline()
+	keys := []string{channel}
+	pub := publishScript.EvalSha(ctx, pipe, keys, payloads...)
+	var finish []func()
+	for _, r := range riders {
+		if f := r.Board(ctx, b.client, pipe); f != nil {
+			finish = append(finish, f)
+		}
+	}
+	if len(finish) == 0 {
+		pipe.Discard()
+		return b.runScript(ctx, channel, payloads...)
+	}
+	_, _ = pipe.Exec(ctx) // each command carries its own error
+	err := pub.Err()
+	if err != nil && redis.HasErrorPrefix(err, "NOSCRIPT") {
+		err = b.runScript(ctx, channel, payloads...)
+	}
+	for _, f := range finish {
+		f()
+	}
+	return err
 }
 
 // run implements transport: it runs the reader, the proof goroutine and

@@ -16,6 +16,7 @@ import (
 
 	"github.com/coherentcache/coherent/cache"
 	"github.com/coherentcache/coherent/internal/faultproxy"
+	"github.com/coherentcache/coherent/internal/piggyback"
 	"github.com/coherentcache/coherent/internal/testenv"
 	"github.com/coherentcache/coherent/invalidate/invalidatetest"
 )
@@ -747,5 +748,5 @@ func TestStalenessBound(t *testing.T) {
 // a hub on its own.
 type idleTransport struct{}
 
-func (idleTransport) send(context.Context, [][]byte) error { return nil }
-func (idleTransport) run(ctx context.Context)              { <-ctx.Done() }
+func (idleTransport) send(context.Context, [][]byte, []*piggyback.Rider) error { return nil }
+func (idleTransport) run(ctx context.Context)                                  { <-ctx.Done() }

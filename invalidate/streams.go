@@ -11,6 +11,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/coherentcache/coherent/cache"
+	"github.com/coherentcache/coherent/internal/piggyback"
 )
 
 // Streams is a [cache.Bus] over a Redis stream: publications are XADDed
@@ -141,8 +142,34 @@ func (b *Streams) xadd(ctx context.Context, p redis.Cmdable, field string, value
 }
 
 // send implements transport: it adds msgs to the stream in order, with one
-// XADD, or a pipeline on one connection, which Redis executes in order.
-func (b *Streams) send(ctx context.Context, msgs [][]byte) error {
+// XADD, or a pipeline on one connection, which Redis executes in order. On
+// a single server, riders whose client is the bus's own go in the same
+// pipeline, after the XADDs, as with PubSub (see its send for why that
+// order, and why the other would do too).
+func (b *Streams) send(ctx context.Context, msgs [][]byte, riders []*piggyback.Rider) error {
+	if _, cluster := b.client.(*redis.ClusterClient); len(riders) > 0 && !cluster {
+		pipe := b.client.Pipeline()
+		adds := make([]*redis.StringCmd, len(msgs))
+		for i, m := range msgs {
+			adds[i] = b.xadd(ctx, pipe, fieldMessage, m)
+		}
+		var finish []func()
+		for _, r := range riders {
+			if f := r.Board(ctx, b.client, pipe); f != nil {
+				finish = append(finish, f)
+			}
+		}
+		_, _ = pipe.Exec(ctx) // each command carries its own error
+		for _, f := range finish {
+			f()
+		}
+		for _, c := range adds {
+			if err := c.Err(); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	if len(msgs) == 1 {
 		return b.xadd(ctx, b.client, fieldMessage, msgs[0]).Err()
 	}

@@ -161,7 +161,11 @@
 //
 // A lock with a watchdog has one goroutine, which Release stops and waits
 // for: no goroutine of a lock outlives Release, and no renewal can follow
-// the release. The first Acquire of a Guard that has to wait starts the
+// a release that Release sends. (A release that a bus sends for
+// [Lock.ReleaseOnPublish] stops renewals without waiting for one in
+// flight, which then finds the key gone or another owner's and changes
+// nothing.) [Guard.WithLock] starts no goroutine: a lock lost while fn
+// runs cancels fn's context from the lease timer or the watchdog. The first Acquire of a Guard that has to wait starts the
 // Guard's notification goroutine, with its pub/sub connection;
 // [Guard.Close] stops it and waits for it. A Guard that never waited owns
 // no goroutine. Contexts bound waits and round trips. Without [redis.Options.ContextTimeoutEnabled], go-redis

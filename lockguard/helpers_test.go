@@ -17,7 +17,7 @@ import (
 )
 
 // TestMain fails the run if any goroutine (a watchdog, a lease timer, a
-// WithLock watcher) is still alive after the tests: no goroutine may
+// Guard's notifier) is still alive after the tests: no goroutine may
 // outlive Release.
 func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)

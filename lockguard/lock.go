@@ -6,6 +6,10 @@ import (
 	"fmt"
 	"sync"
 	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/coherentcache/coherent/internal/piggyback"
 )
 
 // Lock is one acquisition of a named lock. It is safe for concurrent use,
@@ -35,9 +39,14 @@ type Lock struct {
 	deadline   time.Time   // local end of the lease, on the monotonic clock
 	lease      *time.Timer // declares the lock lost at deadline
 	cause      error       // why the lock was lost; nil while held and after a Release
-	released   bool        // Release was called
+	released   bool        // Release was called, or a bus took the release
 	releasedOK bool        // the release script ran: the key is not ours any more
 	lostClosed bool
+
+	onLose       func(cause error) // WithLock's cancellation of its function's context; see lostNow
+	ride         *piggyback.Rider  // set by ReleaseOnPublish
+	rideErr      error             // the outcome of a release a bus sent
+	rideReported bool              // Release has returned rideErr
 }
 
 func (g *Guard) newLock(name string, keys lockKeys, value string, token int64, begin time.Time) *Lock {
@@ -163,7 +172,7 @@ func (l *Lock) extend(ctx context.Context, ttl time.Duration) error {
 	}
 	l.mu.Unlock()
 	if lostNow {
-		l.logLost()
+		l.lostNow()
 	}
 	return err
 }
@@ -188,6 +197,26 @@ func (l *Lock) Release(ctx context.Context) error {
 	if l.stopWatch != nil {
 		l.stopWatch()
 		<-l.watchDone
+	}
+	l.mu.Lock()
+	r := l.ride
+	l.mu.Unlock()
+	if r != nil && !r.Take() {
+		// A bus sends the release (ReleaseOnPublish): report its
+		// outcome, once. After a failure the script below runs again.
+		select {
+		case <-r.Done():
+		case <-ctx.Done():
+			return fmt.Errorf("lockguard: release %s: %w", quoteName(l.name), ctx.Err())
+		}
+		l.mu.Lock()
+		if !l.rideReported {
+			l.rideReported = true
+			err := l.rideErr
+			l.mu.Unlock()
+			return err
+		}
+		l.mu.Unlock()
 	}
 	l.opMu.Lock()
 	defer l.opMu.Unlock()
@@ -217,6 +246,73 @@ func (l *Lock) Release(ctx context.Context) error {
 		return fmt.Errorf("%w: %s: at release the lock was gone or taken by another owner", ErrNotHeld, quoteName(l.name))
 	}
 	return nil
+}
+
+// ReleaseOnPublish returns a copy of ctx with which the next publication
+// through a Redis bus of package invalidate (invalidate.PubSub or
+// invalidate.Streams, directly or through a cache on it) also releases l,
+// in the same round trip: the bus sends the release in the pipeline of its
+// publication, right after it. Package store uses it after a write's
+// commit, so that the write's invalidation and the lock's release cost one
+// round trip instead of two.
+//
+// The bus takes the release only when it publishes through the Guard's
+// own client (the same *redis.Client value, so one server); on a Redis
+// Cluster, where the lock and the channel live in different slots, or on
+// another bus, the release stays with the holder. Either way, call
+// [Lock.Release] (or let [Guard.WithLock] call it) after the publication:
+// if no bus took the release it releases as always; if one did, it waits,
+// bounded by its ctx, for the outcome of that release and returns what it
+// would have returned. Once a bus takes the release, the lock counts as
+// released: [Lock.Lost] is closed, renewals stop and Extend fails.
+//
+// Call it only when the critical section is over except for the
+// publication: the release may follow that publication at once.
+func (l *Lock) ReleaseOnPublish(ctx context.Context) context.Context {
+	l.mu.Lock()
+	if l.ride == nil {
+		l.ride = piggyback.New(l.g.client, l.queueRelease)
+	}
+	r := l.ride
+	l.mu.Unlock()
+	return piggyback.With(ctx, r)
+}
+
+// queueRelease is the Rider of ReleaseOnPublish: it ends the lock as
+// Release does, without waiting for the watchdog's goroutine (Release
+// waits for it; a renewal that runs after the delete finds the key gone
+// or another owner's and changes nothing), and queues the release script
+// in p. The bus calls it on its own goroutine.
+func (l *Lock) queueRelease(ctx context.Context, p redis.Pipeliner) func() {
+	if l.stopWatch != nil {
+		l.stopWatch()
+	}
+	l.mu.Lock()
+	l.released = true
+	l.lease.Stop()
+	l.closeLostLocked()
+	l.mu.Unlock()
+	keys := []string{l.keys.lock, l.keys.waiters}
+	cmd := releaseScript.EvalSha(ctx, p, keys, l.value)
+	return func() {
+		n, err := cmd.Int64()
+		if err != nil && redis.HasErrorPrefix(err, "NOSCRIPT") {
+			// Redis lost its scripts (a restart, SCRIPT FLUSH): one more
+			// round trip, which loads it again.
+			n, err = releaseScript.Run(ctx, l.g.client, keys, l.value).Int64()
+		}
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		switch {
+		case err != nil:
+			l.rideErr = fmt.Errorf("lockguard: release %s: %w", quoteName(l.name), err)
+		case n == 0:
+			l.releasedOK = true
+			l.rideErr = fmt.Errorf("%w: %s: at release the lock was gone or taken by another owner", ErrNotHeld, quoteName(l.name))
+		default:
+			l.releasedOK = true
+		}
+	}
 }
 
 // watch renews the lease every TTL/3 until ctx is cancelled (by Release) or
@@ -267,7 +363,7 @@ func (l *Lock) leaseRanOut() {
 	}
 	l.mu.Unlock()
 	if lostNow {
-		l.logLost()
+		l.lostNow()
 	}
 }
 
@@ -307,10 +403,28 @@ func (l *Lock) setDeadlineLocked(end time.Time) {
 	l.lease.Reset(time.Until(end))
 }
 
-// logLost logs the loss; it runs without l.mu held, because the Logger's
-// handler is user code.
-func (l *Lock) logLost() {
-	l.g.log.Warn("lockguard: lock lost", "lock", l.name, "token", l.token, "cause", l.lossCause())
+// lostNow reports a loss that just happened: it cancels the context of
+// WithLock's function (see onLose), then logs the loss. It runs without
+// l.mu held, because the Logger's handler is user code.
+func (l *Lock) lostNow() {
+	l.mu.Lock()
+	onLose, cause := l.onLose, l.cause
+	l.mu.Unlock()
+	if onLose != nil {
+		onLose(cause)
+	}
+	l.g.log.Warn("lockguard: lock lost", "lock", l.name, "token", l.token, "cause", cause)
+}
+
+// setOnLose makes f be called with the cause when the lock is lost from
+// now on (nil: nothing is called), and reports whether the lock is still
+// held; if it was lost already, f is not called and the caller acts on
+// the loss itself.
+func (l *Lock) setOnLose(f func(cause error)) (held bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.onLose = f
+	return l.cause == nil
 }
 
 // lossCause returns why the lock was lost, or nil if it was not lost

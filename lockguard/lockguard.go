@@ -424,20 +424,15 @@ func (g *Guard) WithLock(ctx context.Context, name string, fn func(ctx context.C
 	if err != nil {
 		return err
 	}
+	// The lock cancels fnCtx itself when it is lost (a lease that ran
+	// out, a renewal that found the key gone), from the goroutine that
+	// found out: no goroutine waits on Lost for it.
 	fnCtx, cancel := context.WithCancelCause(ctx)
-	stop := make(chan struct{})
-	watched := make(chan struct{})
-	go func() {
-		defer close(watched)
-		select {
-		case <-l.lost:
-			cancel(l.lossCause())
-		case <-stop:
-		}
-	}()
+	if !l.setOnLose(cancel) {
+		cancel(l.lossCause()) // lost already
+	}
 	defer func() {
-		close(stop)
-		<-watched
+		l.setOnLose(nil)
 		lossErr := l.lossCause() // nil unless lost before fn returned
 		cancel(nil)
 		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), l.leaseTTL())

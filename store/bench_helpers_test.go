@@ -381,8 +381,10 @@ func pgLabel(sql string) string {
 	switch {
 	case s == "begin" || s == "commit" || s == "rollback":
 		return "pg-" + s
-	case strings.HasPrefix(s, "BEGIN;"):
+	case strings.HasPrefix(s, "BEGIN;") && strings.Contains(s, ".fence("):
 		return "pg-begin+fence"
+	case strings.HasPrefix(s, "BEGIN;"):
+		return "pg-begin+skip"
 	case strings.HasPrefix(s, "PREPARE"):
 		return "pg-prepare"
 	case strings.Contains(s, "WITH f AS"):
@@ -403,22 +405,24 @@ func pgLabel(sql string) string {
 
 // rtNames describe the labels in the logged sequence of a write.
 var rtNames = map[string]string{
-	"pg-begin":         "BEGIN",
-	"pg-begin+fence":   "BEGIN; EXECUTE fence (one simple query)",
-	"pg-fence":         "fence + set_config (one SELECT)",
-	"pg-set_config":    "set_config (SELECT)",
-	"pg-fn":            "the user function's statement",
-	"pg-outbox_put":    "outbox_put (SELECT)",
-	"pg-commit":        "COMMIT (WAL flush)",
-	"pg-confirm":       "confirm: DELETE the outbox row (autocommit, WAL flush)",
-	"pg-batch":         "pipeline: outbox upsert + COMMIT (WAL flush)",
-	"pg-confirm-async": "confirm, batched, off the path (no WAL flush wait)",
-	"rd-acquire":       "EVALSHA acquire (EXISTS, INCR, SET NX PX)",
-	"rd-release":       "EVALSHA release (GET, DEL)",
-	"rd-publish":       "EVALSHA publish (the bus's PUBLISH)",
-	"rd-set":           "SET NX PX",
-	"rd-rawpublish":    "PUBLISH",
-	"rd-rawrelease":    "EVALSHA compare-and-delete",
+	"pg-begin":           "BEGIN",
+	"pg-begin+fence":     "BEGIN; SET LOCAL skip; SELECT fence(…) (one simple query)",
+	"pg-begin+skip":      "BEGIN; SET LOCAL skip (one simple query)",
+	"pg-fence":           "fence + set_config (one SELECT)",
+	"pg-set_config":      "set_config (SELECT)",
+	"pg-fn":              "the user function's statement",
+	"pg-outbox_put":      "outbox_put (SELECT)",
+	"pg-commit":          "COMMIT (WAL flush)",
+	"pg-confirm":         "confirm: DELETE the outbox row (autocommit, WAL flush)",
+	"pg-batch":           "pipeline: outbox upsert + COMMIT (WAL flush)",
+	"pg-confirm-async":   "confirm, batched, off the path (no WAL flush wait)",
+	"rd-acquire":         "EVALSHA acquire (EXISTS, INCR, SET NX PX)",
+	"rd-release":         "EVALSHA release (GET, DEL)",
+	"rd-publish":         "EVALSHA publish (the bus's PUBLISH)",
+	"rd-publish+release": "pipeline: EVALSHA publish + EVALSHA release",
+	"rd-set":             "SET NX PX",
+	"rd-rawpublish":      "PUBLISH",
+	"rd-rawrelease":      "EVALSHA compare-and-delete",
 }
 
 func (r *rtRecorder) DialHook(next redis.DialHook) redis.DialHook { return next }
@@ -436,7 +440,11 @@ func (r *rtRecorder) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.P
 	return func(ctx context.Context, cmds []redis.Cmder) error {
 		start := time.Now()
 		err := next(ctx, cmds)
-		r.record("redis", "rd-pipeline", start)
+		label := "rd-pipeline"
+		if len(cmds) == 2 && redisLabel(cmds[0].Args()) == "rd-publish" && redisLabel(cmds[1].Args()) == "rd-release" {
+			label = "rd-publish+release"
+		}
+		r.record("redis", label, start)
 		return err
 	}
 }

@@ -39,6 +39,16 @@
 // serialisation safe when a lease runs out, because Postgres, not Redis,
 // has the last word.
 //
+// A lock-guarded write whose function makes one statement costs five
+// round trips: the lock's acquisition; BEGIN, with the fence, in one
+// simple query (so it works behind poolers in transaction mode, in every
+// pgx QueryExecMode); the statement; the outbox upsert pipelined with
+// COMMIT; and the publication, with the lock's release in the same
+// pipeline when the bus is a Redis bus of package invalidate (PubSub or
+// Streams) on the lock guard's own client to one Redis server (lockguard's Lock.ReleaseOnPublish; on a
+// Cluster, or with separate clients, the release is a sixth). An
+// optimistic write makes the Postgres three and the publication.
+//
 // [Table.UpdateOptimistic] skips the lock: the function detects a concurrent
 // change with a version check ([ExpectRows]) and the write fails with
 // [ErrConflict], which [RetryConflicts] retries. Serialization failures and

@@ -115,7 +115,7 @@ type Store struct {
 	probeWait, listenRecheck time.Duration
 
 	// sql holds the statements of the write path, built once.
-	sql struct{ fence, outboxPut, confirm, claim, handBack, nextDue, makeDue string }
+	sql struct{ outboxPut, confirm, claim, handBack, nextDue, makeDue string }
 
 	relays   atomic.Int32      // RunRelay calls running
 	confirms chan confirmation // to confirmLoop
@@ -202,16 +202,11 @@ func New(pool *pgxpool.Pool, opts *Options) (*Store, error) {
 		s.log = slog.New(slog.DiscardHandler)
 	}
 	s.confirms = make(chan confirmation, 1024)
-	// The statements are plain SQL rather than calls of the schema's
+	// The statements are plain SQL rather than calls of the schema's SQL
 	// functions: pgx prepares and caches them per connection, where a SQL
-	// function's body is planned again on every call.
-	s.sql.fence = `
-		WITH f AS (
-			INSERT INTO ` + s.ident + `.fences AS f (name_hash, token) VALUES (sha256($1), $2)
-			ON CONFLICT (name_hash) DO UPDATE SET token = EXCLUDED.token WHERE f.token < EXCLUDED.token
-			RETURNING 1)
-		SELECT EXISTS (SELECT 1 FROM f),
-		       coalesce((SELECT token FROM ` + s.ident + `.fences WHERE name_hash = sha256($1)), 0)`
+	// function's body is planned again on every call. (The fence is a
+	// PL/pgSQL function, whose plans are cached per session; see
+	// beginQuery.)
 	// The upsert of outbox_put (see the migration), inlined.
 	s.sql.outboxPut = `
 		INSERT INTO ` + s.ident + `.outbox AS o (key_hash, namespace, key, version, relay_after)

@@ -99,7 +99,9 @@ func (t *Table[K, V]) Capture(ctx context.Context) error {
 //  5. publish the invalidation (with cache.Options.Codec, the committed
 //     value) through the cache's bus (G2), only now that the commit
 //     returned; delete the outbox row;
-//  6. release the lock.
+//  6. release the lock (in the round trip of step 5's publication when the
+//     cache's bus is a Redis bus of package invalidate on the lock
+//     guard's client to one Redis server; see the package documentation).
 //
 // Writers of one key are serialised across nodes, and one whose lock
 // expired while it stalled cannot commit (G6). If the bus does not take the
@@ -169,6 +171,11 @@ func (t *Table[K, V]) txBody(key K, skey string, fn TxFunc[V], ch *cache.Change[
 		// lost may keep the other nodes waiting for the relay.
 		pctx, cancel := s.afterCommit(ctx)
 		defer cancel()
+		if l != nil {
+			// The publication, which cache.Update makes only after the
+			// commit, may carry the release (see releaseOnPublish).
+			pctx = releaseOnPublish(pctx, l)
+		}
 		perr := t.cache.Update(pctx, key, func(context.Context) (cache.Change[V], error) {
 			var err error
 			seq, pos, err = s.commit(ctx, ns, skey, l, s.grace, func(ctx context.Context, tx pgx.Tx) (int64, error) {

@@ -7,6 +7,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -20,9 +22,9 @@ import (
 // as it commits. It returns the outbox row's seq and a source position at
 // or after the commit (the WAL insert position read right after COMMIT; 0
 // if it could not be read), for the invalidation (DESIGN race 10). Round
-// trips: BEGIN (with the skip of the row's capture), the fence, body's
-// statements, and the outbox upsert pipelined with COMMIT and the read of
-// the position.
+// trips: BEGIN with the skip of the row's capture and the fence (see
+// beginQuery), body's statements, and the outbox upsert pipelined with
+// COMMIT and the read of the position.
 func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, delay time.Duration, body func(ctx context.Context, tx pgx.Tx) (int64, error)) (seq int64, pos uint64, err error) {
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
@@ -39,20 +41,21 @@ func (s *Store) commit(ctx context.Context, ns, key string, l *lockguard.Lock, d
 		}
 		conn.Release()
 	}()
-	// The store records its own outbox row for (ns, key), with the
-	// version; the capture trigger of a captured table skips exactly that
-	// row, and captures every other row the transaction changes (see the
-	// migration 0002). The setting is the hex form of the row's key hash:
-	// 64 characters of [0-9a-f], computed here, so it can stand in the
-	// statement as a literal and BEGIN stays one round trip.
-	tx, err := conn.BeginTx(ctx, pgx.TxOptions{BeginQuery: "BEGIN; SET LOCAL coherent.skip = '" + outboxKeyHex(ns, key) + "'"})
+	tx, err := conn.BeginTx(ctx, pgx.TxOptions{BeginQuery: s.beginQuery(ns, key, l)})
 	if err != nil {
-		return 0, 0, fmt.Errorf("store: begin: %w", translate(err))
-	}
-	if l != nil {
-		if err := s.fence(ctx, tx, l); err != nil {
-			return 0, 0, err
+		var pgErr *pgconn.PgError
+		if l != nil && errors.As(err, &pgErr) && pgErr.Code == sqlstateFenced {
+			// The fence raised: its DETAIL is the stored token. pgx keeps
+			// the connection (a non-fatal error); the deferred ROLLBACK
+			// ends the aborted transaction.
+			stored, _ := strconv.ParseInt(pgErr.Detail, 10, 64)
+			return 0, 0, &FenceError{Lock: l.Name(), Token: l.Token(), Stored: stored}
 		}
+		if l != nil && errors.As(err, &pgErr) && pgErr.Code == "42883" && strings.Contains(pgErr.Message, ".fence(") {
+			// undefined_function: the schema predates migration 0003.
+			return 0, 0, fmt.Errorf("store: begin: the schema %q lacks the fence function; run store.Migrate: %w", s.schema, err)
+		}
+		return 0, 0, fmt.Errorf("store: begin: %w", translate(err))
 	}
 	version, err := body(ctx, tx)
 	if err != nil {
@@ -126,25 +129,48 @@ func outboxKeyHex(ns, key string) string {
 	return hex.EncodeToString(h.Sum(nil))
 }
 
-// fence checks and advances l's fencing token inside tx, in one round trip. The upsert locks the lock's fence row until
-// the transaction ends, so fenced writers of one lock commit in token order:
+// sqlstateFenced is the SQLSTATE of the schema's fence function when it
+// rejects a token (see the migration 0003).
+const sqlstateFenced = "CF001"
+
+// beginQuery returns the text of the BEGIN of a write of key of ns: one
+// simple query of up to three statements, one round trip. BEGIN; then the
+// skip of the row's capture (the store records its own outbox row for (ns,
+// key), with the version; the capture trigger of a captured table skips
+// exactly that row, and captures every other row the transaction changes:
+// see the migration 0002); then, when l is not nil, the fence: the
+// schema's fence function (migration 0003) checks and advances l's fencing
+// token, and raises SQLSTATE CF001 if it is not greater than the stored
+// one. Its upsert locks the lock's fence row until the transaction ends,
+// before fn's first statement, so fenced writers of one lock commit in
+// token order:
 //
 //	A (token 7): fence ok ........ stalls; its lease runs out ....... commit
 //	B (token 8):                              fence: waits for A's row lock
 //
 // either A commits first and B then advances 7 to 8, or B got the row first
 // and A's 7 is rejected.
-func (s *Store) fence(ctx context.Context, tx pgx.Tx, l *lockguard.Lock) error {
-	var advanced bool
-	var stored int64
-	err := tx.QueryRow(ctx, s.sql.fence, []byte(l.Name()), l.Token()).Scan(&advanced, &stored)
-	if err != nil {
-		return fmt.Errorf("store: fence: %w", translate(err))
+//
+// The query has no bind parameters, so that pgx sends it with the simple
+// protocol in every QueryExecMode and a pooler in transaction mode sees it
+// as the start of the transaction. (A pgx.Batch of BEGIN and bound
+// statements would do too, but fn needs a pgx.Tx, which pgx makes only by
+// sending a BEGIN of its own: another round trip.) SQL is otherwise always
+// parameterised; here every value is written by this function from a
+// closed alphabet, never taken from the caller as text: the skip and the
+// lock's name hash are hex of sha256 digests (64 characters of [0-9a-f],
+// quoted, and decoded with decode(…, 'hex') so that no backslash escape is
+// involved whatever standard_conforming_strings says), the token is a
+// decimal int64 ([-0-9]), and the schema is the identifier New validated
+// and quoted.
+func (s *Store) beginQuery(ns, key string, l *lockguard.Lock) string {
+	skip := outboxKeyHex(ns, key)
+	if l == nil {
+		return "BEGIN; SET LOCAL coherent.skip = '" + skip + "'"
 	}
-	if !advanced {
-		return &FenceError{Lock: l.Name(), Token: l.Token(), Stored: stored}
-	}
-	return nil
+	name := sha256.Sum256([]byte(l.Name()))
+	return "BEGIN; SET LOCAL coherent.skip = '" + skip + "'; SELECT " + s.ident + ".fence(decode('" +
+		hex.EncodeToString(name[:]) + "', 'hex'), " + strconv.FormatInt(l.Token(), 10) + ")"
 }
 
 // healFence recovers from a lock counter that went backwards (Redis lost

@@ -44,6 +44,9 @@ func (s *Store) Write(ctx context.Context, namespace, key string, fn func(ctx co
 		}
 		pctx, cancel := s.afterCommit(ctx)
 		defer cancel()
+		if l != nil {
+			pctx = releaseOnPublish(pctx, l)
+		}
 		return true, s.afterPublish(ctx, namespace, key, seq, s.pub.Publish(pctx, namespace, []cache.Invalidation{{Key: key, Position: pos}})), nil
 	})
 }
@@ -76,6 +79,20 @@ func (s *Store) guarded(ctx context.Context, ns, key string, locked bool, body f
 	s.healFence(ctx, err)
 	s.traceWriteEnd(ctx, false, false, err)
 	return err
+}
+
+// releaseOnPublish returns a copy of ctx, the context of a write's
+// publication, with which the publication also releases l, in the same
+// round trip, where the bus can send both together (lockguard's
+// Lock.ReleaseOnPublish: a Redis bus of package invalidate on the lock
+// guard's own client, one server). The lock guard's release after the
+// publication (Guard.WithLock) then only collects the outcome. Nothing
+// else is published with ctx, and the publication comes after the commit,
+// so the lock is held until the write's invalidation is out, as when the
+// release follows it in a round trip of its own; see invalidate.PubSub's
+// send for why the order would not matter either.
+func releaseOnPublish(ctx context.Context, l *lockguard.Lock) context.Context {
+	return l.ReleaseOnPublish(ctx)
 }
 
 // afterCommit returns the context of what follows a commit: the
