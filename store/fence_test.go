@@ -58,22 +58,7 @@ func (e *env) tracedStore(t *testing.T, maxConns int32, opts *Options) (*Store, 
 	cfg := poolConfig(t, e.app)
 	cfg.ConnConfig.Tracer = pc
 	cfg.MaxConns = maxConns
-	var o Options
-	if opts != nil {
-		o = *opts
-	}
-	o.Schema = e.schema
-	if o.Locks == nil {
-		locks, err := lockguard.New(e.rdb, &lockguard.Options{Prefix: e.prefix, TTL: 5 * time.Second})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { locks.Close() })
-		o.Locks = locks
-	}
-	if o.Publisher == nil {
-		o.Publisher = e.pub
-	}
+	o := e.options(t, opts)
 	s, err := New(testenv.Pool(t, cfg), &o)
 	if err != nil {
 		t.Fatal(err)

@@ -129,22 +129,7 @@ func newEnv(t testing.TB) *env {
 // would have.
 func (e *env) store(opts *Options) *Store {
 	e.t.Helper()
-	var o Options
-	if opts != nil {
-		o = *opts
-	}
-	o.Schema = e.schema
-	if o.Locks == nil {
-		locks, err := lockguard.New(e.rdb, &lockguard.Options{Prefix: e.prefix, TTL: 5 * time.Second})
-		if err != nil {
-			e.t.Fatal(err)
-		}
-		e.t.Cleanup(func() { locks.Close() })
-		o.Locks = locks
-	}
-	if o.Publisher == nil {
-		o.Publisher = e.pub
-	}
+	o := e.options(e.t, opts)
 	if u := urlFor(e.t, &listenURLs, ""); u != "" && o.ListenConfig == nil {
 		cfg, err := pgx.ParseConfig(u)
 		if err != nil {
@@ -158,6 +143,30 @@ func (e *env) store(opts *Options) *Store {
 		e.t.Fatal(err)
 	}
 	return s
+}
+
+// options returns opts with what every Store of e has unless opts says
+// otherwise: e's schema, a lock guard on e's Redis and prefix (closed when
+// t ends), and e's publisher.
+func (e *env) options(t testing.TB, opts *Options) Options {
+	t.Helper()
+	var o Options
+	if opts != nil {
+		o = *opts
+	}
+	o.Schema = e.schema
+	if o.Locks == nil {
+		locks, err := lockguard.New(e.rdb, &lockguard.Options{Prefix: e.prefix, TTL: 5 * time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { locks.Close() })
+		o.Locks = locks
+	}
+	if o.Publisher == nil {
+		o.Publisher = e.pub
+	}
+	return o
 }
 
 func (e *env) loader(pool *pgxpool.Pool) cache.LoaderFunc[string, item] {
