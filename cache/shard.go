@@ -298,13 +298,19 @@ func (s *shard[K, V]) unlink(n *node[K, V]) {
 }
 
 // unlist takes n out of the list and its weight off the shard's, under mu.
-// Its links are cleared, which tells touch and Holds that it has left, and
-// keeps it from holding its neighbours in memory.
+// Its links are cleared, which keeps it from holding its neighbours in
+// memory.
 func (s *shard[K, V]) unlist(n *node[K, V]) {
-	n.newer.older = n.older
-	n.older.newer = n.newer
+	detach(n)
 	n.newer, n.older = nil, nil
 	s.weight -= uint64(n.e.weight())
+}
+
+// detach links n's neighbours in the list to each other, under mu; n's own
+// links are left as they were.
+func detach[K comparable, V any](n *node[K, V]) {
+	n.newer.older = n.older
+	n.older.newer = n.newer
 }
 
 // pushFront links n, new, at the front of the list, under mu.
@@ -319,8 +325,7 @@ func (s *shard[K, V]) toFront(n *node[K, V]) {
 	if s.root.older == n {
 		return
 	}
-	n.newer.older = n.older
-	n.older.newer = n.newer
+	detach(n)
 	s.pushFront(n)
 }
 

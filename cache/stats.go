@@ -1,10 +1,9 @@
 package cache
 
 import (
-	"unsafe"
-
 	"runtime"
 	"sync/atomic"
+	"unsafe"
 )
 
 // Stats is a snapshot of a Cache's counters. Counters only grow; take two

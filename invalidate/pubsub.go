@@ -249,13 +249,8 @@ func (b *PubSub) runScriptWith(ctx context.Context, channel string, payloads []a
 	pipe := b.client.Pipeline()
 	keys := []string{channel}
 	pub := publishScript.EvalSha(ctx, pipe, keys, payloads...)
-	var finish []func()
-	for _, r := range riders {
-		if f := r.Board(ctx, b.client, pipe); f != nil {
-			finish = append(finish, f)
-		}
-	}
-	if len(finish) == 0 {
+	finish := piggyback.BoardAll(ctx, riders, b.client, pipe)
+	if finish == nil {
 		pipe.Discard()
 		return b.runScript(ctx, channel, payloads...)
 	}
@@ -264,9 +259,7 @@ func (b *PubSub) runScriptWith(ctx context.Context, channel string, payloads []a
 	if err != nil && redis.HasErrorPrefix(err, "NOSCRIPT") {
 		err = b.runScript(ctx, channel, payloads...)
 	}
-	for _, f := range finish {
-		f()
-	}
+	finish()
 	return err
 }
 

@@ -153,15 +153,10 @@ func (b *Streams) send(ctx context.Context, msgs [][]byte, riders []*piggyback.R
 		for i, m := range msgs {
 			adds[i] = b.xadd(ctx, pipe, fieldMessage, m)
 		}
-		var finish []func()
-		for _, r := range riders {
-			if f := r.Board(ctx, b.client, pipe); f != nil {
-				finish = append(finish, f)
-			}
-		}
+		finish := piggyback.BoardAll(ctx, riders, b.client, pipe)
 		_, _ = pipe.Exec(ctx) // each command carries its own error
-		for _, f := range finish {
-			f()
+		if finish != nil {
+			finish()
 		}
 		for _, c := range adds {
 			if err := c.Err(); err != nil {

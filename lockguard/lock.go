@@ -226,16 +226,30 @@ func (l *Lock) Release(ctx context.Context) error {
 		l.mu.Unlock()
 		return fmt.Errorf("%w: %s: already released", ErrNotHeld, quoteName(l.name))
 	}
-	l.released = true
-	l.lease.Stop()
-	l.closeLostLocked()
+	l.endLocked()
 	l.mu.Unlock()
 
 	// Run the script even if the lock was declared lost: the local lease
 	// ends before Redis's, so the key may still be ours, and deleting it
 	// frees the lock for the next owner sooner. The compare makes this
 	// safe when it is not ours.
-	n, err := releaseScript.Run(ctx, l.g.client, []string{l.keys.lock, l.keys.waiters}, l.value).Int64()
+	return l.releaseResult(releaseScript.Run(ctx, l.g.client, []string{l.keys.lock, l.keys.waiters}, l.value).Int64())
+}
+
+// endLocked ends the lock here, under l.mu, as a release does before it
+// reaches Redis: the lock counts as released, its lease timer stops and
+// Lost is closed.
+func (l *Lock) endLocked() {
+	l.released = true
+	l.lease.Stop()
+	l.closeLostLocked()
+}
+
+// releaseResult records the release script's reply (n: keys deleted) or
+// error, and returns what Release reports for it. After an error the
+// release may be tried again; after a reply the key is not ours any more,
+// and n == 0 says it was not ours before the script either.
+func (l *Lock) releaseResult(n int64, err error) error {
 	if err != nil {
 		return fmt.Errorf("lockguard: release %s: %w", quoteName(l.name), err)
 	}
@@ -288,9 +302,7 @@ func (l *Lock) queueRelease(ctx context.Context, p redis.Pipeliner) func() {
 		l.stopWatch()
 	}
 	l.mu.Lock()
-	l.released = true
-	l.lease.Stop()
-	l.closeLostLocked()
+	l.endLocked()
 	l.mu.Unlock()
 	keys := []string{l.keys.lock, l.keys.waiters}
 	cmd := releaseScript.EvalSha(ctx, p, keys, l.value)
@@ -301,17 +313,10 @@ func (l *Lock) queueRelease(ctx context.Context, p redis.Pipeliner) func() {
 			// round trip, which loads it again.
 			n, err = releaseScript.Run(ctx, l.g.client, keys, l.value).Int64()
 		}
+		err = l.releaseResult(n, err)
 		l.mu.Lock()
-		defer l.mu.Unlock()
-		switch {
-		case err != nil:
-			l.rideErr = fmt.Errorf("lockguard: release %s: %w", quoteName(l.name), err)
-		case n == 0:
-			l.releasedOK = true
-			l.rideErr = fmt.Errorf("%w: %s: at release the lock was gone or taken by another owner", ErrNotHeld, quoteName(l.name))
-		default:
-			l.releasedOK = true
-		}
+		l.rideErr = err
+		l.mu.Unlock()
 	}
 }
 

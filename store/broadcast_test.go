@@ -30,6 +30,19 @@ type bcastNode struct {
 	hold atomic.Pointer[func(item)]
 }
 
+// newBcastPair returns two nodes of e, a having written "k" as "v1" and
+// b having read it (version 1).
+func newBcastPair(t *testing.T, e *env) (a, b *bcastNode) {
+	t.Helper()
+	ctx := context.Background()
+	a, b = newBcastNode(t, e), newBcastNode(t, e)
+	if _, err := a.table.Update(ctx, "k", e.put("k", "v1")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "B to read v1", func() bool { it, err := b.c.Get(ctx, "k"); return err == nil && it.Version == 1 })
+	return a, b
+}
+
 func newBcastNode(t *testing.T, e *env) *bcastNode {
 	t.Helper()
 	n := &bcastNode{}
@@ -74,11 +87,7 @@ func newBcastNode(t *testing.T, e *env) *bcastNode {
 func TestBroadcastServesWithoutLoads(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t)
-	a, b := newBcastNode(t, e), newBcastNode(t, e)
-	if _, err := a.table.Update(ctx, "k", e.put("k", "v1")); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, "B to read v1", func() bool { it, err := b.c.Get(ctx, "k"); return err == nil && it.Version == 1 })
+	a, b := newBcastPair(t, e)
 	loads := b.loads.Load()
 	const writes = 20
 	for i := 2; i <= writes; i++ {
@@ -208,11 +217,7 @@ func TestBroadcastRacingALoad(t *testing.T) {
 func TestBroadcastOnlyAfterCommit(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t)
-	a, b := newBcastNode(t, e), newBcastNode(t, e)
-	if _, err := a.table.Update(ctx, "k", e.put("k", "v1")); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, "B to read v1", func() bool { it, err := b.c.Get(ctx, "k"); return err == nil && it.Version == 1 })
+	a, b := newBcastPair(t, e)
 	errAbort := errors.New("abort")
 	_, err := a.table.Update(ctx, "k", func(ctx context.Context, tx pgx.Tx) (cache.Change[item], error) {
 		ch, err := e.put("k", "rolled back")(ctx, tx)

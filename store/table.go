@@ -169,13 +169,10 @@ func (t *Table[K, V]) txBody(key K, skey string, fn TxFunc[V], ch *cache.Change[
 		// publishes on the context of afterCommit: once the transaction
 		// has committed, neither the caller giving up nor the lock being
 		// lost may keep the other nodes waiting for the relay.
-		pctx, cancel := s.afterCommit(ctx)
+		// The publication, which cache.Update makes only after the
+		// commit, may carry the release (see afterCommit).
+		pctx, cancel := s.afterCommit(ctx, l)
 		defer cancel()
-		if l != nil {
-			// The publication, which cache.Update makes only after the
-			// commit, may carry the release (see releaseOnPublish).
-			pctx = releaseOnPublish(pctx, l)
-		}
 		perr := t.cache.Update(pctx, key, func(context.Context) (cache.Change[V], error) {
 			var err error
 			seq, pos, err = s.commit(ctx, ns, skey, l, s.grace, func(ctx context.Context, tx pgx.Tx) (int64, error) {

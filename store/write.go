@@ -42,11 +42,8 @@ func (s *Store) Write(ctx context.Context, namespace, key string, fn func(ctx co
 		if s.pub == nil {
 			return true, false, nil
 		}
-		pctx, cancel := s.afterCommit(ctx)
+		pctx, cancel := s.afterCommit(ctx, l)
 		defer cancel()
-		if l != nil {
-			pctx = releaseOnPublish(pctx, l)
-		}
 		return true, s.afterPublish(ctx, namespace, key, seq, s.pub.Publish(pctx, namespace, []cache.Invalidation{{Key: key, Position: pos}})), nil
 	})
 }
@@ -81,23 +78,21 @@ func (s *Store) guarded(ctx context.Context, ns, key string, locked bool, body f
 	return err
 }
 
-// releaseOnPublish returns a copy of ctx, the context of a write's
-// publication, with which the publication also releases l, in the same
-// round trip, where the bus can send both together (lockguard's
-// Lock.ReleaseOnPublish: a Redis bus of package invalidate on the lock
-// guard's own client, one server). The lock guard's release after the
-// publication (Guard.WithLock) then only collects the outcome. Nothing
-// else is published with ctx, and the publication comes after the commit,
-// so the lock is held until the write's invalidation is out, as when the
-// release follows it in a round trip of its own; see invalidate.PubSub's
-// send for why the order would not matter either.
-func releaseOnPublish(ctx context.Context, l *lockguard.Lock) context.Context {
-	return l.ReleaseOnPublish(ctx)
-}
-
-// afterCommit returns the context of what follows a commit: the
-// publication and the outbox bookkeeping. It keeps ctx's values but not
-// its cancellation, and is bounded by PublishTimeout.
-func (s *Store) afterCommit(ctx context.Context) (context.Context, context.CancelFunc) {
+// afterCommit returns the context of a write's publication, which follows
+// its commit. It keeps ctx's values but not its cancellation, and is
+// bounded by PublishTimeout. For a write under l (nil: none) it also
+// carries l's release, which the publication then sends in its own round
+// trip where the bus can (lockguard's Lock.ReleaseOnPublish: a Redis bus
+// of package invalidate on the lock guard's own client, one server); the
+// release that follows the publication (Guard.WithLock) then only collects
+// the outcome. Nothing else is published with it, and the publication
+// comes after the commit, so the lock is held until the write's
+// invalidation is out, as when the release follows it in a round trip of
+// its own; see invalidate.PubSub's send for why the order would not
+// matter either.
+func (s *Store) afterCommit(ctx context.Context, l *lockguard.Lock) (context.Context, context.CancelFunc) {
+	if l != nil {
+		ctx = l.ReleaseOnPublish(ctx)
+	}
 	return context.WithTimeout(context.WithoutCancel(ctx), s.pubTTL)
 }

@@ -78,3 +78,23 @@ func (r *Rider) Board(ctx context.Context, client redis.UniversalClient, p redis
 		close(r.done)
 	}
 }
+
+// BoardAll boards each of riders that it can in p (see Board) and returns
+// the function to call after p was executed, which finishes them all; or
+// nil if it boarded none.
+func BoardAll(ctx context.Context, riders []*Rider, client redis.UniversalClient, p redis.Pipeliner) (finish func()) {
+	var boarded []func()
+	for _, r := range riders {
+		if f := r.Board(ctx, client, p); f != nil {
+			boarded = append(boarded, f)
+		}
+	}
+	if len(boarded) == 0 {
+		return nil
+	}
+	return func() {
+		for _, f := range boarded {
+			f()
+		}
+	}
+}
